@@ -1,0 +1,411 @@
+"""Actors: a task with a bounded mailbox, ``tell``/``ask`` through an `ActorRef`, supervised.
+
+Subclass `Actor` and implement `Actor.receive`. Its return value answers an ``ask``; an
+exception it raises is re-raised in the asker. To hand a request to another actor without
+answering it here, return `Forward` (the other actor answers the original asker). With
+``max_concurrency`` above 1, messages are handled concurrently, each in its own task, at most
+that many at a time; the mailbox then fills and pushes back on senders.
+
+Cancelling an ``ask`` (a cancel scope, a timeout) withdraws the request: the actor skips it if
+it has not started, or cancels the handler that runs it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from flash_actors._logging import get_logger
+from flash_actors.actors.mailbox import Envelope, Mailbox, Reply
+from flash_actors.errors import ActorStoppedError, AskTimeoutError, MailboxFullError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from anyio.abc import TaskGroup
+
+    from flash_actors.actors.supervision import RestartPolicy
+
+__all__ = ["Actor", "ActorCell", "ActorRef", "ActorStatistics", "Forward"]
+
+M = TypeVar("M")
+log = get_logger(__name__)
+
+
+class Actor(Generic[M]):
+    """Base class of actors. Instances are made by the supervisor, once per (re)start."""
+
+    ref: ActorRef[M]
+
+    async def on_start(self) -> None:
+        """Run before the first message; an exception here is a crash (restart policy)."""
+
+    async def receive(self, message: M) -> Any:
+        """Handle one message; return the answer (or `Forward`)."""
+        raise NotImplementedError
+
+    async def on_stop(self) -> None:
+        """Run once this instance handles no more messages (stop, crash or shutdown).
+
+        Runs shielded from cancellation; keep it short.
+        """
+
+
+class Forward:
+    """Returned by `Actor.receive`: deliver ``message`` to ``target``, which answers instead."""
+
+    __slots__ = ("message", "target")
+
+    def __init__(self, target: ActorRef[Any], message: Any) -> None:
+        self.target = target
+        self.message = message
+
+
+class ActorStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of one actor."""
+
+    name: str
+    queued: int
+    mailbox_size: int
+    in_flight: int
+    restarts: int
+    running: bool
+
+
+_STOP = object()
+_BURST = 64  # messages an actor handles back to back before it checkpoints
+
+
+class ActorRef(Generic[M]):
+    """The handle to send messages to an actor. Safe to share between tasks."""
+
+    __slots__ = ("_cell",)
+
+    def __init__(self, cell: ActorCell[M]) -> None:
+        self._cell = cell
+
+    @property
+    def name(self) -> str:
+        """The actor's name."""
+        return self._cell.name
+
+    @property
+    def is_stopped(self) -> bool:
+        """True once the actor has stopped for good."""
+        return self._cell.stopped.is_set()
+
+    def __repr__(self) -> str:
+        return f"<ActorRef {self._cell.name!r}>"
+
+    async def tell(self, message: M) -> None:
+        """Send without waiting for an answer; waits while the mailbox is full.
+
+        Raises:
+            ActorStoppedError: the actor is stopped.
+        """
+        await self._cell.mailbox.put(Envelope(message, None))
+
+    def tell_nowait(self, message: M) -> None:
+        """Send without waiting at all.
+
+        Raises:
+            MailboxFullError: the mailbox is full.
+            ActorStoppedError: the actor is stopped.
+        """
+        self._cell.mailbox.put_nowait(Envelope(message, None))
+
+    async def ask(self, message: M, *, timeout: float | None = None) -> Any:  # noqa: ASYNC109 (an ask deadline, as in pykka; a cancel scope works too)
+        """Send and wait for the answer.
+
+        Args:
+            message: the request.
+            timeout: seconds to wait for the answer (the wait in a full mailbox included);
+                ``None`` waits as long as the actor lives.
+
+        Raises:
+            AskTimeoutError: no answer within ``timeout``; the request was withdrawn.
+            ActorStoppedError: the actor stopped or crashed before answering.
+            Exception: whatever the handler raised.
+        """
+        reply = Reply()
+        mailbox = self._cell.mailbox
+        if timeout is None:
+            try:
+                await mailbox.put(Envelope(message, reply))
+                return await reply.wait()
+            except BaseException:
+                reply.cancel()
+                raise
+        with anyio.move_on_after(timeout):
+            try:
+                await mailbox.put(Envelope(message, reply))
+                return await reply.wait()
+            except BaseException:
+                reply.cancel()
+                raise
+        reply.cancel()
+        msg = f"actor {self._cell.name!r} did not answer within {timeout} s"
+        raise AskTimeoutError(msg)
+
+    async def forward(self, envelope: Envelope) -> None:
+        """Deliver an envelope whose reply belongs to someone else (see `Forward`)."""
+        await self._cell.mailbox.put(envelope)
+
+    def forward_nowait(self, envelope: Envelope) -> None:
+        """`forward` without waiting; raises `MailboxFullError` when full."""
+        self._cell.mailbox.put_nowait(envelope)
+
+    def stop(self) -> None:
+        """Stop after the messages already queued; later messages fail with ActorStoppedError."""
+        self._cell.request_stop()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the actor has stopped for good."""
+        await self._cell.stopped.wait()
+
+    def statistics(self) -> ActorStatistics:
+        """A snapshot of the actor."""
+        return self._cell.statistics()
+
+
+class ActorCell(Generic[M]):
+    """The runtime side of one actor: mailbox, supervision loop, requests in flight.
+
+    Made by `flash_actors.actors.ActorSystem.spawn`; not used directly.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        factory: Callable[[], Actor[M]],
+        *,
+        mailbox_size: int,
+        max_concurrency: int,
+        restart: RestartPolicy,
+    ) -> None:
+        if max_concurrency < 1:
+            msg = f"actor {name!r}: max_concurrency must be at least 1"
+            raise ValueError(msg)
+        self.name = name
+        self.factory = factory
+        self.mailbox = Mailbox(name, mailbox_size)
+        self.max_concurrency = max_concurrency
+        self.restart = restart
+        self.ref: ActorRef[M] = ActorRef(self)
+        self.in_flight: set[Reply] = set()
+        self.restarts = 0
+        self.running = False
+        self.stopped = anyio.Event()
+        self._stop_requested = False
+
+    def request_stop(self) -> None:
+        """Stop once the messages already queued are handled (see `ActorRef.stop`)."""
+        if self._stop_requested or self.mailbox.closed:
+            return
+        self._stop_requested = True
+        try:
+            self.mailbox.put_nowait(Envelope(_STOP, None))
+        except MailboxFullError:
+            # Full: the marker cannot queue behind the backlog. Refuse new messages and let
+            # the serve loop stop once the backlog is drained (`_drained_after_stop`).
+            self.mailbox.closed = True
+
+    def _drained_after_stop(self) -> bool:
+        if not self._stop_requested:
+            return False
+        stats = self.mailbox.statistics()
+        return stats.queued == 0 and stats.waiting_senders == 0
+
+    def statistics(self) -> ActorStatistics:
+        """A snapshot of the actor."""
+        stats = self.mailbox.statistics()
+        return ActorStatistics(
+            name=self.name,
+            queued=stats.queued,
+            mailbox_size=stats.max_size,
+            in_flight=len(self.in_flight),
+            restarts=self.restarts,
+            running=self.running,
+        )
+
+    async def run(self) -> None:
+        """Supervise the actor until it stops for good; then fail whatever still waits."""
+        crashes: deque[float] = deque()
+        in_a_row = 0
+        try:
+            while True:
+                actor = self.factory()
+                actor.ref = self.ref
+                try:
+                    self.running = True
+                    await actor.on_start()
+                    in_a_row = 0
+                    await self._serve(actor)
+                    return
+                except Exception as exc:
+                    self.running = False
+                    self._fail_in_flight(
+                        ActorStoppedError(f"actor {self.name!r} crashed: {exc!r}")
+                    )
+                    now = time.monotonic()
+                    crashes.append(now)
+                    while crashes and now - crashes[0] > self.restart.window_s:
+                        crashes.popleft()
+                    if len(crashes) > self.restart.max_restarts:
+                        log.error(
+                            "actor.gave_up",
+                            actor=self.name,
+                            crashes=len(crashes),
+                            exc_info=exc,
+                        )
+                        return
+                    in_a_row += 1
+                    delay = self.restart.delay(in_a_row)
+                    log.warning(
+                        "actor.restart", actor=self.name, delay_s=delay, exc_info=exc
+                    )
+                    self.restarts += 1
+                    await anyio.sleep(delay)
+                finally:
+                    self.running = False
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await actor.on_stop()
+                        except Exception as exc:
+                            log.warning(
+                                "actor.on_stop_failed", actor=self.name, exc_info=exc
+                            )
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        stopped = ActorStoppedError(f"actor {self.name!r} stopped before answering")
+        self._fail_in_flight(stopped)
+        for envelope in self.mailbox.close():
+            if envelope.reply is not None:
+                envelope.reply.set_exception(
+                    ActorStoppedError(
+                        f"actor {self.name!r} stopped; the message was not handled"
+                    )
+                )
+        self.stopped.set()
+
+    def _fail_in_flight(self, error: ActorStoppedError) -> None:
+        for reply in list(self.in_flight):
+            reply.set_exception(error)
+            if reply.scope is not None:
+                reply.scope.cancel()
+        self.in_flight.clear()
+
+    async def _serve(self, actor: Actor[M]) -> None:
+        mailbox = self.mailbox
+        burst = 0
+        if self.max_concurrency == 1:
+            while True:
+                try:
+                    envelope = await mailbox.get()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    return
+                if envelope.message is _STOP:
+                    return
+                await self._handle(actor, envelope)
+                if self._drained_after_stop():
+                    return
+                burst += 1
+                if burst == _BURST:  # a flooded actor still lets other tasks run
+                    burst = 0
+                    await anyio.lowlevel.checkpoint()
+        slots = anyio.Semaphore(self.max_concurrency)
+        crashed: list[Exception] = []
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    slots.acquire_nowait()
+                except anyio.WouldBlock:
+                    await slots.acquire()
+                try:
+                    envelope = await mailbox.get()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    slots.release()
+                    break
+                if envelope.message is _STOP:
+                    slots.release()
+                    break
+                tg.start_soon(
+                    self._handle_concurrently, actor, envelope, slots, tg, crashed
+                )
+                if self._drained_after_stop():
+                    break
+                burst += 1
+                if burst == _BURST:
+                    burst = 0
+                    await anyio.lowlevel.checkpoint()
+        if crashed:
+            raise crashed[0]
+
+    async def _handle_concurrently(
+        self,
+        actor: Actor[M],
+        envelope: Envelope,
+        slots: anyio.Semaphore,
+        tg: TaskGroup,
+        crashed: list[Exception],
+    ) -> None:
+        try:
+            await self._handle(actor, envelope)
+        except Exception as exc:  # noqa: BLE001 (any escaping error is a crash, supervised)
+            # A crash: fail the other calls in flight with its cause, stop serving.
+            if not crashed:
+                crashed.append(exc)
+                self._fail_in_flight(
+                    ActorStoppedError(f"actor {self.name!r} crashed: {exc!r}")
+                )
+            tg.cancel_scope.cancel()
+        finally:
+            slots.release()
+
+    async def _handle(self, actor: Actor[M], envelope: Envelope) -> None:
+        reply = envelope.reply
+        if reply is None:
+            # A tell: an exception escaping here is a crash of the actor.
+            result = await actor.receive(envelope.message)
+            if isinstance(result, Forward):
+                await result.target.forward(Envelope(result.message, None))
+            return
+        if reply.cancelled or reply.done:
+            return
+        self.in_flight.add(reply)
+        forwarded = False
+        try:
+            with anyio.CancelScope() as scope:
+                reply.scope = scope
+                try:
+                    result = await actor.receive(envelope.message)
+                except Exception as exc:  # noqa: BLE001 (the handler's error is the answer)
+                    reply.set_exception(exc)
+                    return
+                if isinstance(result, Forward):
+                    forwarded = True
+                    reply.scope = None
+                    self.in_flight.discard(reply)
+                    envelope = Envelope(result.message, reply)
+                    try:
+                        try:
+                            result.target.forward_nowait(envelope)
+                        except MailboxFullError:
+                            await result.target.forward(envelope)
+                    except ActorStoppedError as exc:
+                        reply.set_exception(exc)
+                    return
+                reply.set_result(result)
+        finally:
+            self.in_flight.discard(reply)
+            if not (reply.settled() or forwarded):
+                reply.set_exception(
+                    ActorStoppedError(f"actor {self.name!r} stopped before answering")
+                )

@@ -1,0 +1,228 @@
+"""The Endpoint actor: one per resource config; applies each call's policies and runs it.
+
+For every `Call` it checks the payload limit (before anything is sent), queues the job until
+the provider has capacity (expiring it after the policy's TTL), runs it with the execution
+timeout, retries failed deliveries with backoff and jitter, and turns the worker's
+`FunctionResponse` into what the caller gets: a `JobOutput` for queue resources, the value (or
+the typed remote error) for load-balancer resources.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from flash_actors._logging import get_logger
+from flash_actors.actors import Actor
+from flash_actors.errors import (
+    DeliveryError,
+    ExecutionTimeoutError,
+    FlashRuntimeError,
+    RemoteExecutionError,
+)
+from flash_actors.jobs import JobOutput, JobStatus
+from flash_actors.messages import Call, FunctionResponse
+from flash_actors.policies import check_payload
+from flash_actors.serialization import decode_result, endpoint_key
+
+if TYPE_CHECKING:
+    from flash_actors.providers.base import EndpointBackend, Provider
+    from flash_actors.resources import ServerlessResource
+
+__all__ = ["EndpointActor", "new_job_id", "response_value"]
+
+log = get_logger(__name__)
+
+
+async def _acquire(slots: anyio.Semaphore) -> None:
+    try:
+        slots.acquire_nowait()
+    except anyio.WouldBlock:
+        await slots.acquire()
+
+
+def new_job_id() -> str:
+    """A fresh job id (RunPod-style opaque string)."""
+    return secrets.token_hex(12)
+
+
+def response_value(response: FunctionResponse, key: bytes) -> Any:
+    """The value of a successful response, or raise the remote error it carries.
+
+    Raises:
+        RemoteExecutionError: the function raised (typed as the remote exception).
+        PayloadSignatureError: the result's signature does not match.
+    """
+    if response.success:
+        if response.result is None:
+            return response.json_result
+        return decode_result(response.result, response.signature, key)
+    error = response.error or "the remote function failed without an error message"
+    message = response.error_message
+    if message is None:
+        message = error.strip().splitlines()[-1] if error.strip() else error
+    raise RemoteExecutionError.from_remote(message, response.error_type or "", error)
+
+
+class EndpointActor(Actor[Call]):
+    """Runs the calls of one endpoint on its provider's backend.
+
+    Args:
+        resource: the endpoint's config.
+        provider: where its workers run.
+    """
+
+    def __init__(self, resource: ServerlessResource, provider: Provider) -> None:
+        self.resource = resource
+        self.provider = provider
+        self.key = endpoint_key(resource.name)
+        self.backend: EndpointBackend | None = None
+        self._slots: anyio.Semaphore | None = None
+
+    async def on_start(self) -> None:
+        """Provision the endpoint on the provider."""
+        self.backend = await self.provider.open_endpoint(self.resource, self.key)
+        self._slots = anyio.Semaphore(max(1, self.backend.capacity))
+
+    async def on_stop(self) -> None:
+        """Stop the endpoint's workers."""
+        if self.backend is not None:
+            await self.backend.aclose()
+
+    async def receive(self, message: Call) -> Any:
+        """Run one call under its policies; see the module docstring for what comes back."""
+        check_payload(
+            message.request,
+            message.policy.payload_limit,
+            function=message.function,
+            arg_names=message.arg_names,
+        )
+        if message.policy.delivery == "load_balancer":
+            return await self._run_direct(message)
+        return await self._run_job(message)
+
+    async def _run_direct(self, call: Call) -> Any:
+        """A load-balancer call: straight to a worker, no queue, no retry; value or error."""
+        assert self._slots is not None  # noqa: S101 (set in on_start)
+        await _acquire(self._slots)
+        try:
+            response = await self._attempts(call, new_job_id())
+        finally:
+            self._slots.release()
+        return response_value(response, self.key)
+
+    async def _run_job(self, call: Call) -> JobOutput:
+        """A queue job: wait for capacity within the TTL, run with retries, wrap in JobOutput."""
+        assert self._slots is not None  # noqa: S101 (set in on_start)
+        job_id = new_job_id()
+        queued = anyio.current_time()
+        ttl = call.policy.ttl_s
+        try:
+            self._slots.acquire_nowait()
+            expired = False
+        except anyio.WouldBlock:
+            with anyio.move_on_after(ttl) as waiting:
+                await self._slots.acquire()
+            expired = waiting.cancelled_caught
+        if expired:
+            message = (
+                f"job {job_id} of {call.function}() expired after waiting {ttl:g} s in the "
+                f"queue of endpoint {call.endpoint!r} (ttl); no worker took it"
+            )
+            return JobOutput(
+                id=job_id,
+                status=JobStatus.TIMED_OUT,
+                error=message,
+                ended_at=datetime.now(UTC),
+                delay_time_ms=int((anyio.current_time() - queued) * 1000),
+                exception=ExecutionTimeoutError(message),
+            )
+        started_at = datetime.now(UTC)
+        started = anyio.current_time()
+        delay_ms = int((started - queued) * 1000)
+        try:
+            response = await self._attempts(call, job_id)
+        except FlashRuntimeError as exc:
+            status = (
+                JobStatus.TIMED_OUT
+                if isinstance(exc, ExecutionTimeoutError)
+                else JobStatus.FAILED
+            )
+            return JobOutput(
+                id=job_id,
+                status=status,
+                error=str(exc),
+                started_at=started_at,
+                ended_at=datetime.now(UTC),
+                delay_time_ms=delay_ms,
+                execution_time_ms=int((anyio.current_time() - started) * 1000),
+                exception=exc,
+            )
+        finally:
+            self._slots.release()
+        ended_at = datetime.now(UTC)
+        execution_ms = int((anyio.current_time() - started) * 1000)
+        try:
+            value = response_value(response, self.key)
+        except FlashRuntimeError as exc:
+            return JobOutput(
+                id=job_id,
+                status=JobStatus.FAILED,
+                error=response.error or str(exc),
+                started_at=started_at,
+                ended_at=ended_at,
+                delay_time_ms=delay_ms,
+                execution_time_ms=execution_ms,
+                stdout=response.stdout or "",
+                exception=exc,
+            )
+        return JobOutput(
+            id=job_id,
+            status=JobStatus.COMPLETED,
+            output=value,
+            started_at=started_at,
+            ended_at=ended_at,
+            delay_time_ms=delay_ms,
+            execution_time_ms=execution_ms,
+            stdout=response.stdout or "",
+        )
+
+    async def _attempts(self, call: Call, job_id: str) -> FunctionResponse:
+        """Deliver with the policy's timeout and retries.
+
+        Raises:
+            ExecutionTimeoutError: an attempt ran past the execution timeout (not retried).
+            DeliveryError: the last attempt could not be delivered.
+        """
+        assert self.backend is not None  # noqa: S101 (set in on_start)
+        policy = call.policy
+        timeout = policy.execution_timeout_s
+        attempts = policy.retry.attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                if timeout is None:
+                    return await self.backend.execute(call.request, job_id=job_id)
+                with anyio.move_on_after(timeout):
+                    return await self.backend.execute(call.request, job_id=job_id)
+                msg = (
+                    f"{call.function}() ran longer than its execution timeout of {timeout:g} s "
+                    f"on endpoint {call.endpoint!r} (job {job_id}); it was stopped"
+                )
+                raise ExecutionTimeoutError(msg)
+            except DeliveryError as exc:
+                if attempt == attempts:
+                    raise
+                delay = policy.retry.delay(attempt)
+                log.warning(
+                    "job.retry",
+                    job_id=job_id,
+                    endpoint=call.endpoint,
+                    attempt=attempt,
+                    delay_s=round(delay, 3),
+                    error=str(exc),
+                )
+                await anyio.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,97 @@
+"""Wire messages: Flash's FunctionRequest/FunctionResponse and the internal Call message.
+
+`FunctionRequest` and `FunctionResponse` keep Flash's field names (PROTOCOL.md section 3) so a
+stock Flash worker or client understands ours; the extra fields (`signature`, `error_type`,
+`job_id`) are ignored by stock components. Arguments stay opaque base64 text here: only
+`flash_actors.serialization` turns them into objects.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from flash_actors.policies import CallPolicy
+
+__all__ = [
+    "Call",
+    "ExecutionType",
+    "FunctionRequest",
+    "FunctionResponse",
+    "SerializationFormat",
+    "request_decoder",
+    "response_decoder",
+    "wire_encoder",
+]
+
+ExecutionType = Literal["function", "class"]
+SerializationFormat = Literal["cloudpickle", "json"]
+
+
+class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """One remote invocation, as Flash sends it in a job's ``input``.
+
+    ``args``/``kwargs``/``constructor_*`` are base64 cloudpickle strings. ``signature`` is the
+    HMAC-SHA256 (hex) over the code and payloads, computed by
+    `flash_actors.serialization.sign_request`; workers refuse a request without a valid one.
+    """
+
+    function_name: str | None = None
+    function_code: str | None = None
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    dependencies: list[str] | None = None
+    system_dependencies: list[str] | None = None
+    modules: dict[str, str] = {}
+    execution_type: ExecutionType = "function"
+    class_name: str | None = None
+    class_code: str | None = None
+    constructor_args: list[str] = []
+    constructor_kwargs: dict[str, str] = {}
+    method_name: str = "__call__"
+    instance_id: str | None = None
+    create_new_instance: bool = True
+    accelerate_downloads: bool = True
+    serialization_format: SerializationFormat = "cloudpickle"
+    signature: str | None = None
+
+
+class FunctionResponse(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+    """The answer to a `FunctionRequest`, as Flash returns it in a job's ``output``.
+
+    On failure ``success`` is false, ``error`` holds the message and the remote traceback, and
+    ``error_type`` the exception's ``module.QualName``. ``signature`` authenticates ``result``.
+    """
+
+    success: bool
+    result: str | None = None
+    json_result: object | None = None
+    error: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    stdout: str | None = None
+    instance_id: str | None = None
+    instance_info: dict[str, object] | None = None
+    signature: str | None = None
+
+
+class Call(msgspec.Struct, kw_only=True, frozen=True):
+    """The message a remote call becomes: what to run, where, and under which policies.
+
+    It travels caller -> Router -> Endpoint inside this process; only ``request`` goes on
+    the wire.
+    """
+
+    endpoint: str
+    function: str
+    request: FunctionRequest
+    policy: CallPolicy
+    arg_names: tuple[str, ...] = ()
+    http_method: str | None = None
+    http_path: str | None = None
+
+
+wire_encoder = msgspec.json.Encoder()
+request_decoder = msgspec.json.Decoder(FunctionRequest)
+response_decoder = msgspec.json.Decoder(FunctionResponse)

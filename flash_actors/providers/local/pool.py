@@ -1,0 +1,489 @@
+"""A pool of real worker processes for one endpoint, and the queue that feeds them.
+
+Each worker is ``python -m flash_actors.worker`` serving HTTP on a loopback socket that this
+process bound and handed over (so the port is known before the worker has started, and early
+requests wait in the listen backlog). Jobs wait in the pool's FIFO queue; a dispatcher sends
+them to workers with free slots in batches (one HTTP request carries up to ``batch_size`` jobs,
+and the worker streams each result back as it finishes). The pool keeps ``workersMin`` workers
+warm, starts more up to ``workersMax`` while jobs wait, stops workers idle longer than
+``idleTimeout``, and replaces workers that die. A worker killed mid-job fails that job with
+`DeliveryError`, which the Endpoint actor retries by policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections import deque
+from typing import IO, TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from flash_actors._logging import get_logger
+from flash_actors.errors import DeliveryError
+from flash_actors.messages import FunctionRequest, FunctionResponse
+from flash_actors.providers.local._http import Connection
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from anyio.abc import Process, TaskGroup
+
+    from flash_actors.resources import ServerlessResource
+
+__all__ = ["LocalBackend", "WorkerPool"]
+
+log = get_logger(__name__)
+
+_encoder = msgspec.json.Encoder()
+
+
+class _Done(msgspec.Struct, frozen=True):
+    id: str
+    response: FunctionResponse | None = None
+    refused: str | None = None
+
+
+_done_decoder = msgspec.json.Decoder(_Done)
+
+
+class _Job:
+    __slots__ = ("done", "error", "id", "request", "response", "state", "worker")
+
+    def __init__(self, job_id: str, request: FunctionRequest) -> None:
+        self.id = job_id
+        self.request = request
+        self.done = anyio.Event()
+        self.response: FunctionResponse | None = None
+        self.error: BaseException | None = None
+        self.state = "IN_QUEUE"
+        self.worker: Worker | None = None
+
+    def finish(
+        self, response: FunctionResponse | None, error: BaseException | None
+    ) -> None:
+        if self.done.is_set():
+            return
+        self.response = response
+        self.error = error
+        self.state = "DONE"
+        self.done.set()
+
+
+class Worker:
+    """One worker process and its connections."""
+
+    def __init__(
+        self, worker_id: str, port: int, token: str, process: Process, slots: int
+    ) -> None:
+        self.id = worker_id
+        self.port = port
+        self.token = token
+        self.process = process
+        self.slots = slots
+        self.free = slots
+        self.ready = False
+        self.alive = True
+        self.idle_since = anyio.current_time()
+        self.connections: list[Connection] = []
+
+    @property
+    def pid(self) -> int:
+        """The worker's process id."""
+        return self.process.pid
+
+    def connection(self) -> Connection:
+        return (
+            self.connections.pop()
+            if self.connections
+            else Connection(self.port, self.token)
+        )
+
+
+def _close_log(handle: IO[bytes]) -> None:
+    with contextlib.suppress(OSError):
+        handle.close()
+
+
+class WorkerPool:
+    """The workers of one endpoint (see the module docstring).
+
+    Args:
+        resource: the endpoint's config (``workersMin``, ``workersMax``, ``idleTimeout``,
+            ``env``).
+        key: the endpoint's HMAC key, given to its workers.
+        log_dir: where each worker's log file goes.
+        batch_size: most jobs in one request to a worker.
+        slots: jobs one worker runs at once.
+    """
+
+    def __init__(
+        self,
+        resource: ServerlessResource,
+        key: bytes,
+        *,
+        log_dir: Path,
+        batch_size: int = 8,
+        slots: int = 8,
+    ) -> None:
+        self.resource = resource
+        self.key = key
+        self.log_dir = log_dir
+        self.batch_size = batch_size
+        self.slots = slots
+        self.queue: deque[_Job] = deque()
+        self.workers: dict[str, Worker] = {}
+        self.starting = 0
+        self.started_total = 0
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._closed = False
+        self._logs: dict[str, IO[bytes]] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the dispatcher and the reaper until cancelled; stop every worker on the way out."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for _ in range(self.resource.workersMin):
+                    self._start_worker()
+                tg.start_soon(self._reaper)
+                task_status.started()
+                await self._dispatch_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.stop_all()
+
+    async def stop_all(self) -> None:
+        """Stop every worker: SIGTERM, then SIGKILL after 3 s; fail the jobs still queued."""
+        self._closed = True
+        for job in self.queue:
+            job.finish(
+                None, DeliveryError("the endpoint was stopped before the job ran")
+            )
+        self.queue.clear()
+        workers = list(self.workers.values())
+        self.workers.clear()
+        for worker in workers:
+            await _terminate(worker)
+            self._close_worker_log(worker.id)
+
+    def _close_worker_log(self, worker_id: str) -> None:
+        handle = self._logs.pop(worker_id, None)
+        if handle is not None:
+            _close_log(handle)
+
+    # --- workers -------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        assert self._tg is not None  # noqa: S101
+        self.starting += 1
+        self._tg.start_soon(self._run_worker)
+
+    async def _run_worker(self) -> None:
+        """Start one worker, wait until it answers, then watch it until it exits."""
+        worker_id = f"{self.resource.name}-{secrets.token_hex(3)}"
+        token = secrets.token_urlsafe(24)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(512)
+            port = sock.getsockname()[1]
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = self.log_dir / f"{worker_id}.log"
+            handle = log_path.open("ab")
+            self._logs[worker_id] = handle
+            env = {
+                **os.environ,
+                **self.resource.worker_env(),
+                "FLASH_ENDPOINT_KEY": self.key.hex(),
+                "FLASH_WORKER_TOKEN": token,
+                "FLASH_WORKER_ID": worker_id,
+                "FLASH_PARENT_PID": str(os.getpid()),
+                "PYTHONUNBUFFERED": "1",
+                "MALLOC_MMAP_THRESHOLD_": "67108864",
+                "MALLOC_TRIM_THRESHOLD_": "268435456",
+            }
+            env.pop("FLASH_SECRET", None)  # workers hold their endpoint's key only
+            started = anyio.current_time()
+            log.info(
+                "worker.start", endpoint=self.resource.name, worker=worker_id, port=port
+            )
+            process = await anyio.open_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "flash_actors.worker",
+                    "--fd",
+                    str(sock.fileno()),
+                ],
+                pass_fds=[sock.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            sock.close()
+            self.starting -= 1
+        worker = Worker(worker_id, port, token, process, self.slots)
+        self.workers[worker_id] = worker
+        self.started_total += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch, worker, tg.cancel_scope)
+                if await self._wait_ready(worker):
+                    worker.ready = True
+                    worker.idle_since = anyio.current_time()
+                    log.info(
+                        "worker.ready",
+                        endpoint=self.resource.name,
+                        worker=worker_id,
+                        pid=worker.pid,
+                        seconds=round(anyio.current_time() - started, 3),
+                    )
+                    self._wake.set()
+        finally:
+            with anyio.CancelScope(shield=True):
+                if worker.alive:
+                    await _terminate(worker)
+                self.workers.pop(worker_id, None)
+                self._close_worker_log(worker_id)
+                self._wake.set()
+
+    async def _wait_ready(self, worker: Worker) -> bool:
+        conn = Connection(worker.port, worker.token)
+        try:
+            while worker.alive:
+                try:
+                    response = await conn.request("GET", "/ping")
+                    await response.read()
+                    if response.status == 200:
+                        worker.connections.append(conn)
+                        return True
+                except DeliveryError:
+                    await conn.aclose()
+                    await anyio.sleep(0.01)
+        finally:
+            if not worker.connections:
+                await conn.aclose()
+        return False
+
+    async def _watch(self, worker: Worker, scope: anyio.CancelScope) -> None:
+        code = await worker.process.wait()
+        worker.alive = False
+        if not self._closed:
+            log.warning(
+                "worker.exited",
+                endpoint=self.resource.name,
+                worker=worker.id,
+                pid=worker.pid,
+                returncode=code,
+            )
+            if len(self.workers) - 1 + self.starting < self.resource.workersMin:
+                self._start_worker()
+        scope.cancel()
+
+    async def _reaper(self) -> None:
+        """Stop workers idle longer than ``idleTimeout``, keeping ``workersMin``."""
+        while True:
+            await anyio.sleep(min(1.0, max(0.05, self.resource.idleTimeout / 4)))
+            now = anyio.current_time()
+            idle = [
+                w
+                for w in self.workers.values()
+                if w.ready
+                and w.free == w.slots
+                and now - w.idle_since > self.resource.idleTimeout
+            ]
+            spare = len(self.workers) - self.resource.workersMin
+            for worker in idle[: max(0, spare)]:
+                log.info(
+                    "worker.idle_stop", endpoint=self.resource.name, worker=worker.id
+                )
+                worker.ready = False
+                await _terminate(worker)
+
+    # --- jobs ----------------------------------------------------------------------------
+
+    async def execute(self, request: FunctionRequest, job_id: str) -> FunctionResponse:
+        """Queue a job and wait for its response.
+
+        Cancelling the caller removes a queued job, or asks its worker to stop a running one.
+
+        Raises:
+            DeliveryError: the worker died or could not be reached (retryable).
+        """
+        if self._closed:
+            msg = f"endpoint {self.resource.name!r} is stopped"
+            raise DeliveryError(msg)
+        job = _Job(job_id, request)
+        self.queue.append(job)
+        self._wake.set()
+        try:
+            await job.done.wait()
+        except BaseException:
+            if job.state == "IN_QUEUE":
+                with contextlib.suppress(ValueError):
+                    self.queue.remove(job)
+            elif job.state == "IN_PROGRESS" and job.worker is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                    await self._cancel_on_worker(job.worker, job.id)
+            job.finish(None, None)
+            raise
+        if job.error is not None:
+            raise job.error
+        assert job.response is not None  # noqa: S101
+        return job.response
+
+    async def _cancel_on_worker(self, worker: Worker, job_id: str) -> None:
+        conn = Connection(worker.port, worker.token)
+        try:
+            response = await conn.request(
+                "POST", "/cancel", _encoder.encode({"ids": [job_id]})
+            )
+            await response.read()
+        except DeliveryError:
+            pass
+        finally:
+            await conn.aclose()
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        assert self._tg is not None  # noqa: S101
+        while self.queue:
+            worker = max(
+                (
+                    w
+                    for w in self.workers.values()
+                    if w.ready and w.alive and w.free > 0
+                ),
+                key=lambda w: w.free,
+                default=None,
+            )
+            if worker is None:
+                break
+            batch: list[_Job] = []
+            while self.queue and len(batch) < min(self.batch_size, worker.free):
+                job = self.queue.popleft()
+                job.state = "IN_PROGRESS"
+                job.worker = worker
+                batch.append(job)
+            worker.free -= len(batch)
+            self._tg.start_soon(self._send_batch, worker, batch)
+        if (
+            self.queue
+            and self.starting == 0
+            and len(self.workers) < self.resource.workersMax
+        ):
+            self._start_worker()
+
+    async def _send_batch(self, worker: Worker, batch: list[_Job]) -> None:
+        pending = {job.id: job for job in batch}
+        conn = worker.connection()
+        reusable = False
+        body = _encoder.encode(
+            {"jobs": [{"id": job.id, "request": job.request} for job in batch]}
+        )
+        try:
+            response = await conn.request("POST", "/execute", body)
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                msg = f"worker {worker.id} answered HTTP {response.status}: {text}"
+                raise DeliveryError(msg)
+            async for line in response.lines():
+                done = _done_decoder.decode(line)
+                job = pending.pop(done.id, None)
+                if job is None:
+                    continue
+                worker.free += 1
+                if done.refused is not None:
+                    refused = f"worker {worker.id} refused the job: {done.refused}"
+                    job.finish(None, DeliveryError(refused))
+                else:
+                    job.finish(done.response, None)
+                self._wake.set()
+            reusable = not pending
+        except DeliveryError as exc:
+            error = DeliveryError(
+                f"worker {worker.id} (pid {worker.pid}) failed during the job: {exc}"
+            )
+            for job in pending.values():
+                job.finish(None, error)
+        finally:
+            # Jobs still pending here failed above, or their callers were cancelled.
+            worker.free += len(pending)
+            if reusable and worker.alive:
+                worker.connections.append(conn)
+            else:
+                await conn.aclose()
+            if worker.free == worker.slots:
+                worker.idle_since = anyio.current_time()
+            self._wake.set()
+
+    def statistics(self) -> dict[str, Any]:
+        """Queue depth and workers, for status displays."""
+        return {
+            "queued": len(self.queue),
+            "workers": len(self.workers),
+            "ready": sum(1 for w in self.workers.values() if w.ready),
+            "starting": self.starting,
+            "busy_slots": sum(w.slots - w.free for w in self.workers.values()),
+        }
+
+
+async def _terminate(worker: Worker) -> None:
+    """SIGTERM, then SIGKILL after 3 s; always reap the process."""
+    worker.alive = False
+    for conn in worker.connections:
+        await conn.aclose()
+    worker.connections.clear()
+    process = worker.process
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(3):
+                await process.wait()
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        await process.aclose()
+
+
+class LocalBackend:
+    """The `EndpointBackend` of the local provider: a `WorkerPool` run in the provider's tasks."""
+
+    capacity = 1 << 20  # the pool queues; the Endpoint actor need not hold jobs back
+
+    def __init__(self, pool: WorkerPool, scope: anyio.CancelScope) -> None:
+        self.pool = pool
+        self._scope = scope
+
+    async def execute(
+        self, request: FunctionRequest, *, job_id: str
+    ) -> FunctionResponse:
+        """Run the job on one of the pool's workers."""
+        return await self.pool.execute(request, job_id)
+
+    async def aclose(self) -> None:
+        """Stop the pool and its workers."""
+        with anyio.CancelScope(shield=True):
+            await self.pool.stop_all()
+        self._scope.cancel()

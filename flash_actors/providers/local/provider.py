@@ -1,0 +1,93 @@
+"""The local provider: each endpoint a `WorkerPool` of worker processes on this machine.
+
+No account, no Docker: ``await f(x)`` runs in a real ``python -m flash_actors.worker``
+process on 127.0.0.1. Worker logs go to ``.flash/logs/<endpoint>/<worker>.log``. Leaving the
+runtime (normal exit, exception, Ctrl-C) stops every worker the provider started.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from flash_actors.errors import RuntimeNotRunningError
+from flash_actors.providers.local.pool import LocalBackend, WorkerPool
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from anyio.abc import TaskGroup
+
+    from flash_actors.resources import ServerlessResource
+
+__all__ = ["LocalProvider"]
+
+
+class LocalProvider:
+    """Worker processes on this machine.
+
+    Args:
+        state_dir: where logs (and later the daemon's records) go; default ``.flash``.
+        batch_size: most jobs sent to a worker in one request.
+        slots: jobs one worker runs at once.
+    """
+
+    name = "local"
+
+    def __init__(
+        self, *, state_dir: Path | str = ".flash", batch_size: int = 8, slots: int = 8
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.batch_size = batch_size
+        self.slots = slots
+        self.pools: dict[str, WorkerPool] = {}
+        self._tg: TaskGroup | None = None
+
+    async def __aenter__(self) -> LocalProvider:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tg, self._tg = self._tg, None
+        if tg is None:
+            return
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+
+    async def open_endpoint(
+        self, resource: ServerlessResource, key: bytes
+    ) -> LocalBackend:
+        """Start the endpoint's pool (``workersMin`` workers start now, others on demand)."""
+        if self._tg is None:
+            msg = "the local provider is not running (enter it with `async with`)"
+            raise RuntimeNotRunningError(msg)
+        pool = WorkerPool(
+            resource,
+            key,
+            log_dir=self.state_dir / "logs" / resource.name,
+            batch_size=self.batch_size,
+            slots=self.slots,
+        )
+        self.pools[resource.name] = pool
+        scope = anyio.CancelScope()
+
+        async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            with scope:
+                await pool.run(task_status=task_status)
+
+        await self._tg.start(run)
+        return LocalBackend(pool, scope)
+
+    async def aclose(self) -> None:
+        """Stop every pool (the runtime also leaves the provider's context)."""
+        for pool in list(self.pools.values()):
+            await pool.stop_all()

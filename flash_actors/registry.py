@@ -1,0 +1,124 @@
+"""The Registry: resource configs by endpoint name, and the endpoint of each function.
+
+``@remote`` registers into the process-wide `REGISTRY` at decoration time; a manifest adds the
+endpoints of a built app. Two different configs under one name are refused: the name is the
+endpoint's identity.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from flash_actors import resources
+from flash_actors.errors import ConfigurationError, ManifestError
+from flash_actors.manifest import Manifest, load_manifest
+from flash_actors.resources import ServerlessResource
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["REGISTRY", "Registry"]
+
+_RESOURCE_CLASSES: dict[str, type[ServerlessResource]] = {
+    name: getattr(resources, name)
+    for name in resources.__all__
+    if isinstance(getattr(resources, name), type)
+    and issubclass(getattr(resources, name), ServerlessResource)
+    and getattr(resources, name) is not ServerlessResource
+    and not name.startswith("LoadBalancerResource")
+}
+
+
+class Registry:
+    """Where functions live. Thread-safe; lookups are plain dict reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resources: dict[str, ServerlessResource] = {}
+        self._functions: dict[str, str] = {}
+
+    def register(self, resource: ServerlessResource, *, owner: str = "") -> None:
+        """Record a resource config under its name.
+
+        Raises:
+            ConfigurationError: another, different config already has that name.
+        """
+        with self._lock:
+            known = self._resources.get(resource.name)
+            if known is None:
+                self._resources[resource.name] = resource
+                return
+            if known is resource or known.same_config(resource):
+                return
+        where = f" (while decorating {owner})" if owner else ""
+        msg = (
+            f"two different resource configs are named {resource.name!r}{where}: "
+            f"{known!r} and {resource!r}. An endpoint name identifies one config; "
+            "give the second a different name, or reuse the first object"
+        )
+        raise ConfigurationError(msg)
+
+    def register_function(self, function: str, endpoint: str) -> None:
+        """Record that ``function`` runs on ``endpoint`` (the last registration wins)."""
+        with self._lock:
+            self._functions[function] = endpoint
+
+    def resource(self, name: str) -> ServerlessResource:
+        """The config of endpoint ``name``.
+
+        Raises:
+            ManifestError: no such endpoint is known.
+        """
+        try:
+            return self._resources[name]
+        except KeyError:
+            msg = f"no endpoint named {name!r} is registered (decorate a function with it, or load a manifest)"
+            raise ManifestError(msg) from None
+
+    def endpoint_of(self, function: str) -> str:
+        """The endpoint a function runs on.
+
+        Raises:
+            ManifestError: the function is unknown.
+        """
+        try:
+            return self._functions[function]
+        except KeyError:
+            msg = f"function {function!r} is not in the registry or the manifest"
+            raise ManifestError(msg) from None
+
+    def resources(self) -> list[ServerlessResource]:
+        """Every registered config."""
+        with self._lock:
+            return list(self._resources.values())
+
+    def load(self, manifest: Manifest | Path | str) -> None:
+        """Add the endpoints and functions of a manifest.
+
+        Raises:
+            ManifestError: the manifest is invalid or names an unknown resource class.
+        """
+        if not isinstance(manifest, Manifest):
+            manifest = load_manifest(manifest)
+        for name, entry in manifest.resources.items():
+            cls = _RESOURCE_CLASSES.get(entry.resource_type)
+            if cls is None:
+                msg = f"manifest resource {name!r} has unknown resource_type {entry.resource_type!r}"
+                raise ManifestError(msg)
+            try:
+                resource = msgspec.convert({**entry.config, "name": name}, cls)
+            except (msgspec.ValidationError, ConfigurationError) as exc:
+                msg = f"manifest resource {name!r}: {exc}"
+                raise ManifestError(msg) from exc
+            self.register(resource)
+            for entry_function in entry.functions:
+                self.register_function(entry_function.name, name)
+        for function, endpoint in manifest.function_registry.items():
+            self.register_function(function, endpoint)
+
+
+REGISTRY = Registry()
+"""The process-wide registry that ``@remote`` fills."""

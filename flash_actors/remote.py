@@ -1,0 +1,575 @@
+"""``@remote``: turn a function or class into awaitable calls on an endpoint.
+
+``@remote(resource_config=...)`` checks its arguments at decoration time, warns about names the
+function takes from module scope (they will not exist on the worker), registers the resource
+config, and returns a `RemoteFunction` (or a `RemoteClass`). Awaiting a call builds a `Call`
+message (signed base64 cloudpickle arguments plus the resource's policies) and asks the
+runtime's Router for the answer: a `JobOutput` for queue resources, the value itself for
+load-balancer resources and for ``local=True``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import inspect
+import textwrap
+import uuid
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Generic,
+    Literal,
+    Never,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    overload,
+)
+
+import anyio
+
+from flash_actors._scoping import warn_outer_references
+from flash_actors.errors import (
+    ConfigurationError,
+    ExecutionTimeoutError,
+    InvalidRemoteTargetError,
+)
+from flash_actors.messages import Call, FunctionRequest
+from flash_actors.policies import CallPolicy, check_payload
+from flash_actors.registry import REGISTRY
+from flash_actors.resources import LoadBalancerResource, ServerlessResource
+from flash_actors.runtime import get_runtime
+from flash_actors.serialization import (
+    RequestSigner,
+    decode_request,
+    decode_result,
+    encode_result,
+    endpoint_key,
+)
+from flash_actors.worker.executor import invoke
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Coroutine
+
+    from flash_actors.jobs import JobOutput
+
+__all__ = ["RemoteClass", "RemoteFunction", "RemoteInstance", "RemoteMethod", "remote"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+R_co = TypeVar("R_co", covariant=True)
+
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+_PARAMETERS = (
+    "resource_config",
+    "dependencies",
+    "system_dependencies",
+    "accelerate_downloads",
+    "local",
+    "method",
+    "path",
+)
+
+
+class _Spec:
+    """What ``@remote(...)`` was given, checked."""
+
+    __slots__ = (
+        "accelerate_downloads",
+        "dependencies",
+        "local",
+        "method",
+        "path",
+        "resource",
+        "system_dependencies",
+    )
+
+    def __init__(
+        self,
+        resource: ServerlessResource,
+        dependencies: list[str],
+        system_dependencies: list[str],
+        accelerate_downloads: bool,  # noqa: FBT001
+        local: bool,  # noqa: FBT001
+        method: str | None,
+        path: str | None,
+    ) -> None:
+        self.resource = resource
+        self.dependencies = dependencies
+        self.system_dependencies = system_dependencies
+        self.accelerate_downloads = accelerate_downloads
+        self.local = local
+        self.method = method
+        self.path = path
+
+
+def _source(obj: Callable[..., Any] | type, label: str) -> tuple[str, ast.stmt]:
+    """The object's source without its decorators, dedented, and its parsed node."""
+    try:
+        source = textwrap.dedent(inspect.getsource(obj))
+    except (OSError, TypeError) as exc:
+        msg = (
+            f"@remote {label}: cannot read its source code ({exc}); the worker runs the "
+            "source, so define it in a .py file (not in an interactive session or exec)"
+        )
+        raise ConfigurationError(msg) from exc
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:  # e.g. a lambda inside a larger expression
+        msg = f"@remote {label}: its source cannot be parsed on its own: {exc}"
+        raise InvalidRemoteTargetError(msg) from exc
+    node = tree.body[0]
+    if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        msg = f"@remote {label}: expected a def or class statement, found {type(node).__name__}"
+        raise InvalidRemoteTargetError(msg)
+    lines = source.splitlines(keepends=True)
+    return "".join(lines[node.lineno - 1 : node.end_lineno]), node
+
+
+def _positional_names(
+    fn: Callable[..., Any], *, skip_self: bool = False
+) -> tuple[str, ...]:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    if skip_self and params:
+        params = params[1:]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
+def _check_spec(spec: _Spec, label: str) -> None:
+    resource = spec.resource
+    resource.validate()
+    if resource.is_load_balancer:
+        if not spec.method or not spec.path:
+            msg = (
+                f"@remote {label}: {type(resource).__name__} {resource.name!r} is a load "
+                "balancer, so each function needs an HTTP route: add method= and path=, e.g. "
+                '@remote(api, method="POST", path="/api/process")'
+            )
+            raise ConfigurationError(msg)
+        if spec.method.upper() not in HTTP_METHODS:
+            msg = (
+                f"@remote {label}: method={spec.method!r} is not supported; use one of "
+                f"{', '.join(HTTP_METHODS)}"
+            )
+            raise ConfigurationError(msg)
+        spec.method = spec.method.upper()
+        if not spec.path.startswith("/"):
+            msg = f'@remote {label}: path={spec.path!r} must start with "/", e.g. "/{spec.path}"'
+            raise ConfigurationError(msg)
+    elif spec.method is not None or spec.path is not None:
+        msg = (
+            f"@remote {label}: method= and path= apply only to load-balancer resources, and "
+            f"{type(resource).__name__} {resource.name!r} is a queue resource; remove them, "
+            "or use LiveLoadBalancer / CpuLiveLoadBalancer for an HTTP route"
+        )
+        raise ConfigurationError(msg)
+    for field, values in (
+        ("dependencies", spec.dependencies),
+        ("system_dependencies", spec.system_dependencies),
+    ):
+        items: list[object] = list(values)
+        if not all(isinstance(v, str) and v.strip() for v in items):
+            msg = f"@remote {label}: {field} must be a list of non-empty strings, got {values!r}"
+            raise ConfigurationError(msg)
+
+
+class _Routes:
+    """Load-balancer routes taken so far, per endpoint, to refuse duplicates."""
+
+    taken: dict[tuple[str, str, str], str] = {}  # noqa: RUF012 (process-wide on purpose)
+
+    @classmethod
+    def claim(cls, endpoint: str, method: str, path: str, owner: str) -> None:
+        key = (endpoint, method, path)
+        holder = cls.taken.setdefault(key, owner)
+        if holder != owner:
+            msg = (
+                f"@remote {owner}: route {method} {path} of endpoint {endpoint!r} is already "
+                f"taken by {holder}; give one of them another path"
+            )
+            raise ConfigurationError(msg)
+
+
+class _Caller:
+    """The shared call path of functions and class methods."""
+
+    __slots__ = (
+        "_endpoint",
+        "_key",
+        "_label",
+        "_policy",
+        "_signer",
+        "_template",
+        "spec",
+    )
+
+    def __init__(self, spec: _Spec, template: FunctionRequest, label: str) -> None:
+        self.spec = spec
+        self._template = template
+        self._label = label
+        self._endpoint = spec.resource.name
+        self._policy: CallPolicy = spec.resource.call_policy()
+        self._key: bytes | None = None
+        self._signer: RequestSigner | None = None
+
+    def signer(self) -> RequestSigner:
+        key = endpoint_key(self._endpoint)
+        if key is not self._key or self._signer is None:
+            self._signer = RequestSigner(key, self._template)
+            self._key = key
+        return self._signer
+
+    def key(self) -> bytes:
+        """The endpoint's current HMAC key (the one `signer` signs with)."""
+        self.signer()
+        assert self._key is not None  # noqa: S101 (set by signer())
+        return self._key
+
+    def request(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        arg_names: tuple[str, ...],
+        **extra: Any,
+    ) -> FunctionRequest:
+        return self.signer().sign(args, kwargs, arg_names=arg_names, **extra)
+
+    async def remote(self, request: FunctionRequest, arg_names: tuple[str, ...]) -> Any:
+        call = Call(
+            endpoint=self._endpoint,
+            function=self._label,
+            request=request,
+            policy=self._policy,
+            arg_names=arg_names,
+            http_method=self.spec.method,
+            http_path=self.spec.path,
+        )
+        runtime = await get_runtime()
+        return await runtime.call(call)
+
+    async def local(
+        self,
+        request: FunctionRequest,
+        arg_names: tuple[str, ...],
+        target: Callable[..., Any],
+    ) -> Any:
+        """Run in-process, with the arguments and the result making the wire round trip."""
+        check_payload(
+            request,
+            self._policy.payload_limit,
+            function=self._label,
+            arg_names=arg_names,
+        )
+        key = self.key()
+        decoded = decode_request(request, key)
+        timeout = self._policy.execution_timeout_s
+        with anyio.move_on_after(timeout) as scope:
+            value = await invoke(target, decoded.args, decoded.kwargs)
+        if scope.cancelled_caught:
+            msg = f"{self._label}() ran longer than its execution timeout of {timeout:g} s"
+            raise ExecutionTimeoutError(msg)
+        text, signature = encode_result(value, key)
+        return decode_result(text, signature, key)
+
+
+class RemoteFunction(Generic[P, R_co]):
+    """A function decorated with ``@remote``; calling it returns an awaitable.
+
+    Attributes:
+        resource_config: the endpoint the function runs on.
+        __wrapped__: the original function (run by ``local=True``).
+    """
+
+    def __init__(self, fn: Callable[P, Any], spec: _Spec) -> None:
+        self.__wrapped__ = fn
+        functools.update_wrapper(self, fn)
+        self.resource_config = spec.resource
+        self._label = fn.__qualname__
+        self._arg_names = _positional_names(fn)
+        code, _ = _source(fn, f"function {fn.__qualname__!r}")
+        template = FunctionRequest(
+            function_name=fn.__name__,
+            function_code=code,
+            dependencies=spec.dependencies or None,
+            system_dependencies=spec.system_dependencies or None,
+            accelerate_downloads=spec.accelerate_downloads,
+        )
+        self._caller = _Caller(spec, template, fn.__qualname__)
+        self._local = spec.local
+
+    def __repr__(self) -> str:
+        return f"<RemoteFunction {self._label} on {self.resource_config.name!r}>"
+
+    @property
+    def function_request_template(self) -> FunctionRequest:
+        """The static part of the requests this function sends (name, code, dependencies)."""
+        return self._caller.signer().template
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]:
+        """Start a call; await the result (see the module docstring for what it is)."""
+        return self._call(args, kwargs)
+
+    async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        request = self._caller.request(args, kwargs, self._arg_names)
+        if self._local:
+            return await self._caller.local(request, self._arg_names, self.__wrapped__)
+        return await self._caller.remote(request, self._arg_names)
+
+
+class RemoteMethod:
+    """An awaitable method of a `RemoteInstance`."""
+
+    __slots__ = ("_instance", "_name")
+
+    def __init__(self, instance: RemoteInstance[Any], name: str) -> None:
+        self._instance = instance
+        self._name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        """Start the method call on the remote instance; await the result."""
+        return self._instance.call_method(self._name, args, kwargs)
+
+
+class RemoteInstance(Generic[T]):
+    """A handle on one instance of a ``@remote`` class, living on the endpoint's workers.
+
+    Every method call carries the instance id and the constructor arguments, so a worker that
+    has not seen the instance yet builds it once and keeps it for later calls.
+    """
+
+    def __init__(
+        self, owner: RemoteClass[T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        self._owner = owner
+        self._args = args
+        self._kwargs = kwargs
+        self.instance_id = uuid.uuid4().hex
+        self._local_instance: Any = None
+
+    def __repr__(self) -> str:
+        return f"<RemoteInstance of {self._owner.__qualname__} id={self.instance_id}>"
+
+    def __getattr__(self, name: str) -> RemoteMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._owner.check_method(name)
+        return RemoteMethod(self, name)
+
+    async def call_method(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Call method ``name`` on the remote instance (what `RemoteMethod` awaits)."""
+        owner = self._owner
+        caller = owner.caller
+        arg_names = owner.method_args.get(name, ())
+        request = caller.request(
+            args,
+            kwargs,
+            arg_names,
+            constructor_args=self._args,
+            constructor_kwargs=self._kwargs,
+            instance_id=self.instance_id,
+            method_name=name,
+        )
+        if not owner.local:
+            return await caller.remote(request, arg_names)
+        if self._local_instance is None:
+            decoded = decode_request(request, caller.key())
+            self._local_instance = owner.__wrapped__(
+                *decoded.constructor_args, **decoded.constructor_kwargs
+            )
+        return await caller.local(
+            request, arg_names, getattr(self._local_instance, name)
+        )
+
+
+class RemoteClass(Generic[T]):
+    """A class decorated with ``@remote``; calling it returns a `RemoteInstance` handle."""
+
+    def __init__(self, cls: type[T], spec: _Spec) -> None:
+        self._cls = cls
+        self.__wrapped__ = cls
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+        self.__module__ = cls.__module__
+        self.resource_config = spec.resource
+        self.local = spec.local
+        code, _ = _source(cls, f"class {cls.__qualname__!r}")
+        self.method_args = {
+            name: _positional_names(member, skip_self=True)
+            for name, member in inspect.getmembers(cls, callable)
+            if not name.startswith("_")
+        }
+        template = FunctionRequest(
+            execution_type="class",
+            class_name=cls.__name__,
+            class_code=code,
+            dependencies=spec.dependencies or None,
+            system_dependencies=spec.system_dependencies or None,
+            accelerate_downloads=spec.accelerate_downloads,
+        )
+        self.caller = _Caller(spec, template, cls.__qualname__)
+
+    def __repr__(self) -> str:
+        return (
+            f"<RemoteClass {self._cls.__qualname__} on {self.resource_config.name!r}>"
+        )
+
+    def check_method(self, name: str) -> None:
+        """Raise `AttributeError` (with a suggestion) unless ``name`` is a public method."""
+        if name not in self.method_args:
+            hint = difflib.get_close_matches(name, self.method_args, n=1)
+            more = f"; did you mean {hint[0]!r}?" if hint else ""
+            msg = f"{self._cls.__qualname__} has no public method {name!r}{more}"
+            raise AttributeError(msg)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> RemoteInstance[T]:
+        """A handle on a new remote instance built with these constructor arguments."""
+        return RemoteInstance(self, args, kwargs)
+
+
+class _ValueDecorator(Protocol):
+    """``@remote`` for load balancers and ``local=True``: calls return the value."""
+
+    @overload
+    def __call__(self, target: type[T], /) -> RemoteClass[T]: ...  # type: ignore[overload-overlap]
+    @overload
+    def __call__(
+        self, target: Callable[P, Awaitable[R]], /
+    ) -> RemoteFunction[P, R]: ...
+    @overload
+    def __call__(self, target: Callable[P, R], /) -> RemoteFunction[P, R]: ...
+
+
+class _QueueDecorator(Protocol):
+    """``@remote`` for queue resources: calls return `JobOutput`."""
+
+    @overload
+    def __call__(self, target: type[T], /) -> RemoteClass[T]: ...  # type: ignore[overload-overlap]
+    @overload
+    def __call__(self, target: Callable[P, Any], /) -> RemoteFunction[P, JobOutput]: ...
+
+
+@overload
+def remote(
+    resource_config: ServerlessResource,
+    dependencies: list[str] | None = None,
+    system_dependencies: list[str] | None = None,
+    accelerate_downloads: bool = True,  # noqa: FBT001, FBT002
+    *,
+    local: Literal[True],
+    method: str | None = None,
+    path: str | None = None,
+) -> _ValueDecorator: ...
+@overload
+def remote(
+    resource_config: LoadBalancerResource,
+    dependencies: list[str] | None = None,
+    system_dependencies: list[str] | None = None,
+    accelerate_downloads: bool = True,  # noqa: FBT001, FBT002
+    local: Literal[False] = False,  # noqa: FBT002
+    method: str | None = None,
+    path: str | None = None,
+) -> _ValueDecorator: ...
+@overload
+def remote(
+    resource_config: ServerlessResource,
+    dependencies: list[str] | None = None,
+    system_dependencies: list[str] | None = None,
+    accelerate_downloads: bool = True,  # noqa: FBT001, FBT002
+    local: bool = False,  # noqa: FBT001, FBT002
+    method: str | None = None,
+    path: str | None = None,
+) -> _QueueDecorator: ...
+def remote(
+    resource_config: object = None,
+    dependencies: list[str] | None = None,
+    system_dependencies: list[str] | None = None,
+    accelerate_downloads: bool = True,  # noqa: FBT001, FBT002
+    local: bool = False,  # noqa: FBT001, FBT002
+    method: str | None = None,
+    path: str | None = None,
+    **unexpected: Never,
+) -> Any:
+    """Mark a function or class for remote execution on ``resource_config``'s endpoint.
+
+    Args:
+        resource_config: the endpoint (one of the eight resource classes).
+        dependencies: pip packages the worker installs before running it.
+        system_dependencies: apt packages the worker installs.
+        accelerate_downloads: let RunPod accelerate model and package downloads.
+        local: run in this process (arguments and result still make the serialization
+            round trip) and return the function's own value.
+        method: HTTP method of the route (load-balancer resources only).
+        path: HTTP path of the route, starting with "/" (load-balancer resources only).
+        **unexpected: keyword arguments Flash does not have: refused, with a "did you mean".
+
+    Returns:
+        A decorator. Calls of the decorated function are awaitable (plain ``def`` functions
+        too): queue resources give a `JobOutput`; load-balancer resources and ``local=True``
+        give the value and raise the remote error, typed as the remote exception.
+
+    Raises:
+        ConfigurationError: at decoration time, for arguments that cannot work; the message
+            names the function and the fix.
+    """
+    if unexpected:
+        name = next(iter(unexpected))
+        hint = difflib.get_close_matches(name, _PARAMETERS, n=1)
+        more = f"; did you mean {hint[0]!r}?" if hint else ""
+        msg = f"remote() got an unexpected keyword argument {name!r}{more}"
+        raise ConfigurationError(msg)
+    if not isinstance(resource_config, ServerlessResource):
+        msg = (
+            "remote() needs resource_config=, an endpoint config such as "
+            f"LiveServerless(name=...); got {resource_config!r}"
+        )
+        if callable(resource_config):
+            msg += " (write @remote(resource_config=...), not a bare @remote)"
+        raise ConfigurationError(msg)
+    spec = _Spec(
+        resource_config,
+        list(dependencies or []),
+        list(system_dependencies or []),
+        accelerate_downloads,
+        local,
+        method,
+        path,
+    )
+
+    def decorate(target: Any) -> Any:
+        if inspect.isclass(target):
+            label = f"class {target.__qualname__!r}"
+            if resource_config.is_load_balancer:
+                msg = (
+                    f"@remote {label}: load-balancer resources serve functions on HTTP "
+                    "routes; put classes on a queue resource (LiveServerless, ...)"
+                )
+                raise ConfigurationError(msg)
+        elif inspect.isfunction(target):
+            label = f"function {target.__qualname__!r}"
+        else:
+            msg = (
+                "@remote decorates a function (def / async def) or a class, not "
+                f"{type(target).__name__} {target!r}"
+            )
+            raise InvalidRemoteTargetError(msg)
+        _check_spec(spec, label)
+        REGISTRY.register(resource_config, owner=label)
+        if spec.method is not None and spec.path is not None:
+            _Routes.claim(resource_config.name, spec.method, spec.path, label)
+        warn_outer_references(target, stacklevel=3)
+        if inspect.isclass(target):
+            return RemoteClass(target, spec)
+        REGISTRY.register_function(target.__name__, resource_config.name)
+        return RemoteFunction(target, spec)
+
+    return decorate

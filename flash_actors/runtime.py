@@ -1,0 +1,175 @@
+"""The flash-actors runtime: the actor system, the Router, the Registry and the provider.
+
+``async with flash_actors.runtime():`` scopes one explicitly; remote calls made inside the block
+(and in tasks started inside it) use it, and leaving the block stops every endpoint and worker
+it started. Without such a block the first awaited remote call starts a runtime hosted by the
+running event loop (see `flash_actors.actors._hosting`), shut down cleanly when the loop ends,
+so a plain ``asyncio.run(main())`` or ``trio.run(main)`` script needs nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from flash_actors.actors import ActorRef, ActorSystem
+from flash_actors.actors._hosting import current_hosted, hosted
+from flash_actors.endpoint import EndpointActor
+from flash_actors.errors import ConfigurationError
+from flash_actors.registry import REGISTRY, Registry
+from flash_actors.router import Router
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from types import TracebackType
+
+    from flash_actors.messages import Call
+    from flash_actors.providers.base import Provider
+
+__all__ = ["FlashRuntime", "current_runtime", "get_runtime", "runtime"]
+
+ENDPOINT_MAILBOX = 4096
+ENDPOINT_CONCURRENCY = 4096
+
+_current: ContextVar[FlashRuntime | None] = ContextVar(
+    "flash_actors_runtime", default=None
+)
+
+
+def _default_provider(name: str | None) -> Provider:
+    name = name or os.environ.get("FLASH_PROVIDER") or "local"
+    if name == "local":
+        from flash_actors.providers.local import LocalProvider
+
+        return LocalProvider()
+    if name == "inprocess":
+        from flash_actors.providers.inprocess import InProcessProvider
+
+        return InProcessProvider()
+    msg = f"unknown provider {name!r}; available: 'local', 'inprocess'"
+    raise ConfigurationError(msg)
+
+
+class FlashRuntime:
+    """One running runtime. Make it with `runtime()`; it is not reentrant.
+
+    Args:
+        provider: where endpoints run (default: the in-process provider).
+        registry: function and endpoint lookup (default: the process-wide registry that
+            ``@remote`` fills, backed by ``.flash/flash_manifest.json`` when present).
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: Provider | str | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        self.provider: Provider = (
+            provider
+            if provider is not None and not isinstance(provider, str)
+            else _default_provider(provider)
+        )
+        self.registry = registry or REGISTRY
+        self.system = ActorSystem()
+        self._router: ActorRef[Call] | None = None
+
+    @property
+    def router(self) -> ActorRef[Call]:
+        """The Router actor (the ProductionWrapper)."""
+        if self._router is None:
+            msg = "the runtime is not running"
+            raise RuntimeError(msg)
+        return self._router
+
+    async def __aenter__(self) -> FlashRuntime:
+        await self.provider.__aenter__()
+        try:
+            await self.system.__aenter__()
+        except BaseException:
+            await self.provider.__aexit__(None, None, None)
+            raise
+        self._router = self.system.spawn(
+            lambda: Router(self), name="router", mailbox_size=ENDPOINT_MAILBOX
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.system.__aexit__(exc_type, exc, tb)
+        finally:
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self.provider.aclose()
+            finally:
+                # Not inside the shield: the provider's task group must exit in nesting order.
+                await self.provider.__aexit__(None, None, None)
+
+    def endpoint(self, name: str) -> ActorRef[Call]:
+        """The Endpoint actor of endpoint ``name``, spawned on first use.
+
+        Raises:
+            ManifestError: no resource config of that name is registered.
+        """
+        actor_name = f"endpoint:{name}"
+        ref = self.system.get(actor_name)
+        if ref is None:
+            resource = self.registry.resource(name)
+            ref = self.system.spawn(
+                lambda: EndpointActor(resource, self.provider),
+                name=actor_name,
+                mailbox_size=ENDPOINT_MAILBOX,
+                max_concurrency=ENDPOINT_CONCURRENCY,
+            )
+        return ref
+
+    async def call(self, call: Call) -> Any:
+        """Send a call through the Router and wait for its answer."""
+        return await self.router.ask(call)
+
+
+@asynccontextmanager
+async def runtime(
+    *, provider: Provider | str | None = None, registry: Registry | None = None
+) -> AsyncIterator[FlashRuntime]:
+    """Run a flash-actors runtime for the duration of the block.
+
+    Remote calls inside the block (and in tasks it starts) go through this runtime. On exit,
+    queued work is finished (normal exit) or cancelled (exception, cancellation), and every
+    endpoint and worker the runtime started is stopped.
+    """
+    async with FlashRuntime(provider=provider, registry=registry) as rt:
+        token = _current.set(rt)
+        try:
+            yield rt
+        finally:
+            _current.reset(token)
+
+
+def current_runtime() -> FlashRuntime | None:
+    """The runtime remote calls made here would use, if one is running (no await)."""
+    rt = _current.get()
+    if rt is not None:
+        return rt
+    hosted_rt: FlashRuntime | None = current_hosted()
+    return hosted_rt
+
+
+async def get_runtime() -> FlashRuntime:
+    """The runtime of this context, starting the loop's implicit one if there is none."""
+    rt = _current.get()
+    if rt is not None:
+        return rt
+    hosted_rt: FlashRuntime | None = current_hosted()
+    if hosted_rt is not None:
+        return hosted_rt
+    return await hosted(FlashRuntime)

@@ -1,0 +1,362 @@
+"""The only module that pickles: base64 cloudpickle payloads, signed with HMAC-SHA256.
+
+Arguments travel as Flash sends them (PROTOCOL.md section 3): each one a base64 string of its
+cloudpickle. cloudpickle runs code when it loads, and a request's ``function_code`` is executed
+by the worker, so every request carries ``signature``: an HMAC-SHA256 under the endpoint's key
+over the code and the raw pickles. `decode_request` checks it before unpickling anything and
+raises `PayloadSignatureError` for a request that is unsigned or was changed on the way. Results
+are signed the same way by the worker and checked by the caller.
+
+Keys: each endpoint has its own, derived from a master secret with `endpoint_key`. The master
+secret comes from ``FLASH_SECRET`` (hex) when set, otherwise it is random per process; the
+local provider hands each worker its endpoint's key, never the master secret.
+
+Copies are kept to a minimum: an argument is pickled once, hashed in place and base64-encoded
+once (pybase64, GB/s), and decoding validates the base64 in the same pass that decodes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import struct
+from typing import TYPE_CHECKING, Any
+
+import cloudpickle
+import msgspec
+import pybase64
+
+from flash_actors.errors import PayloadSignatureError, SerializationError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from flash_actors.messages import FunctionRequest
+
+__all__ = [
+    "DecodedRequest",
+    "RequestSigner",
+    "decode_request",
+    "decode_result",
+    "decode_value",
+    "dumps",
+    "encode_result",
+    "encode_value",
+    "endpoint_key",
+    "loads",
+    "master_secret",
+    "set_master_secret",
+]
+
+_LEN = struct.Struct(">Q")
+_PROTOCOL = 5
+
+_master_secret: bytes | None = None
+_endpoint_keys: dict[str, bytes] = {}
+
+
+def master_secret() -> bytes:
+    """The process's master secret: ``FLASH_SECRET`` (hex) or 32 random bytes."""
+    global _master_secret
+    if _master_secret is None:
+        env = os.environ.get("FLASH_SECRET")
+        if env:
+            try:
+                _master_secret = bytes.fromhex(env)
+            except ValueError as exc:
+                msg = "FLASH_SECRET must be a hex string (for example `openssl rand -hex 32`)"
+                raise SerializationError(msg) from exc
+        else:
+            _master_secret = secrets.token_bytes(32)
+    return _master_secret
+
+
+def set_master_secret(secret: bytes) -> None:
+    """Replace the master secret (a daemon shares one with its clients); clears derived keys."""
+    global _master_secret
+    if len(secret) < 16:
+        msg = "the master secret must be at least 16 bytes"
+        raise SerializationError(msg)
+    _master_secret = secret
+    _endpoint_keys.clear()
+
+
+def endpoint_key(endpoint: str) -> bytes:
+    """The HMAC key of one endpoint, derived from the master secret and its name."""
+    key = _endpoint_keys.get(endpoint)
+    if key is None:
+        key = hmac.digest(
+            master_secret(), b"flash-actors/endpoint\x00" + endpoint.encode(), "sha256"
+        )
+        _endpoint_keys[endpoint] = key
+    return key
+
+
+def dumps(obj: Any, *, what: str = "value") -> bytes:
+    """Cloudpickle ``obj``; `SerializationError` names ``what`` when it cannot be pickled."""
+    try:
+        return cloudpickle.dumps(obj, protocol=_PROTOCOL)  # type: ignore[no-any-return]
+    except Exception as exc:
+        msg = f"cannot serialize {what} ({type(obj).__name__}) with cloudpickle: {exc}"
+        raise SerializationError(msg) from exc
+
+
+def loads(data: bytes | memoryview, *, what: str = "value") -> Any:
+    """Unpickle trusted bytes (callers check the signature first)."""
+    try:
+        return cloudpickle.loads(data)
+    except Exception as exc:
+        msg = f"cannot deserialize {what}: {type(exc).__name__}: {exc}"
+        raise SerializationError(msg) from exc
+
+
+def _b64encode(raw: bytes) -> str:
+    return pybase64.b64encode(raw).decode("ascii")
+
+
+def _b64decode(text: str, what: str) -> bytes:
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        msg = f"{what} is not valid base64: {exc}"
+        raise SerializationError(msg) from exc
+
+
+def encode_value(obj: Any, *, what: str = "value") -> str:
+    """One unsigned base64 cloudpickle string (Flash's ``serialize_arg``)."""
+    return _b64encode(dumps(obj, what=what))
+
+
+def decode_value(text: str, *, what: str = "value") -> Any:
+    """Inverse of `encode_value`, for payloads that need no authentication (tests, tools)."""
+    return loads(_b64decode(text, what), what=what)
+
+
+def _frame(mac: Any, tag: bytes, data: bytes | str | None) -> None:
+    """Feed one length-prefixed field to the MAC so that fields cannot shift into each other."""
+    if data is None:
+        mac.update(tag + b"\xff")
+        return
+    raw = data.encode() if isinstance(data, str) else data
+    mac.update(tag + _LEN.pack(len(raw)))
+    mac.update(raw)
+
+
+class RequestSigner:
+    """Builds signed `FunctionRequest`s for one function or class method of one endpoint.
+
+    The static part of the request (names, code) is hashed once, here; each call then only
+    pickles, hashes and encodes its arguments.
+
+    Args:
+        key: the endpoint's HMAC key (`endpoint_key`).
+        template: the request's static fields; its ``args``/``kwargs`` are ignored.
+    """
+
+    __slots__ = ("_prefix", "template")
+
+    def __init__(self, key: bytes, template: FunctionRequest) -> None:
+        self.template = template
+        mac = hmac.new(key, digestmod=hashlib.sha256)
+        _static_fields(mac, template)
+        self._prefix = mac
+
+    def sign(
+        self,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        constructor_args: Sequence[Any] = (),
+        constructor_kwargs: Mapping[str, Any] | None = None,
+        instance_id: str | None = None,
+        create_new_instance: bool = True,
+        method_name: str | None = None,
+        arg_names: Sequence[str] = (),
+    ) -> FunctionRequest:
+        """Pickle, sign and encode one call's arguments into a complete request.
+
+        Raises:
+            SerializationError: an argument cannot be pickled; the message names it.
+        """
+        mac = self._prefix.copy()
+        _frame(mac, b"m", method_name or self.template.method_name)
+        _frame(mac, b"i", instance_id)
+        mac.update(b"n" if create_new_instance else b"o")
+        enc_args = _encode_seq(mac, b"a", args, arg_names)
+        enc_kwargs = _encode_map(mac, b"k", kwargs)
+        enc_cargs = _encode_seq(mac, b"c", constructor_args, ())
+        enc_ckwargs = _encode_map(mac, b"d", constructor_kwargs or {})
+        fields: dict[str, Any] = {
+            "args": enc_args,
+            "kwargs": enc_kwargs,
+            "constructor_args": enc_cargs,
+            "constructor_kwargs": enc_ckwargs,
+            "instance_id": instance_id,
+            "create_new_instance": create_new_instance,
+            "signature": mac.hexdigest(),
+        }
+        if method_name is not None:
+            fields["method_name"] = method_name
+        return _replace(self.template, fields)
+
+
+def _replace(template: FunctionRequest, fields: dict[str, Any]) -> FunctionRequest:
+    return msgspec.structs.replace(template, **fields)
+
+
+def _static_fields(mac: Any, req: FunctionRequest) -> None:
+    _frame(mac, b"N", req.function_name)
+    _frame(mac, b"F", req.function_code)
+    _frame(mac, b"E", req.execution_type)
+    _frame(mac, b"C", req.class_name)
+    _frame(mac, b"K", req.class_code)
+    for path in sorted(req.modules):
+        _frame(mac, b"P", path)
+        _frame(mac, b"S", req.modules[path])
+    _frame(mac, b"Z", req.serialization_format)
+
+
+def _encode_seq(
+    mac: Any, tag: bytes, values: Sequence[Any], names: Sequence[str]
+) -> list[str]:
+    out: list[str] = []
+    mac.update(tag + _LEN.pack(len(values)))
+    for i, value in enumerate(values):
+        what = (
+            f"argument {names[i]!r}" if i < len(names) else f"positional argument {i}"
+        )
+        raw = dumps(value, what=what)
+        mac.update(_LEN.pack(len(raw)))
+        mac.update(raw)
+        out.append(_b64encode(raw))
+    return out
+
+
+def _encode_map(mac: Any, tag: bytes, values: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    mac.update(tag + _LEN.pack(len(values)))
+    for name in sorted(values):
+        raw = dumps(values[name], what=f"argument {name!r}")
+        _frame(mac, b"=", name)
+        mac.update(_LEN.pack(len(raw)))
+        mac.update(raw)
+        out[name] = _b64encode(raw)
+    return out
+
+
+class DecodedRequest:
+    """The objects of an authenticated request (only built by `decode_request`)."""
+
+    __slots__ = ("args", "constructor_args", "constructor_kwargs", "kwargs")
+
+    def __init__(
+        self,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        constructor_args: list[Any],
+        constructor_kwargs: dict[str, Any],
+    ) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.constructor_args = constructor_args
+        self.constructor_kwargs = constructor_kwargs
+
+
+def _decode_seq(mac: Any, tag: bytes, texts: Iterable[str], label: str) -> list[bytes]:
+    raws = [_b64decode(t, f"{label} {i}") for i, t in enumerate(texts)]
+    mac.update(tag + _LEN.pack(len(raws)))
+    for raw in raws:
+        mac.update(_LEN.pack(len(raw)))
+        mac.update(raw)
+    return raws
+
+
+def _decode_map(
+    mac: Any, tag: bytes, texts: Mapping[str, str], label: str
+) -> dict[str, bytes]:
+    raws: dict[str, bytes] = {}
+    mac.update(tag + _LEN.pack(len(texts)))
+    for name in sorted(texts):
+        raw = _b64decode(texts[name], f"{label} {name!r}")
+        _frame(mac, b"=", name)
+        mac.update(_LEN.pack(len(raw)))
+        mac.update(raw)
+        raws[name] = raw
+    return raws
+
+
+def verify_request(req: FunctionRequest, key: bytes) -> None:
+    """Check a request's signature without keeping its payloads (see `decode_request`)."""
+    decode_request(req, key, unpickle=False)
+
+
+def decode_request(
+    req: FunctionRequest, key: bytes, *, unpickle: bool = True
+) -> DecodedRequest:
+    """Authenticate a request, then unpickle its arguments.
+
+    Raises:
+        PayloadSignatureError: the request is unsigned or its signature does not match;
+            nothing has been unpickled.
+        SerializationError: a payload is not valid base64 or cannot be unpickled.
+    """
+    if not req.signature:
+        msg = (
+            f"refusing unsigned request for {req.function_name or req.class_name!r}: "
+            "payloads must carry an HMAC-SHA256 signature under the endpoint's key"
+        )
+        raise PayloadSignatureError(msg)
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    _static_fields(mac, req)
+    _frame(mac, b"m", req.method_name)
+    _frame(mac, b"i", req.instance_id)
+    mac.update(b"n" if req.create_new_instance else b"o")
+    args = _decode_seq(mac, b"a", req.args, "argument")
+    kwargs = _decode_map(mac, b"k", req.kwargs, "argument")
+    cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
+    ckwargs = _decode_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+    if not hmac.compare_digest(mac.hexdigest(), req.signature):
+        msg = (
+            f"refusing request for {req.function_name or req.class_name!r}: its signature "
+            "does not match (the payload was changed, or it was signed with another "
+            "endpoint's key)"
+        )
+        raise PayloadSignatureError(msg)
+    if not unpickle:
+        return DecodedRequest([], {}, [], {})
+    return DecodedRequest(
+        [loads(r, what=f"argument {i}") for i, r in enumerate(args)],
+        {k: loads(r, what=f"argument {k!r}") for k, r in kwargs.items()},
+        [loads(r, what=f"constructor argument {i}") for i, r in enumerate(cargs)],
+        {k: loads(r, what=f"constructor argument {k!r}") for k, r in ckwargs.items()},
+    )
+
+
+def _result_mac(key: bytes, raw: bytes) -> str:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    _frame(mac, b"R", raw)
+    return mac.hexdigest()
+
+
+def encode_result(value: Any, key: bytes) -> tuple[str, str]:
+    """Pickle and sign a function's return value: ``(base64 text, signature)``."""
+    raw = dumps(value, what="the return value")
+    return _b64encode(raw), _result_mac(key, raw)
+
+
+def decode_result(text: str, signature: str | None, key: bytes) -> Any:
+    """Authenticate and unpickle a result made by `encode_result`.
+
+    Raises:
+        PayloadSignatureError: the result is unsigned or its signature does not match.
+    """
+    raw = _b64decode(text, "the result")
+    if not signature or not hmac.compare_digest(_result_mac(key, raw), signature):
+        msg = (
+            "refusing a result whose signature is missing or does not match "
+            "(the worker does not hold this endpoint's key, or the result was changed)"
+        )
+        raise PayloadSignatureError(msg)
+    return loads(raw, what="the result")

@@ -1,0 +1,66 @@
+"""Per-job stdout capture for a worker process that runs several jobs at once.
+
+``sys.stdout`` is replaced once by a proxy that writes to the buffer of the job running in the
+current context (a contextvar, inherited by the threads ``anyio.to_thread`` starts) and to the
+worker's own stdout otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["capture_stdout", "install"]
+
+_buffer: ContextVar[io.StringIO | None] = ContextVar("flash_job_stdout", default=None)
+
+
+class _Proxy(io.TextIOBase):
+    def __init__(self, real: TextIO) -> None:
+        self._real = real
+
+    def write(self, text: str) -> int:
+        buffer = _buffer.get()
+        if buffer is not None:
+            return buffer.write(text)
+        return self._real.write(text)
+
+    def flush(self) -> None:
+        if _buffer.get() is None:
+            self._real.flush()
+
+    def fileno(self) -> int:
+        return self._real.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._real.encoding
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def install() -> None:
+    """Route ``print`` through the per-job proxy (idempotent)."""
+    if not isinstance(sys.stdout, _Proxy):
+        sys.stdout = _Proxy(sys.stdout)
+
+
+@contextmanager
+def capture_stdout() -> Iterator[io.StringIO]:
+    """Collect what the current job prints."""
+    buffer = io.StringIO()
+    token = _buffer.set(buffer)
+    try:
+        yield buffer
+    finally:
+        _buffer.reset(token)

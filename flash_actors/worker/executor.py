@@ -1,0 +1,197 @@
+"""Runs one `FunctionRequest`: authenticate, load the code, call it, sign the result.
+
+The same executor serves a worker process and the in-process provider, so a function behaves
+the same in both: its source is compiled into a fresh namespace (annotations are not
+evaluated), so only what the function imports itself exists; classes keep their instances by
+``instance_id``; sync functions run in a worker thread, async ones on the event loop; a
+generator's chunks are collected into a list.
+
+Nothing is unpickled and no code is compiled before the request's signature has been checked.
+"""
+
+from __future__ import annotations
+import __future__
+
+import builtins
+import inspect
+import linecache
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.to_thread
+
+from flash_actors.messages import FunctionRequest, FunctionResponse
+from flash_actors.serialization import DecodedRequest, decode_request, encode_result
+from flash_actors.worker._capture import capture_stdout
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+__all__ = ["Executor", "invoke"]
+
+_COMPILE_FLAGS = __future__.annotations.compiler_flag
+
+
+def _qualified_type(exc: BaseException) -> str:
+    cls = type(exc)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback from the first frame of the remote code (our own frames dropped)."""
+    first = tb = exc.__traceback__
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith(
+        "<flash-remote"
+    ):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb or first))
+
+
+class Executor:
+    """Executes requests for one endpoint.
+
+    Args:
+        key: the endpoint's HMAC key; requests must be signed with it.
+        deployed: functions and classes of deployed code, by name, for requests that carry
+            no source (``function_code`` absent).
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        deployed: Mapping[str, Any] | None = None,
+        capture_stdout: bool = False,
+    ) -> None:
+        self._key = key
+        self._capture = capture_stdout
+        self._deployed = dict(deployed or {})
+        self._code_cache: dict[tuple[str, str], Any] = {}
+        self._instances: dict[str, Any] = {}
+
+    def load(self, name: str, code: str) -> Any:
+        """Compile ``code`` in a fresh namespace once and return the object named ``name``."""
+        cache_key = (name, code)
+        obj = self._code_cache.get(cache_key)
+        if obj is None:
+            filename = f"<flash-remote {name}>"
+            linecache.cache[filename] = (
+                len(code),
+                None,
+                code.splitlines(keepends=True),
+                filename,
+            )
+            namespace: dict[str, Any] = {
+                "__name__": "__flash_remote__",
+                "__builtins__": builtins,
+            }
+            exec(  # noqa: S102 (the request's signature was checked by the caller)
+                compile(
+                    code, filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True
+                ),
+                namespace,
+            )
+            if name not in namespace:
+                msg = f"the code sent for {name!r} does not define {name!r}"
+                raise LookupError(msg)
+            obj = namespace[name]
+            self._code_cache[cache_key] = obj
+        return obj
+
+    def _target(
+        self, req: FunctionRequest, decoded: DecodedRequest
+    ) -> Callable[..., Any]:
+        if req.execution_type == "class":
+            class_name = req.class_name or ""
+            cls = (
+                self.load(class_name, req.class_code)
+                if req.class_code
+                else self._deployed_obj(class_name)
+            )
+            instance_id = req.instance_id or ""
+            instance = self._instances.get(instance_id) if instance_id else None
+            if instance is None:
+                if not req.create_new_instance and instance_id:
+                    msg = f"no instance {instance_id!r} of {class_name} on this worker"
+                    raise LookupError(msg)
+                instance = cls(*decoded.constructor_args, **decoded.constructor_kwargs)
+                if instance_id:
+                    self._instances[instance_id] = instance
+            method: Callable[..., Any] = getattr(instance, req.method_name)
+            return method
+        name = req.function_name or ""
+        if req.function_code:
+            fn: Callable[..., Any] = self.load(name, req.function_code)
+            return fn
+        return self._deployed_obj(name)  # type: ignore[no-any-return]
+
+    def _deployed_obj(self, name: str) -> Any:
+        try:
+            return self._deployed[name]
+        except KeyError:
+            msg = f"{name!r} is not part of the code deployed on this worker and no source was sent"
+            raise LookupError(msg) from None
+
+    async def execute(self, req: FunctionRequest) -> FunctionResponse:
+        """Run the request and describe the outcome; the function's errors become a response.
+
+        Raises:
+            PayloadSignatureError: the request is unsigned or tampered with (nothing ran).
+        """
+        decoded = decode_request(req, self._key)
+        stdout = ""
+        try:
+            if req.serialization_format != "cloudpickle":
+                msg = f"serialization_format {req.serialization_format!r} is not supported here"
+                raise ValueError(msg)
+            target = self._target(req, decoded)
+            if self._capture:
+                with capture_stdout() as printed:
+                    try:
+                        value = await invoke(target, decoded.args, decoded.kwargs)
+                    finally:
+                        stdout = printed.getvalue()
+            else:
+                value = await invoke(target, decoded.args, decoded.kwargs)
+            result, signature = encode_result(value, self._key)
+        except Exception as exc:  # noqa: BLE001 (the function's failure is the answer)
+            return FunctionResponse(
+                success=False,
+                error=_user_traceback(exc),
+                error_type=_qualified_type(exc),
+                error_message=str(exc),
+                instance_id=req.instance_id,
+                stdout=stdout or None,
+            )
+        return FunctionResponse(
+            success=True,
+            result=result,
+            signature=signature,
+            instance_id=req.instance_id,
+            stdout=stdout or None,
+        )
+
+    def forget_instances(self) -> None:
+        """Drop every class instance (a recycled worker starts clean)."""
+        self._instances.clear()
+
+
+async def invoke(
+    target: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]
+) -> Any:
+    """Call ``target`` the way a worker does.
+
+    Coroutine functions are awaited, sync code runs in a worker thread, and generators are
+    collected into lists.
+    """
+    if inspect.iscoroutinefunction(target):
+        return await target(*args, **kwargs)
+    if inspect.isasyncgenfunction(target):
+        return [chunk async for chunk in target(*args, **kwargs)]
+    if inspect.isgeneratorfunction(target):
+        return await anyio.to_thread.run_sync(lambda: list(target(*args, **kwargs)))
+    value = await anyio.to_thread.run_sync(lambda: target(*args, **kwargs))
+    if inspect.isawaitable(value):  # a sync callable that returned an awaitable
+        return await value
+    return value

@@ -1,0 +1,284 @@
+"""The worker's HTTP server (aiohttp, on its own asyncio loop, loopback only).
+
+Routes:
+
+- ``POST /execute``: ``{"jobs": [{"id", "request": FunctionRequest}, ...]}``. The jobs run
+  concurrently; the reply streams one JSON line per job as it finishes,
+  ``{"id", "response": FunctionResponse}``, or ``{"id", "refused": "..."}`` for a request whose
+  signature does not hold (nothing of it was unpickled).
+- ``POST /cancel``: ``{"ids": [...]}`` cancels those running jobs.
+- ``GET /ping``: liveness, with the number of running jobs.
+- Load-balancer workers also serve the user's own routes (``method`` + ``path``), calling the
+  function with the JSON body (or the query string for GET) as keyword arguments and
+  answering with its value as JSON.
+
+Every route but ``/ping`` needs ``Authorization: Bearer <token>`` (401 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import json
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from flash_actors.errors import PayloadSignatureError
+from flash_actors.messages import FunctionRequest, FunctionResponse
+from flash_actors.serialization import verify_request
+from flash_actors.worker import _capture
+from flash_actors.worker.executor import Executor, invoke
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+__all__ = ["Route", "WorkerApp", "serve"]
+
+
+class Job(msgspec.Struct, frozen=True):
+    """One job of an ``/execute`` batch."""
+
+    id: str
+    request: FunctionRequest
+
+
+class Batch(msgspec.Struct, frozen=True):
+    """The body of ``/execute``."""
+
+    jobs: list[Job]
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """A user route of a load-balancer worker: the signed request template of its function."""
+
+    method: str
+    path: str
+    request: FunctionRequest
+
+
+class Done(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One line of the ``/execute`` reply."""
+
+    id: str
+    response: FunctionResponse | None = None
+    refused: str | None = None
+
+
+_batch_decoder = msgspec.json.Decoder(Batch)
+_encoder = msgspec.json.Encoder()
+
+
+class WorkerApp:
+    """The state of one worker process.
+
+    Args:
+        key: the endpoint's HMAC key.
+        token: the bearer token callers must present.
+        routes: user routes (load-balancer workers).
+    """
+
+    def __init__(self, key: bytes, token: str, routes: list[Route]) -> None:
+        self.executor = Executor(key, capture_stdout=True)
+        self.key = key
+        self.token = token
+        self.routes = routes
+        self.running: dict[str, asyncio.Task[FunctionResponse]] = {}
+
+    def _authorized(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        presented = header.removeprefix("Bearer ").strip()
+        return hmac.compare_digest(presented.encode(), self.token.encode())
+
+    @web.middleware
+    async def auth(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Refuse every request but ``/ping`` without the bearer token."""
+        if request.path != "/ping" and not self._authorized(request):
+            return web.json_response(
+                {"error": "missing or wrong bearer token"}, status=401
+            )
+        return await handler(request)
+
+    async def ping(self, request: web.Request) -> web.Response:
+        """Liveness."""
+        del request
+        return web.json_response({"status": "ok", "running": len(self.running)})
+
+    async def execute(self, request: web.Request) -> web.StreamResponse:
+        """Run a batch of jobs, streaming each result as it finishes."""
+        try:
+            batch = _batch_decoder.decode(await request.read())
+        except msgspec.DecodeError as exc:
+            return web.json_response({"error": f"invalid batch: {exc}"}, status=400)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for job in batch.jobs:
+            try:
+                verify_request(job.request, self.key)
+            except PayloadSignatureError as exc:
+                queue.put_nowait(
+                    _encoder.encode(Done(id=job.id, refused=str(exc))) + b"\n"
+                )
+                continue
+            task = asyncio.ensure_future(self.executor.execute(job.request))
+            self.running[job.id] = task
+            task.add_done_callback(
+                functools.partial(self._finished, job_id=job.id, queue=queue)
+            )
+        for _ in batch.jobs:
+            await response.write(await queue.get())
+        await response.write_eof()
+        return response
+
+    def _finished(
+        self,
+        task: asyncio.Task[FunctionResponse],
+        *,
+        job_id: str,
+        queue: asyncio.Queue[bytes],
+    ) -> None:
+        self.running.pop(job_id, None)
+        if task.cancelled():
+            done = Done(
+                id=job_id,
+                response=FunctionResponse(
+                    success=False, error="cancelled", error_type="cancelled"
+                ),
+            )
+        elif (exc := task.exception()) is not None:
+            done = Done(id=job_id, refused=f"{type(exc).__name__}: {exc}")
+        else:
+            done = Done(id=job_id, response=task.result())
+        queue.put_nowait(_encoder.encode(done) + b"\n")
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """Cancel running jobs by id."""
+        body = json.loads(await request.read() or b"{}")
+        cancelled = []
+        for job_id in body.get("ids", []):
+            task = self.running.get(job_id)
+            if task is not None:
+                task.cancel()
+                cancelled.append(job_id)
+        return web.json_response({"cancelled": cancelled})
+
+    def route_handler(
+        self, route: Route
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """The handler of one user route: JSON in, the function's value as JSON out."""
+        verify_request(route.request, self.key)
+        name = route.request.function_name or ""
+        code = route.request.function_code or ""
+
+        async def handle(request: web.Request) -> web.Response:
+            if request.method == "GET":
+                kwargs: dict[str, Any] = dict(request.query)
+            else:
+                raw = await request.read()
+                try:
+                    kwargs = json.loads(raw) if raw else {}
+                except json.JSONDecodeError as exc:
+                    return web.json_response(
+                        {"error": f"body is not JSON: {exc}"}, status=400
+                    )
+                if not isinstance(kwargs, dict):
+                    return web.json_response(
+                        {
+                            "error": "the JSON body must be an object of keyword arguments"
+                        },
+                        status=400,
+                    )
+            function = self.executor.load(name, code)
+            try:
+                value = await invoke(function, [], kwargs)
+            except TypeError as exc:
+                return web.json_response({"error": str(exc)}, status=422)
+            except Exception as exc:  # noqa: BLE001 (the function's error is the answer)
+                return web.json_response(
+                    {"error": str(exc), "error_type": type(exc).__name__}, status=500
+                )
+            return web.json_response(value)
+
+        return handle
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(middlewares=[self.auth], client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/ping", self.ping)
+        app.router.add_post("/execute", self.execute)
+        app.router.add_post("/cancel", self.cancel)
+        for route in self.routes:
+            app.router.add_route(route.method, route.path, self.route_handler(route))
+        return app
+
+
+async def serve(app: WorkerApp, sock: socket.socket) -> None:
+    """Serve on an already bound and listening socket until cancelled."""
+    _capture.install()
+    runner = web.AppRunner(app.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    watchdog = asyncio.ensure_future(_watch_parent(stop))
+    try:
+        await stop.wait()
+    finally:
+        watchdog.cancel()
+        for task in list(app.running.values()):
+            task.cancel()
+        await runner.cleanup()
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """Stop when the process that started us is gone (no orphan workers)."""
+    parent = int(os.environ.get("FLASH_PARENT_PID", "0") or 0)
+    if not parent:
+        return
+    while os.getppid() == parent:  # noqa: ASYNC110 (polling is the portable way)
+        await asyncio.sleep(0.5)
+    stop.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``python -m flash_actors.worker --fd N [--routes FILE]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flash_actors.worker")
+    parser.add_argument("--fd", type=int, help="inherited listening socket")
+    parser.add_argument(
+        "--port", type=int, default=0, help="bind 127.0.0.1:PORT instead"
+    )
+    parser.add_argument("--routes", help="JSON file of load-balancer routes")
+    args = parser.parse_args(argv)
+    key = bytes.fromhex(os.environ.pop("FLASH_ENDPOINT_KEY", ""))
+    token = os.environ.pop("FLASH_WORKER_TOKEN", "")
+    if not key or not token:
+        parser.error("FLASH_ENDPOINT_KEY and FLASH_WORKER_TOKEN must be set")
+    routes: list[Route] = []
+    if args.routes:
+        with open(args.routes, "rb") as f:
+            routes = msgspec.json.decode(f.read(), type=list[Route])
+    if args.fd is not None:
+        sock = socket.socket(fileno=args.fd)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", args.port))
+        sock.listen(128)
+    sock.setblocking(False)  # noqa: FBT003
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(WorkerApp(key, token, routes), sock))

@@ -1,0 +1,39 @@
+"""Entry point of the ``flash`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import flash_actors
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``flash`` (sub-commands are added as they are built)."""
+    parser = argparse.ArgumentParser(
+        prog="flash",
+        description="flash-actors: await Python functions on remote GPU and CPU workers.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"flash-actors {flash_actors.__version__}",
+    )
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``flash``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return 0  # pragma: no cover - no sub-commands yet
+
+
+if __name__ == "__main__":
+    sys.exit(main())

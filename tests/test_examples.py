@@ -1,0 +1,49 @@
+"""Every example runs as a plain script (no runtime block: the implicit runtime) and says
+what the seeds say it should."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+EXPECTED = {
+    "quick_start.py": ["{'sum': 15, 'mean': 3}"],
+    "local_testing.py": ["{'status': 'ok', 'items': 3}"],
+    "parallel_execution.py": ["[1, 4, 9]", "328350"],
+    "trio_app.py": ["[0, 2, 4, 6, 8, 10, 12, 14, 16, 18]"],
+    "error_handling.py": [
+        "Failed: ValueError: invalid literal for int() with base 10: 'not a number'",
+        "Error: RemoteExecutionError[ValueError] True: invalid literal for int() with base 10: 'nope'",
+    ],
+    "load_balancer.py": ["{'result': 5}", "{'status': 'ok'}"],
+    "class_endpoint.py": ["16"],
+    "pipeline.py": ["{'result': 6.0}"],
+}
+
+
+def test_every_example_is_checked() -> None:
+    assert {p.name for p in EXAMPLES.glob("*.py")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_example_runs(name: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "error::Warning"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines == EXPECTED[name], proc.stdout + proc.stderr
+    assert proc.stderr == ""

@@ -1,0 +1,278 @@
+"""The local provider: real worker processes, real HTTP on 127.0.0.1, real faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import httpx
+import msgspec
+import pytest
+
+from flash_actors import (
+    CpuLiveLoadBalancer,
+    CpuLiveServerless,
+    JobStatus,
+    PodTemplate,
+    RetryPolicy,
+    remote,
+    runtime,
+)
+from flash_actors.providers.local import LocalProvider
+from flash_actors.serialization import endpoint_key
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        alive.append(pid)
+    return alive
+
+
+def worker_pids(provider: LocalProvider, endpoint: str) -> list[int]:
+    return [w.pid for w in provider.pools[endpoint].workers.values()]
+
+
+ENV = CpuLiveServerless(
+    name="local-env",
+    env={"FLASH_TEST_A": "from-env"},
+    template=PodTemplate(env=[{"key": "FLASH_TEST_B", "value": "from-template"}]),
+)
+
+
+@remote(ENV)
+async def read_env(names: list[str]) -> dict[str, str | None]:
+    import os
+
+    print("reading", len(names), "variables")
+    return {name: os.environ.get(name) for name in names}
+
+
+async def test_jobs_run_in_a_worker_process_with_env_and_stdout(tmp_path: Path) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        job = await read_env(["FLASH_TEST_A", "FLASH_TEST_B", "FLASH_SECRET"])
+        pids = worker_pids(provider, "local-env")
+    assert job.output == {
+        "FLASH_TEST_A": "from-env",
+        "FLASH_TEST_B": "from-template",
+        "FLASH_SECRET": None,
+    }
+    assert job.stdout == "reading 3 variables\n"
+    assert pids
+    assert os.getpid() not in pids
+    logs = list((tmp_path / ".flash" / "logs" / "local-env").glob("*.log"))
+    assert len(logs) == 1
+    assert pids_alive(pids) == []  # leaving the runtime stopped the worker
+
+
+KILL = CpuLiveServerless(
+    name="local-kill", workersMax=2, retryPolicy=RetryPolicy(attempts=3, backoff_s=0.01)
+)
+
+
+@remote(KILL)
+async def first_attempt_dies(marker: str) -> int:
+    import os
+    import pathlib
+    import signal
+
+    path = pathlib.Path(marker)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)  # the worker dies mid-job
+    return os.getpid()
+
+
+async def test_worker_killed_mid_job_loses_nothing(tmp_path: Path) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    marker = tmp_path / "killed"
+    async with runtime(provider=provider):
+        job = await first_attempt_dies(str(marker))
+    assert job.status == JobStatus.COMPLETED
+    killed_pid = int(marker.read_text())
+    assert job.output != killed_pid  # retried on another (replacement) worker
+    assert pids_alive([killed_pid, job.output]) == []
+
+
+SLOW = CpuLiveServerless(name="local-slow")
+
+
+@remote(SLOW)
+async def sleep_then_mark(folder: str) -> None:
+    import pathlib
+
+    import anyio
+
+    (pathlib.Path(folder) / "started").touch()
+    try:
+        await anyio.sleep(60)
+    finally:
+        (pathlib.Path(folder) / "stopped").touch()
+
+
+async def test_cancelled_caller_stops_job_on_worker(tmp_path: Path) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sleep_then_mark, str(tmp_path))
+                while not (tmp_path / "started").exists():
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+            while not (tmp_path / "stopped").exists():
+                await anyio.sleep(0.01)
+        pool = provider.pools["local-slow"]
+        assert pool.statistics()["busy_slots"] == 0
+
+
+async def test_leaving_runtime_with_error_stops_every_worker(tmp_path: Path) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    pids: list[int] = []
+    with pytest.raises(RuntimeError, match=r"^user code failed$"):
+        async with runtime(provider=provider):
+            await read_env([])
+            pids = worker_pids(provider, "local-env")
+            raise RuntimeError("user code failed")
+    assert pids
+    assert pids_alive(pids) == []
+
+
+WARM = CpuLiveServerless(name="local-warm", workersMin=2, workersMax=3, idleTimeout=1)
+
+
+@remote(WARM)
+async def pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+async def test_workers_min_stay_warm_and_scale_up_on_queue_depth(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash", slots=1, batch_size=1)
+    async with runtime(provider=provider):
+        await pid()
+        pool = provider.pools["local-warm"]
+        with anyio.fail_after(20):
+            while pool.statistics()["ready"] < 2:
+                await anyio.sleep(0.02)
+        results: list[int] = []
+
+        async def one() -> None:
+            results.append((await pid()).output)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(one)
+        assert len(results) == 30
+        assert pool.started_total >= 3  # scaled past workersMin while jobs waited
+        assert len(pool.workers) <= 3
+        with anyio.fail_after(20):  # idle workers beyond workersMin are stopped
+            while len(pool.workers) > 2:
+                await anyio.sleep(0.05)
+
+
+async def test_worker_refuses_missing_token_and_unsigned_payloads(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        await read_env([])
+        worker = next(iter(provider.pools["local-env"].workers.values()))
+        template = read_env.function_request_template
+        forged = msgspec.structs.replace(template, args=[], signature="00" * 32)
+        body = msgspec.json.encode({"jobs": [{"id": "j1", "request": forged}]})
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{worker.port}"
+        ) as client:
+            no_token = await client.post("/execute", content=body)
+            assert no_token.status_code == 401
+            wrong = await client.post(
+                "/execute", content=body, headers={"Authorization": "Bearer wrong"}
+            )
+            assert wrong.status_code == 401
+            refused = await client.post(
+                "/execute",
+                content=body,
+                headers={"Authorization": f"Bearer {worker.token}"},
+            )
+            assert refused.status_code == 200
+            line = msgspec.json.decode(refused.content.splitlines()[0])
+            assert line["id"] == "j1"
+            assert "signature does not match" in line["refused"]
+            ping = await client.get("/ping")
+            assert ping.status_code == 200
+
+
+API = CpuLiveLoadBalancer(name="local-api")
+
+
+@remote(API, method="POST", path="/api/process")
+async def process(x: int, y: int) -> dict[str, int]:
+    return {"result": x + y}
+
+
+@remote(API, method="GET", path="/api/health")
+def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def test_load_balancer_calls_go_to_a_worker_and_return_the_dict(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        assert await process(2, 3) == {"result": 5}
+        assert await health() == {"status": "ok"}
+        assert worker_pids(provider, "local-api")
+
+
+async def test_endpoint_key_is_per_endpoint() -> None:
+    assert endpoint_key("a") != endpoint_key("b")
+
+
+def test_no_worker_outlives_a_killed_parent(tmp_path: Path) -> None:
+    """A worker whose parent dies (SIGKILL: no cleanup ran) exits by itself."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio, os, sys\n"
+        "from flash_actors import CpuLiveServerless, remote\n"
+        "cfg = CpuLiveServerless(name='orphan-check')\n"
+        "@remote(cfg)\n"
+        "async def pid():\n"
+        "    import os\n"
+        "    return os.getpid()\n"
+        "async def main():\n"
+        "    job = await pid()\n"
+        "    print(job.output, flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    worker = int(proc.stdout.strip())
+    deadline = 100
+    while pids_alive([worker]) and deadline:
+        import time
+
+        time.sleep(0.1)
+        deadline -= 1
+    assert pids_alive([worker]) == []
