@@ -25,7 +25,7 @@ from flash_actors.errors import (
 )
 from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import Call, FunctionResponse
-from flash_actors.policies import check_payload
+from flash_actors.policies import check_payload, expired_error
 from flash_actors.serialization import decode_result, endpoint_key
 
 if TYPE_CHECKING:
@@ -128,17 +128,14 @@ class EndpointActor(Actor[Call]):
                 await self._slots.acquire()
             expired = waiting.cancelled_caught
         if expired:
-            message = (
-                f"job {job_id} of {call.function}() expired after waiting {ttl:g} s in the "
-                f"queue of endpoint {call.endpoint!r} (ttl); no worker took it"
-            )
+            error = expired_error(call, job_id)
             return JobOutput(
                 id=job_id,
                 status=JobStatus.TIMED_OUT,
-                error=message,
+                error=str(error),
                 ended_at=datetime.now(UTC),
                 delay_time_ms=int((anyio.current_time() - queued) * 1000),
-                exception=ExecutionTimeoutError(message),
+                exception=error,
             )
         started_at = datetime.now(UTC)
         started = anyio.current_time()
@@ -199,19 +196,10 @@ class EndpointActor(Actor[Call]):
         """
         assert self.backend is not None  # noqa: S101 (set in on_start)
         policy = call.policy
-        timeout = policy.execution_timeout_s
         attempts = policy.retry.attempts
         for attempt in range(1, attempts + 1):
             try:
-                if timeout is None:
-                    return await self.backend.execute(call.request, job_id=job_id)
-                with anyio.move_on_after(timeout):
-                    return await self.backend.execute(call.request, job_id=job_id)
-                msg = (
-                    f"{call.function}() ran longer than its execution timeout of {timeout:g} s "
-                    f"on endpoint {call.endpoint!r} (job {job_id}); it was stopped"
-                )
-                raise ExecutionTimeoutError(msg)
+                return await self.backend.execute(call, job_id=job_id)
             except DeliveryError as exc:
                 if attempt == attempts:
                     raise

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from flash_actors.errors import PayloadTooLargeError
+from flash_actors.errors import ExecutionTimeoutError, PayloadTooLargeError
 
 if TYPE_CHECKING:
-    from flash_actors.messages import FunctionRequest
+    from flash_actors.messages import Call, FunctionRequest
 
 __all__ = [
     "DEFAULT_EXECUTION_TIMEOUT_S",
@@ -26,6 +26,8 @@ __all__ = [
     "Delivery",
     "RetryPolicy",
     "check_payload",
+    "expired_error",
+    "timeout_error",
 ]
 
 DEFAULT_PAYLOAD_LIMIT = 10 * 1024 * 1024
@@ -142,3 +144,20 @@ def check_payload(
         "network volume instead of the data itself (or raise payloadLimitBytes on the resource)"
     )
     raise PayloadTooLargeError(msg)
+
+
+def timeout_error(call: Call, job_id: str) -> ExecutionTimeoutError:
+    """The error of a job that ran past ``call.policy.execution_timeout_s``."""
+    return ExecutionTimeoutError(
+        f"{call.function}() ran longer than its execution timeout of "
+        f"{call.policy.execution_timeout_s:g} s on endpoint {call.endpoint!r} (job {job_id}); "
+        "it was stopped"
+    )
+
+
+def expired_error(call: Call, job_id: str) -> ExecutionTimeoutError:
+    """The error of a job that waited in the queue longer than ``call.policy.ttl_s``."""
+    return ExecutionTimeoutError(
+        f"job {job_id} of {call.function}() expired after waiting {call.policy.ttl_s:g} s in "
+        f"the queue of endpoint {call.endpoint!r} (ttl); no worker took it"
+    )

@@ -14,3 +14,11 @@ BACKENDS = [
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
     param: tuple[str, dict[str, object]] = request.param
     return param
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_path(
+    tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test runs in its own directory, so `.flash/` state never lands in the repo."""
+    monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]

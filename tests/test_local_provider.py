@@ -14,6 +14,7 @@ import pytest
 from flash_actors import (
     CpuLiveLoadBalancer,
     CpuLiveServerless,
+    JobOutput,
     JobStatus,
     PodTemplate,
     RetryPolicy,
@@ -276,3 +277,52 @@ def test_no_worker_outlives_a_killed_parent(tmp_path: Path) -> None:
         time.sleep(0.1)
         deadline -= 1
     assert pids_alive([worker]) == []
+
+
+STUCK = CpuLiveServerless(name="local-stuck", executionTimeoutMs=300, ttlMs=200)
+
+
+@remote(STUCK)
+def stuck(seconds: float) -> int:
+    import os
+    import time
+
+    time.sleep(
+        seconds
+    )  # a sync function in a thread: only recycling the worker stops it
+    return os.getpid()
+
+
+async def test_execution_timeout_recycles_the_worker_and_ttl_expires_queued_jobs(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash", slots=1, batch_size=1)
+    async with runtime(provider=provider):
+        await stuck(
+            0
+        )  # may expire: the ttl counts the first worker's cold start, as on RunPod
+        pool = provider.pools["local-stuck"]
+        with anyio.fail_after(20):
+            while pool.statistics()["ready"] < 1:
+                await anyio.sleep(0.02)
+        first_pid = (await stuck(0)).output
+        outcomes: dict[str, object] = {}
+
+        async def run(label: str, seconds: float) -> None:
+            outcomes[label] = await stuck(seconds)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "slow", 30)
+            await anyio.sleep(0.05)
+            tg.start_soon(
+                run, "queued", 0
+            )  # waits behind "slow" (one slot) past its ttl
+        slow, queued = outcomes["slow"], outcomes["queued"]
+        assert isinstance(slow, JobOutput)
+        assert isinstance(queued, JobOutput)
+        assert slow.status == JobStatus.TIMED_OUT
+        assert "ran longer than its execution timeout of 0.3 s" in slow.error
+        assert queued.status == JobStatus.TIMED_OUT
+        assert "expired after waiting 0.2 s in the queue" in queued.error
+        assert pids_alive([first_pid]) == []  # the stuck worker was recycled
+        assert (await stuck(0)).output != first_pid

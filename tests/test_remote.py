@@ -32,7 +32,7 @@ from flash_actors.providers.inprocess import InProcessBackend, InProcessProvider
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from flash_actors.messages import FunctionRequest, FunctionResponse
+    from flash_actors.messages import Call, FunctionResponse
     from flash_actors.resources import ServerlessResource
 
 # --- validation at decoration time ---------------------------------------------------
@@ -408,13 +408,11 @@ class FlakyBackend(InProcessBackend):
         self.failures = failures
         self.attempts = 0
 
-    async def execute(
-        self, request: FunctionRequest, *, job_id: str
-    ) -> FunctionResponse:
+    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
         self.attempts += 1
         if self.attempts <= self.failures:
             raise DeliveryError(f"connection refused (attempt {self.attempts})")
-        return await super().execute(request, job_id=job_id)
+        return await super().execute(call, job_id=job_id)
 
 
 class FlakyProvider(InProcessProvider):

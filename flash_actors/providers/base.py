@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from flash_actors.messages import FunctionRequest, FunctionResponse
+    from flash_actors.messages import Call, FunctionResponse
     from flash_actors.resources import ServerlessResource
 
 __all__ = ["EndpointBackend", "Provider"]
@@ -22,10 +22,11 @@ class EndpointBackend(Protocol):
 
     capacity: int
 
-    async def execute(
-        self, request: FunctionRequest, *, job_id: str
-    ) -> FunctionResponse:
-        """Run one request on a worker and return its response.
+    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
+        """Run ``call.request`` on a worker and return its response.
+
+        The backend applies ``call.policy``'s execution timeout and, while the job waits for
+        a worker, its TTL, raising `ExecutionTimeoutError` for either.
 
         Cancelling the caller stops the job on the worker.
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import anyio
+
 from flash_actors.messages import (
-    FunctionRequest,
+    Call,
     FunctionResponse,
     request_decoder,
     response_decoder,
     wire_encoder,
 )
+from flash_actors.policies import timeout_error
 from flash_actors.worker.executor import Executor
 
 if TYPE_CHECKING:
@@ -31,14 +34,13 @@ class InProcessBackend:
         self.capacity = capacity
         self._executor = Executor(key)
 
-    async def execute(
-        self, request: FunctionRequest, *, job_id: str
-    ) -> FunctionResponse:
-        """Run the request through a wire round trip."""
-        del job_id
-        wire_request = request_decoder.decode(wire_encoder.encode(request))
-        response = await self._executor.execute(wire_request)
-        return response_decoder.decode(wire_encoder.encode(response))
+    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
+        """Run the request through a wire round trip, within the execution timeout."""
+        wire_request = request_decoder.decode(wire_encoder.encode(call.request))
+        with anyio.move_on_after(call.policy.execution_timeout_s):
+            response = await self._executor.execute(wire_request)
+            return response_decoder.decode(wire_encoder.encode(response))
+        raise timeout_error(call, job_id)
 
     async def aclose(self) -> None:
         """Drop class instances."""

@@ -27,7 +27,8 @@ import msgspec
 
 from flash_actors._logging import get_logger
 from flash_actors.errors import DeliveryError
-from flash_actors.messages import FunctionRequest, FunctionResponse
+from flash_actors.messages import Call, FunctionRequest, FunctionResponse
+from flash_actors.policies import expired_error, timeout_error
 from flash_actors.providers.local._http import Connection
 
 if TYPE_CHECKING:
@@ -54,12 +55,22 @@ _done_decoder = msgspec.json.Decoder(_Done)
 
 
 class _Job:
-    __slots__ = ("done", "error", "id", "request", "response", "state", "worker")
+    __slots__ = (
+        "done",
+        "error",
+        "id",
+        "request",
+        "response",
+        "started",
+        "state",
+        "worker",
+    )
 
     def __init__(self, job_id: str, request: FunctionRequest) -> None:
         self.id = job_id
         self.request = request
         self.done = anyio.Event()
+        self.started = anyio.Event()
         self.response: FunctionResponse | None = None
         self.error: BaseException | None = None
         self.state = "IN_QUEUE"
@@ -316,27 +327,45 @@ class WorkerPool:
 
     # --- jobs ----------------------------------------------------------------------------
 
-    async def execute(self, request: FunctionRequest, job_id: str) -> FunctionResponse:
-        """Queue a job and wait for its response.
+    async def execute(self, call: Call, job_id: str) -> FunctionResponse:
+        """Queue a job and wait for its response, under the call's TTL and timeout.
 
-        Cancelling the caller removes a queued job, or asks its worker to stop a running one.
+        A job still queued after ``ttl_s`` expires; a job running past
+        ``execution_timeout_s`` is stopped by recycling its worker (a thread cannot be
+        interrupted). Cancelling the caller removes a queued job, or asks its worker to stop
+        a running one.
 
         Raises:
+            ExecutionTimeoutError: the job expired in the queue or ran past its timeout.
             DeliveryError: the worker died or could not be reached (retryable).
         """
         if self._closed:
             msg = f"endpoint {self.resource.name!r} is stopped"
             raise DeliveryError(msg)
-        job = _Job(job_id, request)
+        job = _Job(job_id, call.request)
         self.queue.append(job)
         self._wake.set()
         try:
-            await job.done.wait()
+            with anyio.move_on_after(call.policy.ttl_s):
+                await job.started.wait()
+            if job.state == "IN_QUEUE":
+                self._dequeue(job)
+                raise expired_error(call, job_id)
+            with anyio.move_on_after(call.policy.execution_timeout_s):
+                await job.done.wait()
+            if not job.done.is_set() and job.worker is not None:
+                log.warning(
+                    "job.timeout",
+                    endpoint=self.resource.name,
+                    job_id=job_id,
+                    worker=job.worker.id,
+                )
+                job.finish(None, timeout_error(call, job_id))
+                await _terminate(job.worker)  # recycle: the replacement starts clean
         except BaseException:
             if job.state == "IN_QUEUE":
-                with contextlib.suppress(ValueError):
-                    self.queue.remove(job)
-            elif job.state == "IN_PROGRESS" and job.worker is not None:
+                self._dequeue(job)
+            elif not job.done.is_set() and job.worker is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                     await self._cancel_on_worker(job.worker, job.id)
             job.finish(None, None)
@@ -345,6 +374,10 @@ class WorkerPool:
             raise job.error
         assert job.response is not None  # noqa: S101
         return job.response
+
+    def _dequeue(self, job: _Job) -> None:
+        with contextlib.suppress(ValueError):
+            self.queue.remove(job)
 
     async def _cancel_on_worker(self, worker: Worker, job_id: str) -> None:
         conn = Connection(worker.port, worker.token)
@@ -383,6 +416,7 @@ class WorkerPool:
                 job = self.queue.popleft()
                 job.state = "IN_PROGRESS"
                 job.worker = worker
+                job.started.set()
                 batch.append(job)
             worker.free -= len(batch)
             self._tg.start_soon(self._send_batch, worker, batch)
@@ -476,11 +510,9 @@ class LocalBackend:
         self.pool = pool
         self._scope = scope
 
-    async def execute(
-        self, request: FunctionRequest, *, job_id: str
-    ) -> FunctionResponse:
+    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
         """Run the job on one of the pool's workers."""
-        return await self.pool.execute(request, job_id)
+        return await self.pool.execute(call, job_id)
 
     async def aclose(self) -> None:
         """Stop the pool and its workers."""
