@@ -15,6 +15,7 @@ FlashRuntimeError                   base of everything this package raises
 │   └── InvalidRemoteTargetError (TypeError)  @remote on something not a function or class
 ├── ExecutionTimeoutError (TimeoutError)      a job ran past its execution timeout
 ├── DeliveryError                   a call could not reach a worker, or its worker died
+├── DependencyInstallError          pip or apt-get could not install an endpoint's dependencies
 └── ActorError                      the actor runtime could not deliver or answer a message
     ├── ActorStoppedError           the actor stopped (or crashed) before it answered
     ├── AskTimeoutError (TimeoutError)  no answer within the ask's deadline
@@ -40,6 +41,7 @@ __all__ = [
     "AskTimeoutError",
     "ConfigurationError",
     "DeliveryError",
+    "DependencyInstallError",
     "ExecutionTimeoutError",
     "FlashRuntimeError",
     "GraphQLError",
@@ -129,6 +131,13 @@ class AskTimeoutError(ActorError, TimeoutError):
 
 class DeliveryError(FlashRuntimeError):
     """A call could not be delivered or its worker died before answering (retryable)."""
+
+
+class DependencyInstallError(FlashRuntimeError):
+    """``dependencies`` or ``system_dependencies`` could not be installed.
+
+    The message names the packages and gives the installer's reason.
+    """
 
 
 class MailboxFullError(ActorError):

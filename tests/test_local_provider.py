@@ -326,3 +326,51 @@ async def test_execution_timeout_recycles_the_worker_and_ttl_expires_queued_jobs
         assert "expired after waiting 0.2 s in the queue" in queued.error
         assert pids_alive([first_pid]) == []  # the stuck worker was recycled
         assert (await stuck(0)).output != first_pid
+
+
+DEPS = CpuLiveServerless(name="local-deps", workersMax=2)
+
+
+@remote(DEPS, dependencies=["humanize"])
+async def natural_size(n: int) -> str:
+    import humanize  # not a dependency of flash-actors: installed for this function
+
+    return str(humanize.naturalsize(n))
+
+
+@remote(DEPS, dependencies=["flash-actors-no-such-package-zzz"])
+async def needs_missing() -> None:
+    return None
+
+
+async def test_dependencies_are_installed_once_into_a_cached_venv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASH_CACHE_DIR", str(tmp_path / "envs"))
+    with pytest.raises(ImportError):
+        import humanize  # noqa: F401  (the test process itself does not have it)
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        jobs = []
+
+        async def one() -> None:
+            jobs.append(await natural_size(3_000_000))
+
+        async with (
+            anyio.create_task_group() as tg
+        ):  # concurrent first calls install once
+            for _ in range(4):
+                tg.start_soon(one)
+        assert [job.output for job in jobs] == ["3.0 MB"] * 4
+        envs = [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]
+        assert len(envs) == 1
+        assert (envs[0] / ".complete").read_text() == "humanize\n"
+        failed = await needs_missing()
+    assert failed.status == JobStatus.FAILED
+    assert (
+        "could not install dependencies flash-actors-no-such-package-zzz"
+        in failed.error
+    )
+    assert (
+        len([p for p in (tmp_path / "envs").iterdir() if p.is_dir()]) == 1
+    )  # nothing half-made

@@ -48,6 +48,7 @@ EXPECTED = {
     "InvalidRemoteTargetError",
     "ExecutionTimeoutError",
     "DeliveryError",
+    "DependencyInstallError",
     "ActorError",
     "ActorStoppedError",
     "AskTimeoutError",

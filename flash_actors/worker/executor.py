@@ -24,6 +24,7 @@ import anyio.to_thread
 from flash_actors.messages import FunctionRequest, FunctionResponse
 from flash_actors.serialization import DecodedRequest, decode_request, encode_result
 from flash_actors.worker._capture import capture_stdout
+from flash_actors.worker.installer import activate
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -145,6 +146,8 @@ class Executor:
             if req.serialization_format != "cloudpickle":
                 msg = f"serialization_format {req.serialization_format!r} is not supported here"
                 raise ValueError(msg)
+            if req.dependencies:
+                await activate(req.dependencies)
             target = self._target(req, decoded)
             if self._capture:
                 with capture_stdout() as printed:

@@ -30,6 +30,11 @@ from flash_actors.errors import DeliveryError
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse
 from flash_actors.policies import expired_error, timeout_error
 from flash_actors.providers.local._http import Connection
+from flash_actors.worker.installer import (
+    cache_root,
+    ensure_environment,
+    ensure_system_packages,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -156,6 +161,7 @@ class WorkerPool:
         self._tg: TaskGroup | None = None
         self._closed = False
         self._logs: dict[str, IO[bytes]] = {}
+        self._provisioned: set[tuple[str, ...]] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -221,6 +227,7 @@ class WorkerPool:
                 "FLASH_WORKER_TOKEN": token,
                 "FLASH_WORKER_ID": worker_id,
                 "FLASH_PARENT_PID": str(os.getpid()),
+                "FLASH_CACHE_DIR": str(cache_root()),
                 "PYTHONUNBUFFERED": "1",
                 "MALLOC_MMAP_THRESHOLD_": "67108864",
                 "MALLOC_TRIM_THRESHOLD_": "268435456",
@@ -342,6 +349,7 @@ class WorkerPool:
         if self._closed:
             msg = f"endpoint {self.resource.name!r} is stopped"
             raise DeliveryError(msg)
+        await self._provision(call.request)
         job = _Job(job_id, call.request)
         self.queue.append(job)
         self._wake.set()
@@ -374,6 +382,23 @@ class WorkerPool:
             raise job.error
         assert job.response is not None  # noqa: S101
         return job.response
+
+    async def _provision(self, request: FunctionRequest) -> None:
+        """Install the request's dependencies before it queues (once per set)."""
+        if request.system_dependencies:
+            key = ("apt", *request.system_dependencies)
+            if key not in self._provisioned:
+                await ensure_system_packages(
+                    request.system_dependencies, endpoint=self.resource.name
+                )
+                self._provisioned.add(key)
+        if request.dependencies:
+            key = ("pip", *request.dependencies)
+            if key not in self._provisioned:
+                await ensure_environment(
+                    request.dependencies, endpoint=self.resource.name
+                )
+                self._provisioned.add(key)
 
     def _dequeue(self, job: _Job) -> None:
         with contextlib.suppress(ValueError):

@@ -1,0 +1,244 @@
+"""Real dependency installs: one cached virtual environment per dependency set.
+
+``@remote(dependencies=[...])`` is honoured for real: the set is normalised (stripped,
+lower-cased, sorted, de-duplicated) and hashed; the environment for that hash lives under the
+cache directory (``FLASH_CACHE_DIR``, default ``~/.cache/flash-actors/envs``) and is reused by
+every endpoint and every run. It is a ``venv`` whose ``site-packages`` the worker puts first on
+its path for jobs that need it; the packages are installed with pip, binary wheels only. A
+file lock makes concurrent first calls (threads, tasks, processes) install once; an environment
+is used only once its ``.complete`` marker exists, so an interrupted install is redone, never
+half-used. A failed install raises `DependencyInstallError` naming the packages and pip's
+reason.
+
+``system_dependencies`` go through ``apt-get`` when this process may use it (root, apt-get
+present); otherwise the call fails with an error naming the packages.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from flash_actors._logging import get_logger
+from flash_actors._progress import progress
+from flash_actors.errors import DependencyInstallError
+
+__all__ = [
+    "activate",
+    "cache_root",
+    "dependency_key",
+    "ensure_environment",
+    "ensure_system_packages",
+    "site_packages",
+]
+
+log = get_logger(__name__)
+
+# In-process locks, per event loop (an anyio.Lock belongs to the loop that made it).
+_locks: weakref.WeakKeyDictionary[object, dict[str, anyio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def cache_root() -> Path:
+    """Where environments are cached (``FLASH_CACHE_DIR`` or ``~/.cache/flash-actors/envs``)."""
+    env = os.environ.get("FLASH_CACHE_DIR")
+    if env:
+        return Path(env)
+    return (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "flash-actors"
+        / "envs"
+    )
+
+
+def normalise(dependencies: list[str]) -> list[str]:
+    """The canonical form of a dependency list: stripped, lower-cased, sorted, unique."""
+    return sorted(
+        {" ".join(dep.split()).lower() for dep in dependencies if dep.strip()}
+    )
+
+
+def dependency_key(dependencies: list[str]) -> str:
+    """The cache key of a dependency set (Python version included)."""
+    text = "\n".join(
+        [
+            f"python{sys.version_info.major}.{sys.version_info.minor}",
+            *normalise(dependencies),
+        ]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def site_packages(env_dir: Path) -> Path:
+    """The ``site-packages`` directory of an environment made by this module."""
+    return (
+        env_dir
+        / "lib"
+        / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        / "site-packages"
+    )
+
+
+def _pip_tail(output: str, lines: int = 12) -> str:
+    kept = [line for line in output.strip().splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _install_locked(env_dir: Path, dependencies: list[str]) -> None:
+    """Create the environment and install into it, under an inter-process file lock."""
+    env_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = env_dir.with_suffix(".lock")
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if (env_dir / ".complete").exists():
+                return
+            if env_dir.exists():  # an interrupted install: start again
+                shutil.rmtree(env_dir)
+            subprocess.run(  # noqa: S603 (our own interpreter, fixed arguments)
+                [sys.executable, "-m", "venv", "--without-pip", str(env_dir)],
+                check=True,
+                capture_output=True,
+            )
+            command = [
+                sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python"),
+                "install", "--only-binary=:all:", "--disable-pip-version-check",
+                "--no-input", *dependencies,
+            ]  # fmt: skip
+            proc = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
+            if proc.returncode != 0:
+                shutil.rmtree(env_dir, ignore_errors=True)
+                reason = _pip_tail(proc.stderr or proc.stdout)
+                msg = (
+                    f"could not install dependencies {', '.join(dependencies)} "
+                    f"(pip exited with {proc.returncode}):\n{reason}"
+                )
+                raise DependencyInstallError(msg)
+            (env_dir / ".complete").write_text("\n".join(dependencies) + "\n")
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+async def ensure_environment(
+    dependencies: list[str], *, endpoint: str = ""
+) -> Path | None:
+    """The environment for ``dependencies``, installed on first use; ``None`` for none.
+
+    Raises:
+        DependencyInstallError: pip could not install them (the message names the packages
+            and gives pip's reason).
+    """
+    deps = normalise(dependencies)
+    if not deps:
+        return None
+    key = dependency_key(deps)
+    env_dir = cache_root() / key
+    if (env_dir / ".complete").exists():
+        return env_dir
+    lock = _locks.setdefault(anyio.lowlevel.current_token(), {}).setdefault(
+        key, anyio.Lock()
+    )
+    async with lock:
+        if (env_dir / ".complete").exists():
+            return env_dir
+        started = anyio.current_time()
+        log.info("deps.install", endpoint=endpoint, packages=deps, env=str(env_dir))
+        with progress(f"installing {', '.join(deps)} for {endpoint or 'an endpoint'}"):
+            await anyio.to_thread.run_sync(
+                _install_locked, env_dir, deps, abandon_on_cancel=False
+            )
+        log.info(
+            "deps.installed",
+            endpoint=endpoint,
+            packages=deps,
+            seconds=round(anyio.current_time() - started, 2),
+        )
+    return env_dir
+
+
+def _missing_system_packages(packages: list[str]) -> list[str]:
+    missing = []
+    for package in packages:
+        proc = subprocess.run(  # noqa: S603
+            ["dpkg-query", "-W", "-f=${Status}", package],  # noqa: S607
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if "install ok installed" not in proc.stdout:
+            missing.append(package)
+    return missing
+
+
+def _apt_install(packages: list[str]) -> None:
+    if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
+        msg = (
+            f"system_dependencies {', '.join(packages)} need apt-get, which this machine "
+            "does not have; install them yourself or run the endpoint elsewhere"
+        )
+        raise DependencyInstallError(msg)
+    missing = _missing_system_packages(packages)
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        msg = (
+            f"system_dependencies {', '.join(missing)} are not installed and this process "
+            "may not run apt-get (not root); install them with "
+            f"`sudo apt-get install -y {' '.join(missing)}`"
+        )
+        raise DependencyInstallError(msg)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    proc = subprocess.run(  # noqa: S603
+        ["apt-get", "install", "-y", "--no-install-recommends", *missing],  # noqa: S607
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    if proc.returncode != 0:
+        msg = (
+            f"apt-get could not install {', '.join(missing)} (exit {proc.returncode}):\n"
+            f"{_pip_tail(proc.stderr or proc.stdout)}"
+        )
+        raise DependencyInstallError(msg)
+
+
+async def ensure_system_packages(packages: list[str], *, endpoint: str = "") -> None:
+    """Install missing apt packages, or raise `DependencyInstallError` saying why not."""
+    if not packages:
+        return
+    log.info("deps.system", endpoint=endpoint, packages=packages)
+    with progress(f"checking system packages {', '.join(packages)}"):
+        await anyio.to_thread.run_sync(
+            _apt_install, list(packages), abandon_on_cancel=False
+        )
+
+
+_active: set[str] = set()
+
+
+async def activate(dependencies: list[str]) -> None:
+    """Make the environment of ``dependencies`` importable in this process (a worker).
+
+    Installs it first if no one has yet (a request from a client that did not provision it).
+    """
+    env_dir = await ensure_environment(dependencies)
+    if env_dir is None or env_dir.name in _active:
+        return
+    path = str(site_packages(env_dir))
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    importlib.invalidate_caches()
+    _active.add(env_dir.name)
