@@ -100,9 +100,33 @@ class EndpointActor(Actor[Call]):
             function=message.function,
             arg_names=message.arg_names,
         )
+        if message.stream_to is not None:
+            return await self._run_stream(message)
         if message.policy.delivery == "load_balancer":
             return await self._run_direct(message)
         return await self._run_job(message)
+
+    async def _run_stream(self, call: Call) -> None:
+        """``f.stream(...)``: forward each chunk, decoded, to the caller's stream.
+
+        Not retried (chunks may already have been consumed); the end of the stream is the
+        caller's stream closing, an error is raised to the caller.
+        """
+        assert self.backend is not None  # noqa: S101 (set in on_start)
+        job_id = new_job_id()
+        send, receive = anyio.create_memory_object_stream[FunctionResponse](16)
+        async with call.stream_to as out:
+
+            async def pump() -> None:
+                async with receive:
+                    async for chunk in receive:
+                        await out.send(response_value(chunk, self.key))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pump)
+                async with send:
+                    final = await self.backend.execute(call, job_id=job_id, chunks=send)
+        response_value(final, self.key)  # raises the remote error, if any
 
     async def _run_direct(self, call: Call) -> Any:
         """A load-balancer call: straight to a worker, no queue, no retry; value or error."""

@@ -8,7 +8,7 @@ stock Flash worker or client understands ours; the extra fields (`signature`, `e
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -90,6 +90,8 @@ class Call(msgspec.Struct, kw_only=True, frozen=True):
     arg_names: tuple[str, ...] = ()
     http_method: str | None = None
     http_path: str | None = None
+    stream_to: Any = None
+    """For ``f.stream(...)``: the send side of a bounded memory stream for the chunks."""
 
 
 wire_encoder = msgspec.json.Encoder()

@@ -16,6 +16,7 @@ import functools
 import inspect
 import textwrap
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -29,8 +30,10 @@ from typing import (
 )
 
 import anyio
+import anyio.lowlevel
 
 from flash_actors._scoping import warn_outer_references
+from flash_actors.actors import Envelope, Reply
 from flash_actors.errors import (
     ConfigurationError,
     ExecutionTimeoutError,
@@ -51,11 +54,18 @@ from flash_actors.serialization import (
 from flash_actors.worker.executor import invoke
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import Coroutine
 
     from flash_actors.jobs import JobOutput
 
-__all__ = ["RemoteClass", "RemoteFunction", "RemoteInstance", "RemoteMethod", "remote"]
+__all__ = [
+    "ChunkStream",
+    "RemoteClass",
+    "RemoteFunction",
+    "RemoteInstance",
+    "RemoteMethod",
+    "remote",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -241,8 +251,13 @@ class _Caller:
     ) -> FunctionRequest:
         return self.signer().sign(args, kwargs, arg_names=arg_names, **extra)
 
-    async def remote(self, request: FunctionRequest, arg_names: tuple[str, ...]) -> Any:
-        call = Call(
+    def _call_message(
+        self,
+        request: FunctionRequest,
+        arg_names: tuple[str, ...],
+        stream_to: Any = None,
+    ) -> Call:
+        return Call(
             endpoint=self._endpoint,
             function=self._label,
             request=request,
@@ -250,9 +265,93 @@ class _Caller:
             arg_names=arg_names,
             http_method=self.spec.method,
             http_path=self.spec.path,
+            stream_to=stream_to,
         )
+
+    async def remote(self, request: FunctionRequest, arg_names: tuple[str, ...]) -> Any:
+        call = self._call_message(request, arg_names)
         runtime = await get_runtime()
         return await runtime.call(call)
+
+    def remote_stream(
+        self, request: FunctionRequest, arg_names: tuple[str, ...]
+    ) -> ChunkStream:
+        """Chunks of a streaming call, through the Router to the endpoint."""
+
+        async def open_stream() -> tuple[_Next, _Close]:
+            send, receive = anyio.create_memory_object_stream[Any](16)
+            runtime = await get_runtime()
+            reply = Reply()
+            message = self._call_message(request, arg_names, send)
+            await runtime.router.forward(Envelope(message, reply))
+
+            async def next_chunk() -> Any:
+                try:
+                    return await receive.receive()
+                except anyio.EndOfStream:
+                    receive.close()
+                    await reply.wait()  # raises the remote error, if any
+                    raise StopAsyncIteration from None
+
+            def close() -> None:
+                receive.close()
+                if not reply.done:
+                    reply.cancel()  # the consumer left early: stop the job
+
+            return next_chunk, close
+
+        return ChunkStream(open_stream)
+
+    def local_stream(
+        self,
+        request: FunctionRequest,
+        arg_names: tuple[str, ...],
+        target: Callable[..., Any],
+    ) -> ChunkStream:
+        """``local=True`` streaming: each chunk makes the serialization round trip."""
+
+        async def open_stream() -> tuple[_Next, _Close]:
+            check_payload(
+                request,
+                self._policy.payload_limit,
+                function=self._label,
+                arg_names=arg_names,
+            )
+            key = self.key()
+            decoded = decode_request(request, key)
+
+            def travel(chunk: Any) -> Any:
+                return decode_result(*encode_result(chunk, key), key)
+
+            if inspect.isasyncgenfunction(target):
+                agen = target(*decoded.args, **decoded.kwargs)
+
+                async def next_async() -> Any:
+                    return travel(await agen.__anext__())
+
+                return next_async, lambda: None
+            if inspect.isgeneratorfunction(target):
+                gen = target(*decoded.args, **decoded.kwargs)
+
+                async def next_sync() -> Any:
+                    await anyio.lowlevel.checkpoint()
+                    try:
+                        return travel(next(gen))
+                    except StopIteration:
+                        raise StopAsyncIteration from None
+
+                return next_sync, gen.close
+            pending = [await invoke(target, decoded.args, decoded.kwargs)]
+
+            async def next_value() -> Any:
+                await anyio.lowlevel.checkpoint()
+                if not pending:
+                    raise StopAsyncIteration
+                return travel(pending.pop())
+
+            return next_value, lambda: None
+
+        return ChunkStream(open_stream)
 
     async def local(
         self,
@@ -277,6 +376,59 @@ class _Caller:
             raise ExecutionTimeoutError(msg)
         text, signature = encode_result(value, key)
         return decode_result(text, signature, key)
+
+
+_Next = Callable[[], Awaitable[Any]]
+_Close = Callable[[], None]
+
+
+class ChunkStream:
+    """What ``f.stream(...)`` returns: iterate it with ``async for``.
+
+    Nothing starts until the first iteration. Leaving the loop early (``break``, an
+    exception), ``await stream.aclose()`` or leaving ``async with stream:`` stops the remote
+    job at once; it is a plain object, not an async generator, so no event loop has to
+    finalize it later.
+    """
+
+    def __init__(self, opener: Callable[[], Awaitable[tuple[_Next, _Close]]]) -> None:
+        self._opener = opener
+        self._next: _Next | None = None
+        self._close: _Close | None = None
+        self._done = False
+
+    def __aiter__(self) -> ChunkStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        if self._next is None:
+            self._next, self._close = await self._opener()
+        try:
+            return await self._next()
+        except BaseException:
+            self._finish()
+            raise
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._close is not None:
+                self._close()
+
+    async def aclose(self) -> None:
+        """Stop the stream (and the remote job, if it still runs)."""
+        self._finish()
+
+    async def __aenter__(self) -> ChunkStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._finish()
+
+    def __del__(self) -> None:
+        self._finish()
 
 
 class RemoteFunction(Generic[P, R_co]):
@@ -315,6 +467,19 @@ class RemoteFunction(Generic[P, R_co]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]:
         """Start a call; await the result (see the module docstring for what it is)."""
         return self._call(args, kwargs)
+
+    def stream(self, *args: P.args, **kwargs: P.kwargs) -> ChunkStream:
+        """Consume a generator (or async generator) function's chunks while it runs.
+
+        Chunks come as the worker yields them, through bounded buffers: a slow consumer
+        slows the generator down (back-pressure). Leaving the loop early (``break``, an
+        exception) cancels the job. The remote error, typed, is raised from the loop.
+        Awaiting the function normally instead returns the list of chunks.
+        """
+        request = self._caller.request(args, kwargs, self._arg_names)
+        if self._local:
+            return self._caller.local_stream(request, self._arg_names, self.__wrapped__)
+        return self._caller.remote_stream(request, self._arg_names)
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         request = self._caller.request(args, kwargs, self._arg_names)

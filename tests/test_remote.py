@@ -408,11 +408,13 @@ class FlakyBackend(InProcessBackend):
         self.failures = failures
         self.attempts = 0
 
-    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
+    async def execute(
+        self, call: Call, *, job_id: str, chunks: Any = None
+    ) -> FunctionResponse:
         self.attempts += 1
         if self.attempts <= self.failures:
             raise DeliveryError(f"connection refused (attempt {self.attempts})")
-        return await super().execute(call, job_id=job_id)
+        return await super().execute(call, job_id=job_id, chunks=chunks)
 
 
 class FlakyProvider(InProcessProvider):

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from anyio.streams.memory import MemoryObjectSendStream
+
     from flash_actors.messages import Call, FunctionResponse
     from flash_actors.resources import ServerlessResource
 
@@ -22,11 +24,19 @@ class EndpointBackend(Protocol):
 
     capacity: int
 
-    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
+    async def execute(
+        self,
+        call: Call,
+        *,
+        job_id: str,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> FunctionResponse:
         """Run ``call.request`` on a worker and return its response.
 
         The backend applies ``call.policy``'s execution timeout and, while the job waits for
-        a worker, its TTL, raising `ExecutionTimeoutError` for either.
+        a worker, its TTL, raising `ExecutionTimeoutError` for either. With ``chunks``, the
+        function's chunks are sent there as they come (waiting when it is full) and the
+        returned response only ends the stream.
 
         Cancelling the caller stops the job on the worker.
 

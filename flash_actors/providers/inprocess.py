@@ -22,6 +22,8 @@ from flash_actors.policies import timeout_error
 from flash_actors.worker.executor import Executor
 
 if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectSendStream
+
     from flash_actors.resources import ServerlessResource
 
 __all__ = ["InProcessBackend", "InProcessProvider"]
@@ -34,11 +36,20 @@ class InProcessBackend:
         self.capacity = capacity
         self._executor = Executor(key)
 
-    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
+    async def execute(
+        self,
+        call: Call,
+        *,
+        job_id: str,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> FunctionResponse:
         """Run the request through a wire round trip, within the execution timeout."""
         wire_request = request_decoder.decode(wire_encoder.encode(call.request))
         with anyio.move_on_after(call.policy.execution_timeout_s):
-            response = await self._executor.execute(wire_request)
+            if chunks is None:
+                response = await self._executor.execute(wire_request)
+            else:
+                response = await self._executor.stream(wire_request, chunks.send)
             return response_decoder.decode(wire_encoder.encode(response))
         raise timeout_error(call, job_id)
 

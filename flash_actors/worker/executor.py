@@ -16,6 +16,8 @@ import builtins
 import inspect
 import linecache
 import traceback
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,9 +29,12 @@ from flash_actors.worker._capture import capture_stdout
 from flash_actors.worker.installer import activate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
-__all__ = ["Executor", "invoke"]
+__all__ = ["Emit", "Executor", "invoke"]
+
+Emit = Callable[[FunctionResponse], Awaitable[None]]
+"""Receives each chunk of a streaming call."""
 
 _COMPILE_FLAGS = __future__.annotations.compiler_flag
 
@@ -137,11 +142,30 @@ class Executor:
     async def execute(self, req: FunctionRequest) -> FunctionResponse:
         """Run the request and describe the outcome; the function's errors become a response.
 
+        A generator function's chunks are collected into a list.
+
         Raises:
             PayloadSignatureError: the request is unsigned or tampered with (nothing ran).
         """
+        return await self._run(req, None)
+
+    async def stream(self, req: FunctionRequest, emit: Emit) -> FunctionResponse:
+        """Run a generator function, handing each chunk to ``emit`` as it is produced.
+
+        Each chunk is a successful `FunctionResponse` carrying one signed result; ``emit``
+        applies back-pressure by taking its time. The returned response ends the stream
+        (an error, or success with no result). A plain function streams one chunk.
+
+        Raises:
+            PayloadSignatureError: the request is unsigned or tampered with (nothing ran).
+        """
+        return await self._run(req, emit)
+
+    async def _run(self, req: FunctionRequest, emit: Emit | None) -> FunctionResponse:
         decoded = decode_request(req, self._key)
         stdout = ""
+        result: str | None = None
+        signature: str | None = None
         try:
             if req.serialization_format != "cloudpickle":
                 msg = f"serialization_format {req.serialization_format!r} is not supported here"
@@ -149,15 +173,17 @@ class Executor:
             if req.dependencies:
                 await activate(req.dependencies)
             target = self._target(req, decoded)
-            if self._capture:
-                with capture_stdout() as printed:
-                    try:
+            with capture_stdout() if self._capture else nullcontext() as printed:
+                try:
+                    if emit is None:
                         value = await invoke(target, decoded.args, decoded.kwargs)
-                    finally:
-                        stdout = printed.getvalue()
-            else:
-                value = await invoke(target, decoded.args, decoded.kwargs)
-            result, signature = encode_result(value, self._key)
+                        result, signature = encode_result(value, self._key)
+                    else:
+                        await _drive(
+                            target, decoded.args, decoded.kwargs, self._emitter(emit)
+                        )
+                finally:
+                    stdout = printed.getvalue() if printed is not None else ""
         except Exception as exc:  # noqa: BLE001 (the function's failure is the answer)
             return FunctionResponse(
                 success=False,
@@ -175,9 +201,41 @@ class Executor:
             stdout=stdout or None,
         )
 
+    def _emitter(self, emit: Emit) -> Callable[[Any], Awaitable[None]]:
+        async def send(chunk: Any) -> None:
+            text, signature = encode_result(chunk, self._key)
+            await emit(FunctionResponse(success=True, result=text, signature=signature))
+
+        return send
+
     def forget_instances(self) -> None:
         """Drop every class instance (a recycled worker starts clean)."""
         self._instances.clear()
+
+
+_DONE = object()
+
+
+async def _drive(
+    target: Callable[..., Any],
+    args: list[Any],
+    kwargs: dict[str, Any],
+    send: Callable[[Any], Awaitable[None]],
+) -> None:
+    """Run ``target`` and send each chunk it produces (one chunk for a plain function)."""
+    if inspect.isasyncgenfunction(target):
+        async with aclosing(target(*args, **kwargs)) as chunks:
+            async for chunk in chunks:
+                await send(chunk)
+        return
+    if inspect.isgeneratorfunction(target):
+        generator = await anyio.to_thread.run_sync(lambda: target(*args, **kwargs))
+        while (
+            chunk := await anyio.to_thread.run_sync(next, generator, _DONE)
+        ) is not _DONE:
+            await send(chunk)
+        return
+    await send(await invoke(target, args, kwargs))
 
 
 async def invoke(
@@ -191,7 +249,8 @@ async def invoke(
     if inspect.iscoroutinefunction(target):
         return await target(*args, **kwargs)
     if inspect.isasyncgenfunction(target):
-        return [chunk async for chunk in target(*args, **kwargs)]
+        async with aclosing(target(*args, **kwargs)) as chunks:
+            return [chunk async for chunk in chunks]
     if inspect.isgeneratorfunction(target):
         return await anyio.to_thread.run_sync(lambda: list(target(*args, **kwargs)))
     value = await anyio.to_thread.run_sync(lambda: target(*args, **kwargs))

@@ -47,6 +47,7 @@ class Job(msgspec.Struct, frozen=True):
 
     id: str
     request: FunctionRequest
+    stream: bool = False
 
 
 class Batch(msgspec.Struct, frozen=True):
@@ -68,6 +69,7 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     id: str
     response: FunctionResponse | None = None
+    chunk: FunctionResponse | None = None
     refused: str | None = None
 
 
@@ -123,6 +125,12 @@ class WorkerApp:
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         queue: asyncio.Queue[bytes] = asyncio.Queue()
+        write_lock = asyncio.Lock()
+
+        async def write(line: bytes) -> None:
+            async with write_lock:  # chunks and final lines of several jobs interleave
+                await response.write(line)
+
         for job in batch.jobs:
             try:
                 verify_request(job.request, self.key)
@@ -131,15 +139,32 @@ class WorkerApp:
                     _encoder.encode(Done(id=job.id, refused=str(exc))) + b"\n"
                 )
                 continue
-            task = asyncio.ensure_future(self.executor.execute(job.request))
+            if job.stream:
+                task = asyncio.ensure_future(
+                    self.executor.stream(job.request, self._chunk_writer(job.id, write))
+                )
+            else:
+                task = asyncio.ensure_future(self.executor.execute(job.request))
             self.running[job.id] = task
             task.add_done_callback(
                 functools.partial(self._finished, job_id=job.id, queue=queue)
             )
         for _ in batch.jobs:
-            await response.write(await queue.get())
+            await write(await queue.get())
         await response.write_eof()
         return response
+
+    @staticmethod
+    def _chunk_writer(
+        job_id: str, write: Callable[[bytes], Awaitable[None]]
+    ) -> Callable[[FunctionResponse], Awaitable[None]]:
+        async def emit(chunk: FunctionResponse) -> None:
+            # Awaiting the socket's drain is the back-pressure on the generator; the
+            # explicit yield keeps a fast generator from starving /cancel and /ping.
+            await write(_encoder.encode(Done(id=job_id, chunk=chunk)) + b"\n")
+            await asyncio.sleep(0)
+
+        return emit
 
     def _finished(
         self,

@@ -9,6 +9,7 @@ time; the pool keeps one per worker and in-flight request.
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import TYPE_CHECKING
 
 import anyio
@@ -16,7 +17,7 @@ import anyio
 from flash_actors.errors import DeliveryError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator
 
     from anyio.abc import ByteStream
 
@@ -69,7 +70,7 @@ class Response:
         self._reader = reader
         self.complete = False
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes]:
         """The body, piece by piece."""
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
@@ -88,21 +89,23 @@ class Response:
                 yield await self._reader.exactly(length)
         self.complete = True
 
-    async def lines(self) -> AsyncIterator[bytes]:
+    async def lines(self) -> AsyncGenerator[bytes]:
         """The body split into newline-terminated lines (NDJSON)."""
         pending = b""
-        async for chunk in self.chunks():
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                if line:
-                    yield line
+        async with aclosing(self.chunks()) as chunks:
+            async for chunk in chunks:
+                pending += chunk
+                *complete, pending = pending.split(b"\n")
+                for line in complete:
+                    if line:
+                        yield line
         if pending:
             yield pending
 
     async def read(self) -> bytes:
         """The whole body."""
-        return b"".join([chunk async for chunk in self.chunks()])
+        async with aclosing(self.chunks()) as chunks:
+            return b"".join([chunk async for chunk in chunks])
 
 
 class Connection:

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
+from contextlib import aclosing
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from anyio.abc import Process, TaskGroup
+    from anyio.streams.memory import MemoryObjectSendStream
 
     from flash_actors.resources import ServerlessResource
 
@@ -53,6 +55,7 @@ _encoder = msgspec.json.Encoder()
 class _Done(msgspec.Struct, frozen=True):
     id: str
     response: FunctionResponse | None = None
+    chunk: FunctionResponse | None = None
     refused: str | None = None
 
 
@@ -61,6 +64,7 @@ _done_decoder = msgspec.json.Decoder(_Done)
 
 class _Job:
     __slots__ = (
+        "chunks",
         "done",
         "error",
         "id",
@@ -71,9 +75,15 @@ class _Job:
         "worker",
     )
 
-    def __init__(self, job_id: str, request: FunctionRequest) -> None:
+    def __init__(
+        self,
+        job_id: str,
+        request: FunctionRequest,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> None:
         self.id = job_id
         self.request = request
+        self.chunks = chunks
         self.done = anyio.Event()
         self.started = anyio.Event()
         self.response: FunctionResponse | None = None
@@ -334,7 +344,12 @@ class WorkerPool:
 
     # --- jobs ----------------------------------------------------------------------------
 
-    async def execute(self, call: Call, job_id: str) -> FunctionResponse:
+    async def execute(
+        self,
+        call: Call,
+        job_id: str,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> FunctionResponse:
         """Queue a job and wait for its response, under the call's TTL and timeout.
 
         A job still queued after ``ttl_s`` expires; a job running past
@@ -350,7 +365,7 @@ class WorkerPool:
             msg = f"endpoint {self.resource.name!r} is stopped"
             raise DeliveryError(msg)
         await self._provision(call.request)
-        job = _Job(job_id, call.request)
+        job = _Job(job_id, call.request, chunks)
         self.queue.append(job)
         self._wake.set()
         try:
@@ -412,7 +427,7 @@ class WorkerPool:
             )
             await response.read()
         except DeliveryError:
-            pass
+            pass  # the worker is gone or busy: the job dies with it, or is left to finish
         finally:
             await conn.aclose()
 
@@ -438,11 +453,15 @@ class WorkerPool:
                 break
             batch: list[_Job] = []
             while self.queue and len(batch) < min(self.batch_size, worker.free):
+                if self.queue[0].chunks is not None and batch:
+                    break  # a stream travels alone: its reader must not hold up others
                 job = self.queue.popleft()
                 job.state = "IN_PROGRESS"
                 job.worker = worker
                 job.started.set()
                 batch.append(job)
+                if job.chunks is not None:
+                    break
             worker.free -= len(batch)
             self._tg.start_soon(self._send_batch, worker, batch)
         if (
@@ -456,29 +475,47 @@ class WorkerPool:
         pending = {job.id: job for job in batch}
         conn = worker.connection()
         reusable = False
-        body = _encoder.encode(
-            {"jobs": [{"id": job.id, "request": job.request} for job in batch]}
-        )
+        jobs = [
+            {"id": job.id, "request": job.request, "stream": job.chunks is not None}
+            for job in batch
+        ]
+        body = _encoder.encode({"jobs": jobs})
         try:
             response = await conn.request("POST", "/execute", body)
             if response.status != 200:
                 text = (await response.read()).decode(errors="replace")
                 msg = f"worker {worker.id} answered HTTP {response.status}: {text}"
                 raise DeliveryError(msg)
-            async for line in response.lines():
-                done = _done_decoder.decode(line)
-                job = pending.pop(done.id, None)
-                if job is None:
-                    continue
-                worker.free += 1
-                if done.refused is not None:
-                    refused = f"worker {worker.id} refused the job: {done.refused}"
-                    job.finish(None, DeliveryError(refused))
-                else:
-                    job.finish(done.response, None)
-                self._wake.set()
+            async with aclosing(response.lines()) as lines:
+                async for line in lines:
+                    done = _done_decoder.decode(line)
+                    if done.chunk is not None:
+                        streaming = pending.get(done.id)
+                        if streaming is not None and streaming.chunks is not None:
+                            try:
+                                # Waiting here is the back-pressure on the worker's generator.
+                                await streaming.chunks.send(done.chunk)
+                            except (
+                                anyio.BrokenResourceError,
+                                anyio.ClosedResourceError,
+                            ):
+                                # The consumer left. A stream travels alone on its connection:
+                                # closing it stops the generator on the worker at its next write.
+                                msg = "the stream's consumer stopped reading"
+                                raise DeliveryError(msg) from None
+                        continue
+                    job = pending.pop(done.id, None)
+                    if job is None:
+                        continue
+                    worker.free += 1
+                    if done.refused is not None:
+                        refused = f"worker {worker.id} refused the job: {done.refused}"
+                        job.finish(None, DeliveryError(refused))
+                    else:
+                        job.finish(done.response, None)
+                    self._wake.set()
             reusable = not pending
-        except DeliveryError as exc:
+        except (DeliveryError, msgspec.DecodeError) as exc:
             error = DeliveryError(
                 f"worker {worker.id} (pid {worker.pid}) failed during the job: {exc}"
             )
@@ -535,9 +572,15 @@ class LocalBackend:
         self.pool = pool
         self._scope = scope
 
-    async def execute(self, call: Call, *, job_id: str) -> FunctionResponse:
+    async def execute(
+        self,
+        call: Call,
+        *,
+        job_id: str,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> FunctionResponse:
         """Run the job on one of the pool's workers."""
-        return await self.pool.execute(call, job_id)
+        return await self.pool.execute(call, job_id, chunks)
 
     async def aclose(self) -> None:
         """Stop the pool and its workers."""
