@@ -19,6 +19,7 @@ __all__ = [
     "ExecutionType",
     "FunctionRequest",
     "FunctionResponse",
+    "Route",
     "SerializationFormat",
     "request_decoder",
     "response_decoder",
@@ -92,6 +93,14 @@ class Call(msgspec.Struct, kw_only=True, frozen=True):
     http_path: str | None = None
     stream_to: Any = None
     """For ``f.stream(...)``: the send side of a bounded memory stream for the chunks."""
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """A load-balancer route a worker serves: method, path, and its function's signed request."""
+
+    method: str
+    path: str
+    request: FunctionRequest
 
 
 wire_encoder = msgspec.json.Encoder()

@@ -20,6 +20,8 @@ from flash_actors.resources import ServerlessResource
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from flash_actors.messages import FunctionRequest
+
 __all__ = ["REGISTRY", "Registry"]
 
 _RESOURCE_CLASSES: dict[str, type[ServerlessResource]] = {
@@ -39,6 +41,7 @@ class Registry:
         self._lock = threading.Lock()
         self._resources: dict[str, ServerlessResource] = {}
         self._functions: dict[str, str] = {}
+        self._routes: dict[str, dict[tuple[str, str], tuple[str, FunctionRequest]]] = {}
 
     def register(self, resource: ServerlessResource, *, owner: str = "") -> None:
         """Record a resource config under its name.
@@ -60,6 +63,41 @@ class Registry:
             "give the second a different name, or reuse the first object"
         )
         raise ConfigurationError(msg)
+
+    def register_route(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        owner: str,
+        template: FunctionRequest,
+    ) -> None:
+        """Record a load-balancer route and the request template of its function.
+
+        Raises:
+            ConfigurationError: another function already serves that method and path.
+        """
+        with self._lock:
+            routes = self._routes.setdefault(endpoint, {})
+            held = routes.get((method, path))
+            if held is None or held[0] == owner:
+                routes[(method, path)] = (owner, template)
+                return
+        msg = (
+            f"@remote {owner}: route {method} {path} of endpoint {endpoint!r} is already "
+            f"taken by {held[0]}; give one of them another path"
+        )
+        raise ConfigurationError(msg)
+
+    def routes(self, endpoint: str) -> list[tuple[str, str, FunctionRequest]]:
+        """The load-balancer routes of an endpoint: ``(method, path, request template)``."""
+        with self._lock:
+            return [
+                (method, path, template)
+                for (method, path), (_, template) in self._routes.get(
+                    endpoint, {}
+                ).items()
+            ]
 
     def register_function(self, function: str, endpoint: str) -> None:
         """Record that ``function`` runs on ``endpoint`` (the last registration wins)."""

@@ -190,23 +190,6 @@ def _check_spec(spec: _Spec, label: str) -> None:
             raise ConfigurationError(msg)
 
 
-class _Routes:
-    """Load-balancer routes taken so far, per endpoint, to refuse duplicates."""
-
-    taken: dict[tuple[str, str, str], str] = {}  # noqa: RUF012 (process-wide on purpose)
-
-    @classmethod
-    def claim(cls, endpoint: str, method: str, path: str, owner: str) -> None:
-        key = (endpoint, method, path)
-        holder = cls.taken.setdefault(key, owner)
-        if holder != owner:
-            msg = (
-                f"@remote {owner}: route {method} {path} of endpoint {endpoint!r} is already "
-                f"taken by {holder}; give one of them another path"
-            )
-            raise ConfigurationError(msg)
-
-
 class _Caller:
     """The shared call path of functions and class methods."""
 
@@ -216,13 +199,13 @@ class _Caller:
         "_label",
         "_policy",
         "_signer",
-        "_template",
         "spec",
+        "template",
     )
 
     def __init__(self, spec: _Spec, template: FunctionRequest, label: str) -> None:
         self.spec = spec
-        self._template = template
+        self.template = template
         self._label = label
         self._endpoint = spec.resource.name
         self._policy: CallPolicy = spec.resource.call_policy()
@@ -232,7 +215,7 @@ class _Caller:
     def signer(self) -> RequestSigner:
         key = endpoint_key(self._endpoint)
         if key is not self._key or self._signer is None:
-            self._signer = RequestSigner(key, self._template)
+            self._signer = RequestSigner(key, self.template)
             self._key = key
         return self._signer
 
@@ -462,7 +445,7 @@ class RemoteFunction(Generic[P, R_co]):
     @property
     def function_request_template(self) -> FunctionRequest:
         """The static part of the requests this function sends (name, code, dependencies)."""
-        return self._caller.signer().template
+        return self._caller.template
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]:
         """Start a call; await the result (see the module docstring for what it is)."""
@@ -729,12 +712,19 @@ def remote(
             raise InvalidRemoteTargetError(msg)
         _check_spec(spec, label)
         REGISTRY.register(resource_config, owner=label)
-        if spec.method is not None and spec.path is not None:
-            _Routes.claim(resource_config.name, spec.method, spec.path, label)
         warn_outer_references(target, stacklevel=3)
         if inspect.isclass(target):
             return RemoteClass(target, spec)
+        function: RemoteFunction[..., Any] = RemoteFunction(target, spec)
+        if spec.method is not None and spec.path is not None:
+            REGISTRY.register_route(
+                resource_config.name,
+                spec.method,
+                spec.path,
+                label,
+                function.function_request_template,
+            )
         REGISTRY.register_function(target.__name__, resource_config.name)
-        return RemoteFunction(target, spec)
+        return function
 
     return decorate

@@ -374,3 +374,73 @@ async def test_dependencies_are_installed_once_into_a_cached_venv(
     assert (
         len([p for p in (tmp_path / "envs").iterdir() if p.is_dir()]) == 1
     )  # nothing half-made
+
+
+async def test_load_balancer_workers_serve_the_users_routes_over_http(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        assert await health() == {"status": "ok"}  # starts the endpoint's worker
+        worker = next(iter(provider.pools["local-api"].workers.values()))
+        auth = {"Authorization": f"Bearer {worker.token}"}
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{worker.port}"
+        ) as client:
+            posted = await client.post(
+                "/api/process", json={"x": 2, "y": 40}, headers=auth
+            )
+            assert posted.status_code == 200
+            assert posted.json() == {"result": 42}
+            got = await client.get("/api/health", headers=auth)
+            assert got.json() == {"status": "ok"}
+            bad = await client.post("/api/process", json={"x": 1}, headers=auth)
+            assert bad.status_code == 422
+            assert "missing 1 required positional argument: 'y'" in bad.json()["error"]
+            assert (await client.get("/api/health")).status_code == 401
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_ctrl_c_stops_every_worker(tmp_path: Path, backend: str) -> None:
+    """Ctrl-C (SIGINT) in the middle of a call: the script exits, no worker is left."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "interrupted.py"
+    runner = "asyncio.run(main())" if backend == "asyncio" else "trio.run(main)"
+    script.write_text(
+        "import asyncio, trio\n"
+        "from flash_actors import CpuLiveServerless, remote\n"
+        "cfg = CpuLiveServerless(name='ctrl-c', workersMax=2)\n"
+        "@remote(cfg)\n"
+        "async def pid():\n"
+        "    import os\n"
+        "    return os.getpid()\n"
+        "@remote(cfg)\n"
+        "async def forever():\n"
+        "    import anyio\n"
+        "    await anyio.sleep(600)\n"
+        "async def main():\n"
+        "    print((await pid()).output, flush=True)\n"
+        "    await forever()\n"
+        f"{runner}\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            worker = int(proc.stdout.readline())
+            time.sleep(0.3)  # the long call is on its way
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode != 0  # KeyboardInterrupt
+    assert pids_alive([worker]) == []

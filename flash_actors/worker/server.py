@@ -31,7 +31,7 @@ import msgspec
 from aiohttp import web
 
 from flash_actors.errors import PayloadSignatureError
-from flash_actors.messages import FunctionRequest, FunctionResponse
+from flash_actors.messages import FunctionRequest, FunctionResponse, Route
 from flash_actors.serialization import verify_request
 from flash_actors.worker import _capture
 from flash_actors.worker.executor import Executor, invoke
@@ -39,7 +39,7 @@ from flash_actors.worker.executor import Executor, invoke
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["Route", "WorkerApp", "serve"]
+__all__ = ["WorkerApp", "serve"]
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -54,14 +54,6 @@ class Batch(msgspec.Struct, frozen=True):
     """The body of ``/execute``."""
 
     jobs: list[Job]
-
-
-class Route(msgspec.Struct, frozen=True, kw_only=True):
-    """A user route of a load-balancer worker: the signed request template of its function."""
-
-    method: str
-    path: str
-    request: FunctionRequest
 
 
 class Done(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

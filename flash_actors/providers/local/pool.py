@@ -28,7 +28,7 @@ import msgspec
 
 from flash_actors._logging import get_logger
 from flash_actors.errors import DeliveryError
-from flash_actors.messages import Call, FunctionRequest, FunctionResponse
+from flash_actors.messages import Call, FunctionRequest, FunctionResponse, Route
 from flash_actors.policies import expired_error, timeout_error
 from flash_actors.providers.local._http import Connection
 from flash_actors.worker.installer import (
@@ -157,8 +157,10 @@ class WorkerPool:
         log_dir: Path,
         batch_size: int = 8,
         slots: int = 8,
+        routes: list[Route] | None = None,
     ) -> None:
         self.resource = resource
+        self.routes = routes or []
         self.key = key
         self.log_dir = log_dir
         self.batch_size = batch_size
@@ -247,14 +249,19 @@ class WorkerPool:
             log.info(
                 "worker.start", endpoint=self.resource.name, worker=worker_id, port=port
             )
+            command = [
+                sys.executable,
+                "-m",
+                "flash_actors.worker",
+                "--fd",
+                str(sock.fileno()),
+            ]
+            if self.routes:
+                routes_file = self.log_dir / f"{worker_id}.routes.json"
+                routes_file.write_bytes(msgspec.json.encode(self.routes))
+                command += ["--routes", str(routes_file)]
             process = await anyio.open_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "flash_actors.worker",
-                    "--fd",
-                    str(sock.fileno()),
-                ],
+                command,
                 pass_fds=[sock.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=handle,

@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING
 import anyio
 
 from flash_actors.errors import RuntimeNotRunningError
+from flash_actors.messages import Route
 from flash_actors.providers.local.pool import LocalBackend, WorkerPool
+from flash_actors.registry import REGISTRY, Registry
+from flash_actors.serialization import RequestSigner
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -37,9 +40,15 @@ class LocalProvider:
     name = "local"
 
     def __init__(
-        self, *, state_dir: Path | str = ".flash", batch_size: int = 8, slots: int = 8
+        self,
+        *,
+        state_dir: Path | str = ".flash",
+        batch_size: int = 8,
+        slots: int = 8,
+        registry: Registry | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.registry = registry or REGISTRY
         self.batch_size = batch_size
         self.slots = slots
         self.pools: dict[str, WorkerPool] = {}
@@ -70,9 +79,18 @@ class LocalProvider:
         if self._tg is None:
             msg = "the local provider is not running (enter it with `async with`)"
             raise RuntimeNotRunningError(msg)
+        routes = [
+            Route(
+                method=method,
+                path=path,
+                request=RequestSigner(key, template).sign((), {}),
+            )
+            for method, path, template in self.registry.routes(resource.name)
+        ]
         pool = WorkerPool(
             resource,
             key,
+            routes=routes,
             log_dir=self.state_dir / "logs" / resource.name,
             batch_size=self.batch_size,
             slots=self.slots,
