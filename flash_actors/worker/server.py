@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -39,7 +40,7 @@ from flash_actors.worker.executor import Executor, invoke
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["WorkerApp", "serve"]
+__all__ = ["WorkerApp", "forked_main", "main", "serve"]
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -261,14 +262,60 @@ async def serve(app: WorkerApp, sock: socket.socket) -> None:
         await runner.cleanup()
 
 
+def _alive(pid: int) -> bool:
+    """True while the client process runs (our parent, or the forkserver's parent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def _watch_parent(stop: asyncio.Event) -> None:
     """Stop when the process that started us is gone (no orphan workers)."""
     parent = int(os.environ.get("FLASH_PARENT_PID", "0") or 0)
     if not parent:
         return
-    while os.getppid() == parent:  # noqa: ASYNC110 (polling is the portable way)
+    while _alive(parent):  # noqa: ASYNC110 (polling is the portable way)
         await asyncio.sleep(0.5)
     stop.set()
+
+
+def _run(sock: socket.socket, routes_path: str | None) -> None:
+    key = bytes.fromhex(os.environ.pop("FLASH_ENDPOINT_KEY", ""))
+    token = os.environ.pop("FLASH_WORKER_TOKEN", "")
+    if not key or not token:
+        msg = "FLASH_ENDPOINT_KEY and FLASH_WORKER_TOKEN must be set"
+        raise SystemExit(msg)
+    routes: list[Route] = []
+    if routes_path:
+        with open(routes_path, "rb") as f:
+            routes = msgspec.json.decode(f.read(), type=list[Route])
+    sock.setblocking(False)  # noqa: FBT003
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(WorkerApp(key, token, routes), sock))
+
+
+def forked_main(
+    sock: socket.socket, env: dict[str, str], log_path: str, routes_path: str | None
+) -> None:
+    """Entry point of a worker forked from the template process (see the local pool).
+
+    The template has imported this module (and aiohttp) already, so a worker starts in
+    milliseconds; here it takes its endpoint's environment and its own log file.
+    """
+    os.environ.clear()
+    os.environ.update(env)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _run(sock, routes_path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,20 +329,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--routes", help="JSON file of load-balancer routes")
     args = parser.parse_args(argv)
-    key = bytes.fromhex(os.environ.pop("FLASH_ENDPOINT_KEY", ""))
-    token = os.environ.pop("FLASH_WORKER_TOKEN", "")
-    if not key or not token:
-        parser.error("FLASH_ENDPOINT_KEY and FLASH_WORKER_TOKEN must be set")
-    routes: list[Route] = []
-    if args.routes:
-        with open(args.routes, "rb") as f:
-            routes = msgspec.json.decode(f.read(), type=list[Route])
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", args.port))
         sock.listen(128)
-    sock.setblocking(False)  # noqa: FBT003
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(WorkerApp(key, token, routes), sock))
+    _run(sock, args.routes)

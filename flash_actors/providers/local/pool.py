@@ -40,9 +40,10 @@ from flash_actors.worker.installer import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from anyio.abc import Process, TaskGroup
+    from anyio.abc import TaskGroup
     from anyio.streams.memory import MemoryObjectSendStream
 
+    from flash_actors.providers.local._processes import Template, WorkerProcess
     from flash_actors.resources import ServerlessResource
 
 __all__ = ["LocalBackend", "WorkerPool"]
@@ -106,7 +107,7 @@ class Worker:
     """One worker process and its connections."""
 
     def __init__(
-        self, worker_id: str, port: int, token: str, process: Process, slots: int
+        self, worker_id: str, port: int, token: str, process: WorkerProcess, slots: int
     ) -> None:
         self.id = worker_id
         self.port = port
@@ -158,8 +159,10 @@ class WorkerPool:
         batch_size: int = 8,
         slots: int = 8,
         routes: list[Route] | None = None,
+        template: Template | None = None,
     ) -> None:
         self.resource = resource
+        self.template = template
         self.routes = routes or []
         self.key = key
         self.log_dir = log_dir
@@ -169,6 +172,7 @@ class WorkerPool:
         self.workers: dict[str, Worker] = {}
         self.starting = 0
         self.started_total = 0
+        self.start_seconds: list[float] = []  # start-to-ready time of each worker
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self._closed = False
@@ -230,8 +234,6 @@ class WorkerPool:
             port = sock.getsockname()[1]
             self.log_dir.mkdir(parents=True, exist_ok=True)
             log_path = self.log_dir / f"{worker_id}.log"
-            handle = log_path.open("ab")
-            self._logs[worker_id] = handle
             env = {
                 **os.environ,
                 **self.resource.worker_env(),
@@ -249,25 +251,28 @@ class WorkerPool:
             log.info(
                 "worker.start", endpoint=self.resource.name, worker=worker_id, port=port
             )
-            command = [
-                sys.executable,
-                "-m",
-                "flash_actors.worker",
-                "--fd",
-                str(sock.fileno()),
-            ]
+            routes_file: Path | None = None
             if self.routes:
                 routes_file = self.log_dir / f"{worker_id}.routes.json"
                 routes_file.write_bytes(msgspec.json.encode(self.routes))
-                command += ["--routes", str(routes_file)]
-            process = await anyio.open_process(
-                command,
-                pass_fds=[sock.fileno()],
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+            process: WorkerProcess
+            if self.template is not None:
+                process = await self.template.fork(sock, env, log_path, routes_file)
+            else:
+                command = [sys.executable, "-m", "flash_actors.worker"]
+                command += ["--fd", str(sock.fileno())]
+                if routes_file is not None:
+                    command += ["--routes", str(routes_file)]
+                handle = log_path.open("ab")
+                self._logs[worker_id] = handle
+                process = await anyio.open_process(
+                    command,
+                    pass_fds=[sock.fileno()],
+                    stdin=subprocess.DEVNULL,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
         finally:
             sock.close()
             self.starting -= 1
@@ -278,6 +283,7 @@ class WorkerPool:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch, worker, tg.cancel_scope)
                 if await self._wait_ready(worker):
+                    self.start_seconds.append(anyio.current_time() - started)
                     worker.ready = True
                     worker.idle_since = anyio.current_time()
                     log.info(

@@ -1,0 +1,196 @@
+"""Starting worker processes: fresh interpreters, or forks of a pre-started template.
+
+A fresh ``python -m flash_actors.worker`` spends ~0.4 s importing aiohttp and the runtime.
+The template (`flash_actors.worker.template`) imports all that once; every later worker is a
+fork of it that serves within milliseconds. The template starts with the first worker and
+stops with the provider. Forked workers are not our children (the kernel reaps them for the
+template), so they are followed through a pidfd, which becomes readable when they exit.
+Both kinds are driven through the same small `WorkerProcess` interface.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Protocol
+
+import anyio
+import anyio.to_thread
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from anyio.abc import Process
+
+__all__ = ["PidfdProcess", "Template", "WorkerProcess", "template_supported"]
+
+
+def template_supported() -> bool:
+    """Forking from a template needs ``os.fork``, ``os.pidfd_open`` and fd passing (Linux)."""
+    return (
+        hasattr(os, "pidfd_open")
+        and hasattr(socket, "send_fds")
+        and hasattr(os, "fork")
+    )
+
+
+class WorkerProcess(Protocol):
+    """What the pool needs of a worker process."""
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        ...
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it has exited (-1 when it is not ours to know)."""
+        ...
+
+    def send_signal(self, signum: signal.Signals, /) -> None:
+        """Send a signal."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        ...
+
+    async def wait(self) -> int:
+        """Wait for the exit."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what is left once it has exited."""
+        ...
+
+
+class PidfdProcess:
+    """A process followed through a pidfd; several tasks may wait on it at once."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._fd = os.pidfd_open(pid)
+        self._exited = anyio.Event()
+        self._polling = False
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        """-1 once exited (its status went to the template), else ``None``."""
+        return -1 if self._exited.is_set() else None
+
+    def send_signal(self, signum: signal.Signals, /) -> None:
+        """Send a signal (ignored once it has exited)."""
+        if not self._exited.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, signum)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """Wait until the pidfd says the process has exited."""
+        while not self._exited.is_set():
+            if self._polling:
+                with anyio.move_on_after(0.05):
+                    await self._exited.wait()
+                continue
+            self._polling = True
+            try:
+                await anyio.wait_readable(self._fd)
+                self._exited.set()
+            finally:
+                self._polling = False
+        return -1
+
+    async def aclose(self) -> None:
+        """Close the pidfd."""
+        if self._fd >= 0 and self._exited.is_set():
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Template:
+    """The template process of one provider: started on first use, stopped by `aclose`."""
+
+    def __init__(self) -> None:
+        self._lock = anyio.Lock()
+        self._process: Process | None = None
+        self._control: socket.socket | None = None
+
+    async def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._process = await anyio.open_process(
+                [
+                    sys.executable, "-m", "flash_actors.worker.template",
+                    "--control-fd", str(theirs.fileno()),
+                ],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=None,
+            )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._control = ours
+        return ours
+
+    async def fork(
+        self,
+        sock: socket.socket,
+        env: dict[str, str],
+        log_path: Path,
+        routes: Path | None,
+    ) -> PidfdProcess:
+        """A new worker serving on ``sock`` (the template gets a duplicate of it)."""
+        request = json.dumps(
+            {
+                "env": env,
+                "log": str(log_path),
+                "routes": str(routes) if routes else None,
+            }
+        ).encode()
+        async with self._lock:
+            control = self._control or await self._start()
+            reply = await anyio.to_thread.run_sync(
+                _exchange, control, request, sock.fileno()
+            )
+        return PidfdProcess(json.loads(reply)["pid"])
+
+    async def aclose(self) -> None:
+        """Stop the template (its workers are stopped by the pool)."""
+        control, self._control = self._control, None
+        process, self._process = self._process, None
+        if control is not None:
+            control.close()
+        if process is not None:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(3):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+                await process.aclose()
+
+
+def _exchange(control: socket.socket, request: bytes, fd: int) -> bytes:
+    socket.send_fds(control, [request], [fd])
+    reply = control.recv(4096)
+    if not reply:
+        msg = "the worker template process exited"
+        raise OSError(msg)
+    return reply
