@@ -59,7 +59,7 @@ class Registry:
         where = f" (while decorating {owner})" if owner else ""
         msg = (
             f"two different resource configs are named {resource.name!r}{where}: "
-            f"{known!r} and {resource!r}. An endpoint name identifies one config; "
+            f"{_difference(known, resource)}. An endpoint name identifies one config; "
             "give the second a different name, or reuse the first object"
         )
         raise ConfigurationError(msg)
@@ -156,6 +156,17 @@ class Registry:
                 self.register_function(entry_function.name, name)
         for function, endpoint in manifest.function_registry.items():
             self.register_function(function, endpoint)
+
+
+def _difference(first: ServerlessResource, second: ServerlessResource) -> str:
+    if type(first) is not type(second):
+        return f"a {type(first).__name__} and a {type(second).__name__}"
+    changed = [
+        f"{field}={getattr(first, field)!r} vs {getattr(second, field)!r}"
+        for field in first.__struct_fields__
+        if getattr(first, field) != getattr(second, field)
+    ]
+    return "they differ in " + "; ".join(changed)
 
 
 REGISTRY = Registry()

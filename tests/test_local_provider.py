@@ -445,3 +445,48 @@ def test_ctrl_c_stops_every_worker(tmp_path: Path, backend: str) -> None:
                 proc.wait()
     assert proc.returncode != 0  # KeyboardInterrupt
     assert pids_alive([worker]) == []
+
+
+async def test_worker_runs_deployed_code_by_name(tmp_path: Path) -> None:
+    """A request without source runs the function of the code deployed on the worker."""
+    from flash_actors.messages import FunctionRequest
+    from flash_actors.serialization import RequestSigner, decode_result
+
+    (tmp_path / "deployed_app.py").write_text(
+        "from flash_actors import CpuLiveServerless, remote\n"
+        "app = CpuLiveServerless(name='local-deployed-app')\n"
+        "@remote(app)\n"
+        "async def triple(x):\n"
+        "    return 3 * x\n"
+    )
+    name = f"local-deployed-{tmp_path.name[-6:].strip('_')}"
+    cfg = CpuLiveServerless(
+        name=name,
+        env={"FLASH_DEPLOYED_MODULES": "deployed_app", "PYTHONPATH": str(tmp_path)},
+    )
+
+    @remote(cfg)
+    async def ping() -> str:
+        return "pong"
+
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        assert (await ping()).output == "pong"
+        worker = next(iter(provider.pools[name].workers.values()))
+        key = endpoint_key(name)
+        request = RequestSigner(key, FunctionRequest(function_name="triple")).sign(
+            (14,), {}
+        )
+        body = msgspec.json.encode({"jobs": [{"id": "d1", "request": request}]})
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{worker.port}"
+        ) as client:
+            answer = await client.post(
+                "/execute",
+                content=body,
+                headers={"Authorization": f"Bearer {worker.token}"},
+            )
+        done = msgspec.json.decode(answer.content.splitlines()[0])
+        response = done["response"]
+        assert response["success"], response
+        assert decode_result(response["result"], response["signature"], key) == 42

@@ -108,7 +108,8 @@ def test_two_configs_with_one_name_are_refused() -> None:
 
     other = LiveServerless(name="val-dup", workersMax=3)
     with pytest.raises(
-        ConfigurationError, match=r"two different resource configs are named 'val-dup'"
+        ConfigurationError,
+        match=r"configs are named 'val-dup' .*: they differ in workersMax=2 vs 3\. ",
     ):
 
         @remote(other)

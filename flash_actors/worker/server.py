@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import importlib
 import json
 import os
 import signal
@@ -79,8 +80,14 @@ class WorkerApp:
         routes: user routes (load-balancer workers).
     """
 
-    def __init__(self, key: bytes, token: str, routes: list[Route]) -> None:
-        self.executor = Executor(key, capture_stdout=True)
+    def __init__(
+        self,
+        key: bytes,
+        token: str,
+        routes: list[Route],
+        deployed: dict[str, object] | None = None,
+    ) -> None:
+        self.executor = Executor(key, capture_stdout=True, deployed=deployed)
         self.key = key
         self.token = token
         self.routes = routes
@@ -294,8 +301,28 @@ def _run(sock: socket.socket, routes_path: str | None) -> None:
         with open(routes_path, "rb") as f:
             routes = msgspec.json.decode(f.read(), type=list[Route])
     sock.setblocking(False)  # noqa: FBT003
+    deployed = load_deployed(os.environ.get("FLASH_DEPLOYED_MODULES", ""))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(WorkerApp(key, token, routes), sock))
+        asyncio.run(serve(WorkerApp(key, token, routes, deployed), sock))
+
+
+def load_deployed(modules: str) -> dict[str, object]:
+    """The ``@remote`` functions and classes of deployed code, by name.
+
+    ``modules`` is a comma-separated list of importable modules (``FLASH_DEPLOYED_MODULES``);
+    requests without ``function_code`` run these, as Flash's deployed workers do.
+    """
+    deployed: dict[str, object] = {}
+    for name in filter(None, (m.strip() for m in modules.split(","))):
+        module = importlib.import_module(name)
+        for attribute, value in vars(module).items():
+            original = getattr(value, "__wrapped__", None)
+            if original is not None and type(value).__name__ in (
+                "RemoteFunction",
+                "RemoteClass",
+            ):
+                deployed[attribute] = original
+    return deployed
 
 
 def forked_main(

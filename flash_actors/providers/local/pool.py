@@ -20,13 +20,14 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
 import msgspec
 
 from flash_actors._logging import get_logger
+from flash_actors._progress import progress
 from flash_actors.errors import DeliveryError
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse, Route
 from flash_actors.policies import expired_error, timeout_error
@@ -282,7 +283,14 @@ class WorkerPool:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch, worker, tg.cancel_scope)
-                if await self._wait_ready(worker):
+                cold = not any(w.ready for w in self.workers.values())
+                with (
+                    progress(f"starting a worker for endpoint {self.resource.name!r}")
+                    if cold
+                    else nullcontext()
+                ):
+                    ready = await self._wait_ready(worker)
+                if ready:
                     self.start_seconds.append(anyio.current_time() - started)
                     worker.ready = True
                     worker.idle_since = anyio.current_time()
