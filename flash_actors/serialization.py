@@ -28,6 +28,7 @@ import cloudpickle
 import msgspec
 import pybase64
 
+from flash_actors._memory import tune_allocator
 from flash_actors.errors import PayloadSignatureError, SerializationError
 
 if TYPE_CHECKING:
@@ -49,6 +50,8 @@ __all__ = [
     "master_secret",
     "set_master_secret",
 ]
+
+tune_allocator()
 
 _LEN = struct.Struct(">Q")
 _PROTOCOL = 5
