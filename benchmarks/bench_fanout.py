@@ -1,0 +1,129 @@
+"""10,000 small calls gathered at once through an endpoint with workersMax=2, calls per second.
+
+Under asyncio (``asyncio.gather``) and trio (a nursery), against 10,000 Ray tasks gathered
+the same way on this machine (``ray`` from the bench extra). Also reports the calling
+process's peak RSS and its growth per call in flight.
+
+Target (issue "Benchmarks"): at least 10x Ray's calls per second.
+
+Run: ``python benchmarks/bench_fanout.py [-n CALLS] [--json] [--no-ray]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import resource
+import sys
+import time
+from typing import Any
+
+import trio
+
+from flash_actors import CpuLiveServerless, remote, runtime
+
+ENDPOINT = CpuLiveServerless(name="bench-fanout", workersMin=2, workersMax=2)
+
+
+@remote(ENDPOINT)
+async def inc(x: int) -> int:
+    return x + 1
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+async def _asyncio(n: int) -> dict[str, Any]:
+    async with runtime():
+        await asyncio.gather(*(inc(i) for i in range(100)))  # workers warm
+        before = _rss_bytes()
+        start = time.perf_counter()
+        results = await asyncio.gather(*(inc(i) for i in range(n)))
+        elapsed = time.perf_counter() - start
+    assert [r.output for r in results[:3]] == [1, 2, 3]
+    peak = _rss_bytes()
+    return {
+        "calls_per_s": n / elapsed,
+        "peak_rss_mb": peak / 2**20,
+        "bytes_per_call_in_flight": max(0, peak - before) / n,
+    }
+
+
+async def _trio(n: int) -> dict[str, Any]:
+    async with runtime():
+        out: list[int] = [0] * n
+
+        async def one(i: int) -> None:
+            out[i] = (await inc(i)).output
+
+        async with trio.open_nursery() as nursery:
+            for i in range(100):
+                nursery.start_soon(one, i)
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        elapsed = time.perf_counter() - start
+    assert out[:3] == [1, 2, 3]
+    return {"calls_per_s": n / elapsed}
+
+
+async def _ray(n: int) -> dict[str, Any] | None:
+    try:
+        import ray
+    except ImportError:
+        return None
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+    )
+    try:
+
+        @ray.remote
+        def ray_inc(x: int) -> int:
+            return x + 1
+
+        await asyncio.gather(*(ray_inc.remote(i) for i in range(100)))
+        start = time.perf_counter()
+        await asyncio.gather(*(ray_inc.remote(i) for i in range(n)))
+        return {"calls_per_s": n / (time.perf_counter() - start)}
+    finally:
+        ray.shutdown()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=10_000, help="calls gathered at once")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--no-ray", action="store_true", help="skip the Ray reference")
+    args = parser.parse_args()
+    rows: dict[str, Any] = {
+        "asyncio.gather": asyncio.run(_asyncio(args.n)),
+        "trio nursery": trio.run(_trio, args.n),
+    }
+    if not args.no_ray:
+        rows["Ray tasks"] = asyncio.run(_ray(args.n))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for name, row in rows.items():
+        if row is None:
+            print(f"{name:<16} (not installed)")
+            continue
+        extra = ""
+        if "peak_rss_mb" in row:
+            extra = f"  peak RSS {row['peak_rss_mb']:.0f} MB, {row['bytes_per_call_in_flight']:.0f} B/call"
+        print(f"{name:<16}{row['calls_per_s']:>10.0f} calls/s{extra}")
+    if rows.get("Ray tasks"):
+        ratio = rows["asyncio.gather"]["calls_per_s"] / rows["Ray tasks"]["calls_per_s"]
+        print(f"asyncio.gather vs Ray: {ratio:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
