@@ -490,3 +490,57 @@ async def test_worker_runs_deployed_code_by_name(tmp_path: Path) -> None:
         response = done["response"]
         assert response["success"], response
         assert decode_result(response["result"], response["signature"], key) == 42
+
+
+SYSDEPS = CpuLiveServerless(name="local-sysdeps")
+
+
+@remote(SYSDEPS, system_dependencies=["flash-actors-no-such-deb-package"])
+async def needs_system_package() -> None:
+    return None
+
+
+async def test_missing_system_dependency_fails_naming_the_package(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        job = await needs_system_package()
+    assert job.status == JobStatus.FAILED
+    assert "flash-actors-no-such-deb-package" in job.error
+    assert job.error.startswith(("system_dependencies", "apt-get could not install"))
+
+
+QUEUED = CpuLiveServerless(name="local-queued-cancel")
+
+
+@remote(QUEUED)
+def block_until(path: str) -> str:
+    import os
+    import time
+
+    while not os.path.exists(path):
+        time.sleep(0.01)
+    return "released"
+
+
+async def test_cancelling_a_queued_job_removes_it_from_the_queue(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash", slots=1, batch_size=1)
+    release = tmp_path / "release"
+    async with runtime(provider=provider):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(block_until, str(release))  # occupies the only slot
+            pool = None
+            with anyio.fail_after(20):
+                while pool is None or pool.statistics()["busy_slots"] < 1:
+                    await anyio.sleep(0.01)
+                    pool = provider.pools.get("local-queued-cancel")
+            with anyio.move_on_after(0.2):
+                await block_until(str(release))  # waits in the queue, then is cancelled
+            with anyio.fail_after(5):  # it leaves the queue (the cancel reaches the pool)
+                while pool.statistics()["queued"]:
+                    await anyio.sleep(0.01)
+            release.touch()
+        assert (await block_until(str(release))).output == "released"
