@@ -539,7 +539,9 @@ async def test_cancelling_a_queued_job_removes_it_from_the_queue(
                     pool = provider.pools.get("local-queued-cancel")
             with anyio.move_on_after(0.2):
                 await block_until(str(release))  # waits in the queue, then is cancelled
-            with anyio.fail_after(5):  # it leaves the queue (the cancel reaches the pool)
+            with anyio.fail_after(
+                5
+            ):  # it leaves the queue (the cancel reaches the pool)
                 while pool.statistics()["queued"]:
                     await anyio.sleep(0.01)
             release.touch()
