@@ -45,6 +45,7 @@ from flash_actors.registry import REGISTRY
 from flash_actors.resources import LoadBalancerResource, ServerlessResource
 from flash_actors.runtime import get_runtime
 from flash_actors.serialization import (
+    DecodedRequest,
     RequestSigner,
     decode_request,
     decode_result,
@@ -234,6 +235,19 @@ class _Caller:
     ) -> FunctionRequest:
         return self.signer().sign(args, kwargs, arg_names=arg_names, **extra)
 
+    def _decode_locally(
+        self, request: FunctionRequest, arg_names: tuple[str, ...]
+    ) -> tuple[bytes, DecodedRequest]:
+        """``local=True``: the payload checks a remote call gets, then the decoded arguments."""
+        check_payload(
+            request,
+            self._policy.payload_limit,
+            function=self._label,
+            arg_names=arg_names,
+        )
+        key = self.key()
+        return key, decode_request(request, key)
+
     def _call_message(
         self,
         request: FunctionRequest,
@@ -294,14 +308,7 @@ class _Caller:
         """``local=True`` streaming: each chunk makes the serialization round trip."""
 
         async def open_stream() -> tuple[_Next, _Close]:
-            check_payload(
-                request,
-                self._policy.payload_limit,
-                function=self._label,
-                arg_names=arg_names,
-            )
-            key = self.key()
-            decoded = decode_request(request, key)
+            key, decoded = self._decode_locally(request, arg_names)
 
             def travel(chunk: Any) -> Any:
                 return decode_result(*encode_result(chunk, key), key)
@@ -343,14 +350,7 @@ class _Caller:
         target: Callable[..., Any],
     ) -> Any:
         """Run in-process, with the arguments and the result making the wire round trip."""
-        check_payload(
-            request,
-            self._policy.payload_limit,
-            function=self._label,
-            arg_names=arg_names,
-        )
-        key = self.key()
-        decoded = decode_request(request, key)
+        key, decoded = self._decode_locally(request, arg_names)
         timeout = self._policy.execution_timeout_s
         with anyio.move_on_after(timeout) as scope:
             value = await invoke(target, decoded.args, decoded.kwargs)

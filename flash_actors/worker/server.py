@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from flash_actors.errors import PayloadSignatureError
 from flash_actors.messages import FunctionRequest, FunctionResponse, Route
 from flash_actors.serialization import verify_request
 from flash_actors.worker import _capture
@@ -132,13 +131,8 @@ class WorkerApp:
                 await response.write(line)
 
         for job in batch.jobs:
-            try:
-                verify_request(job.request, self.key)
-            except PayloadSignatureError as exc:
-                queue.put_nowait(
-                    _encoder.encode(Done(id=job.id, refused=str(exc))) + b"\n"
-                )
-                continue
+            # The executor checks the signature before it unpickles or compiles anything;
+            # a refusal comes back as the task's PayloadSignatureError (see _finished).
             if job.stream:
                 task = asyncio.ensure_future(
                     self.executor.stream(job.request, self._chunk_writer(job.id, write))

@@ -421,19 +421,14 @@ class WorkerPool:
 
     async def _provision(self, request: FunctionRequest) -> None:
         """Install the request's dependencies before it queues (once per set)."""
-        if request.system_dependencies:
-            key = ("apt", *request.system_dependencies)
-            if key not in self._provisioned:
-                await ensure_system_packages(
-                    request.system_dependencies, endpoint=self.resource.name
-                )
-                self._provisioned.add(key)
-        if request.dependencies:
-            key = ("pip", *request.dependencies)
-            if key not in self._provisioned:
-                await ensure_environment(
-                    request.dependencies, endpoint=self.resource.name
-                )
+        steps = (
+            ("apt", request.system_dependencies, ensure_system_packages),
+            ("pip", request.dependencies, ensure_environment),
+        )
+        for kind, packages, install in steps:
+            key = (kind, *(packages or ()))
+            if packages and key not in self._provisioned:
+                await install(packages, endpoint=self.resource.name)
                 self._provisioned.add(key)
 
     def _dequeue(self, job: _Job) -> None:
