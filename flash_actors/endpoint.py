@@ -10,6 +10,7 @@ the typed remote error) for load-balancer resources.
 from __future__ import annotations
 
 import secrets
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -142,7 +143,7 @@ class EndpointActor(Actor[Call]):
         """A queue job: wait for capacity within the TTL, run with retries, wrap in JobOutput."""
         assert self._slots is not None  # noqa: S101 (set in on_start)
         job_id = new_job_id()
-        queued = anyio.current_time()
+        queued = time.monotonic()
         ttl = call.policy.ttl_s
         try:
             self._slots.acquire_nowait()
@@ -158,11 +159,11 @@ class EndpointActor(Actor[Call]):
                 status=JobStatus.TIMED_OUT,
                 error=str(error),
                 ended_at=datetime.now(UTC),
-                delay_time_ms=int((anyio.current_time() - queued) * 1000),
+                delay_time_ms=int((time.monotonic() - queued) * 1000),
                 exception=error,
             )
         started_at = datetime.now(UTC)
-        started = anyio.current_time()
+        started = time.monotonic()
         delay_ms = int((started - queued) * 1000)
         try:
             response = await self._attempts(call, job_id)
@@ -179,13 +180,13 @@ class EndpointActor(Actor[Call]):
                 started_at=started_at,
                 ended_at=datetime.now(UTC),
                 delay_time_ms=delay_ms,
-                execution_time_ms=int((anyio.current_time() - started) * 1000),
+                execution_time_ms=int((time.monotonic() - started) * 1000),
                 exception=exc,
             )
         finally:
             self._slots.release()
         ended_at = datetime.now(UTC)
-        execution_ms = int((anyio.current_time() - started) * 1000)
+        execution_ms = int((time.monotonic() - started) * 1000)
         try:
             value = response_value(response, self.key)
         except FlashRuntimeError as exc:

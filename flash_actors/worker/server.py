@@ -38,7 +38,7 @@ from flash_actors.worker import _capture
 from flash_actors.worker.executor import Executor, invoke
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
 __all__ = ["WorkerApp", "forked_main", "main", "serve"]
 
@@ -297,7 +297,17 @@ def _run(sock: socket.socket, routes_path: str | None) -> None:
     sock.setblocking(False)  # noqa: FBT003
     deployed = load_deployed(os.environ.get("FLASH_DEPLOYED_MODULES", ""))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(WorkerApp(key, token, routes, deployed), sock))
+        _event_loop_run(serve(WorkerApp(key, token, routes, deployed), sock))
+
+
+def _event_loop_run(main: Coroutine[Any, Any, None]) -> None:
+    """Run the worker's loop: uvloop when installed (the ``fast`` extra), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def load_deployed(modules: str) -> dict[str, object]:
