@@ -9,6 +9,7 @@ time; the pool keeps one per worker and in-flight request.
 
 from __future__ import annotations
 
+import struct
 from contextlib import aclosing
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "Response"]
 
 _MAX_HEADER = 64 * 1024
+_FRAME = struct.Struct(">I")
 
 
 class _Reader:
@@ -102,6 +104,23 @@ class Response:
         if pending:
             yield pending
 
+    async def frames(self) -> AsyncGenerator[bytes]:
+        """The body split into frames, each prefixed by its length (4 bytes, big-endian)."""
+        buffer = bytearray()
+        async with aclosing(self.chunks()) as chunks:
+            async for chunk in chunks:
+                buffer += chunk
+                while len(buffer) >= _FRAME.size:
+                    (size,) = _FRAME.unpack_from(buffer)
+                    end = _FRAME.size + size
+                    if len(buffer) < end:
+                        break
+                    yield bytes(buffer[_FRAME.size : end])
+                    del buffer[:end]
+        if buffer:
+            msg = "the worker's answer ended in the middle of a frame"
+            raise DeliveryError(msg)
+
     async def read(self) -> bytes:
         """The whole body."""
         async with aclosing(self.chunks()) as chunks:
@@ -131,12 +150,18 @@ class Connection:
             self._reader = _Reader(stream)
         return self._stream, self._reader
 
-    async def request(self, method: str, path: str, body: bytes = b"") -> Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        content_type: str = "application/json",
+    ) -> Response:
         """Send a request and read the status line and headers of the answer."""
         stream, reader = await self._connect()
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-            f"Authorization: {self._auth}\r\nContent-Type: application/json\r\n"
+            f"Authorization: {self._auth}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
         try:

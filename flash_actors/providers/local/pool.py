@@ -61,7 +61,9 @@ class _Done(msgspec.Struct, frozen=True):
     refused: str | None = None
 
 
-_done_decoder = msgspec.json.Decoder(_Done)
+_done_decoder = msgspec.msgpack.Decoder(_Done)
+_packer = msgspec.msgpack.Encoder()
+MSGPACK = "application/msgpack"  # see flash_actors.worker.server
 
 
 class _Job:
@@ -495,16 +497,18 @@ class WorkerPool:
             {"id": job.id, "request": job.request, "stream": job.chunks is not None}
             for job in batch
         ]
-        body = _encoder.encode({"jobs": jobs})
+        body = _packer.encode({"jobs": jobs})
         try:
-            response = await conn.request("POST", "/execute", body)
+            response = await conn.request(
+                "POST", "/execute", body, content_type=MSGPACK
+            )
             if response.status != 200:
                 text = (await response.read()).decode(errors="replace")
                 msg = f"worker {worker.id} answered HTTP {response.status}: {text}"
                 raise DeliveryError(msg)
-            async with aclosing(response.lines()) as lines:
-                async for line in lines:
-                    done = _done_decoder.decode(line)
+            async with aclosing(response.frames()) as frames:
+                async for frame in frames:
+                    done = _done_decoder.decode(frame)
                     if done.chunk is not None:
                         streaming = pending.get(done.id)
                         if streaming is not None and streaming.chunks is not None:
