@@ -546,3 +546,22 @@ async def test_cancelling_a_queued_job_removes_it_from_the_queue(
                     await anyio.sleep(0.01)
             release.touch()
         assert (await block_until(str(release))).output == "released"
+
+
+async def test_a_dead_worker_is_replaced_to_keep_workers_min(tmp_path: Path) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        first = (await pid()).output  # local-warm keeps workersMin=2
+        pool = provider.pools["local-warm"]
+        with anyio.fail_after(20):
+            while pool.statistics()["ready"] < 2:
+                await anyio.sleep(0.02)
+        os.kill(first, signal.SIGKILL)
+        with anyio.fail_after(20):
+            while (
+                first in worker_pids(provider, "local-warm")
+                or pool.statistics()["ready"] < 2
+            ):
+                await anyio.sleep(0.02)
+        assert pool.started_total >= 3
+        assert first not in worker_pids(provider, "local-warm")

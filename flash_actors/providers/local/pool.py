@@ -120,6 +120,7 @@ class Worker:
         self.free = slots
         self.ready = False
         self.alive = True
+        self.terminated = False
         self.idle_since = anyio.current_time()
         self.connections: list[Connection] = []
 
@@ -306,8 +307,7 @@ class WorkerPool:
                     self._wake.set()
         finally:
             with anyio.CancelScope(shield=True):
-                if worker.alive:
-                    await _terminate(worker)
+                await _terminate(worker)  # also when it died: its connections are ours
                 self.workers.pop(worker_id, None)
                 self._close_worker_log(worker_id)
                 self._wake.set()
@@ -564,8 +564,11 @@ class WorkerPool:
 
 
 async def _terminate(worker: Worker) -> None:
-    """SIGTERM, then SIGKILL after 3 s; always reap the process."""
+    """SIGTERM, then SIGKILL after 3 s; always reap the process (idempotent)."""
     worker.alive = False
+    if worker.terminated:
+        return
+    worker.terminated = True
     for conn in worker.connections:
         await conn.aclose()
     worker.connections.clear()
