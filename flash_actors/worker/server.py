@@ -2,10 +2,12 @@
 
 Routes:
 
-- ``POST /execute``: ``{"jobs": [{"id", "request": FunctionRequest}, ...]}``. The jobs run
-  concurrently; the reply streams one JSON line per job as it finishes,
-  ``{"id", "response": FunctionResponse}``, or ``{"id", "refused": "..."}`` for a request whose
-  signature does not hold (nothing of it was unpickled).
+- ``POST /execute``: ``{"jobs": [{"id", "request": FunctionRequest, "stream"?}, ...]}`` as
+  msgpack (our client) or JSON. The jobs run concurrently; the reply streams one answer per
+  job as it finishes (length-prefixed msgpack frames, or JSON lines for a JSON body):
+  ``{"id", "response": FunctionResponse}``, ``{"id", "chunk": ...}`` for each chunk of a
+  streaming job, or ``{"id", "refused": "..."}`` for a request whose signature does not hold
+  (nothing of it was unpickled).
 - ``POST /cancel``: ``{"ids": [...]}`` cancels those running jobs.
 - ``GET /ping``: liveness, with the number of running jobs.
 - Load-balancer workers also serve the user's own routes (``method`` + ``path``), calling the
@@ -289,7 +291,7 @@ async def serve(app: WorkerApp, sock: socket.socket) -> None:
 
 
 def _alive(pid: int) -> bool:
-    """True while the client process runs (our parent, or the forkserver's parent)."""
+    """True while the client process runs (our parent, or the template's parent)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
