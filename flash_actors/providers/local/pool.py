@@ -89,7 +89,7 @@ class _Job:
         self.request = request
         self.chunks = chunks
         self.done = anyio.Event()
-        self.started = anyio.Event()
+        self.started: anyio.Event | None = None  # made only if the job has to wait
         self.response: FunctionResponse | None = None
         self.error: BaseException | None = None
         self.state = "IN_QUEUE"
@@ -390,10 +390,12 @@ class WorkerPool:
         await self._provision(call.request)
         job = _Job(job_id, call.request, chunks)
         self.queue.append(job)
-        self._wake.set()
+        self._dispatch()  # a free slot takes it now, without a pass through the dispatcher
         try:
-            with anyio.move_on_after(call.policy.ttl_s):
-                await job.started.wait()
+            if job.state == "IN_QUEUE":
+                job.started = anyio.Event()
+                with anyio.move_on_after(call.policy.ttl_s):
+                    await job.started.wait()
             if job.state == "IN_QUEUE":
                 self._dequeue(job)
                 raise expired_error(call, job_id)
@@ -476,7 +478,8 @@ class WorkerPool:
                 job = self.queue.popleft()
                 job.state = "IN_PROGRESS"
                 job.worker = worker
-                job.started.set()
+                if job.started is not None:
+                    job.started.set()
                 batch.append(job)
                 if job.chunks is not None:
                     break
