@@ -150,3 +150,20 @@ def test_class_request_signs_constructor_and_instance() -> None:
     ):
         with pytest.raises(PayloadSignatureError):
             decode_request(msgspec.structs.replace(req, **change), KEY)
+
+
+def test_large_payloads_are_signed_by_chunk_digests_and_still_refused_when_changed() -> (
+    None
+):
+    big = bytes(range(256)) * (5 * 4096)  # 5 MiB: hashed in 1 MiB chunks, in parallel
+    req = sign(big, tail=b"x")
+    assert decode_request(req, KEY).args == [big]
+    raw = bytearray(pybase64.b64decode(req.args[0], validate=True))
+    raw[3 * 1024 * 1024 + 17] ^= 1  # one bit in the fourth chunk
+    forged = msgspec.structs.replace(
+        req, args=[pybase64.b64encode(bytes(raw)).decode()]
+    )
+    with pytest.raises(PayloadSignatureError, match=r"signature does not match"):
+        decode_request(forged, KEY)
+    text, signature = encode_result(big, KEY)
+    assert decode_result(text, signature, KEY) == big
