@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from _ray_reference import ray_session
 
 from flash_actors import CpuLiveServerless, remote, runtime
 
@@ -54,17 +55,9 @@ async def _sample(call: Callable[[int], Awaitable[Any]], n: int) -> dict[str, fl
 
 
 async def _ray(n: int) -> dict[str, float] | None:
-    try:
-        import ray
-    except ImportError:
-        return None
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
-    try:
+    with ray_session() as ray:
+        if ray is None:
+            return None
 
         class Counter:
             def inc(self, x: int) -> int:
@@ -79,8 +72,6 @@ async def _ray(n: int) -> dict[str, float] | None:
             return await actor.inc.remote(x)
 
         return await _sample(call, n)
-    finally:
-        ray.shutdown()
 
 
 async def run(n: int, with_ray: bool) -> dict[str, Any]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import resource
 import sys
 import time
 from typing import Any
 
 import trio
+from _ray_reference import ray_session
 
 from flash_actors import CpuLiveServerless, remote, runtime
 
@@ -72,17 +72,9 @@ async def _trio(n: int) -> dict[str, Any]:
 
 
 async def _ray(n: int) -> dict[str, Any] | None:
-    try:
-        import ray
-    except ImportError:
-        return None
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.ERROR,
-    )
-    try:
+    with ray_session() as ray:
+        if ray is None:
+            return None
 
         def inc_plain(x: int) -> int:
             return x + 1
@@ -93,8 +85,6 @@ async def _ray(n: int) -> dict[str, Any] | None:
         start = time.perf_counter()
         await asyncio.gather(*(ray_inc.remote(i) for i in range(n)))
         return {"calls_per_s": n / (time.perf_counter() - start)}
-    finally:
-        ray.shutdown()
 
 
 def main() -> int:

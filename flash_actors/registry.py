@@ -30,7 +30,7 @@ _RESOURCE_CLASSES: dict[str, type[ServerlessResource]] = {
     if isinstance(getattr(resources, name), type)
     and issubclass(getattr(resources, name), ServerlessResource)
     and getattr(resources, name) is not ServerlessResource
-    and not name.startswith("LoadBalancerResource")
+    and getattr(resources, name) is not resources.LoadBalancerResource
 }
 
 

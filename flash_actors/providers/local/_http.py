@@ -91,19 +91,6 @@ class Response:
                 yield await self._reader.exactly(length)
         self.complete = True
 
-    async def lines(self) -> AsyncGenerator[bytes]:
-        """The body split into newline-terminated lines (NDJSON)."""
-        pending = b""
-        async with aclosing(self.chunks()) as chunks:
-            async for chunk in chunks:
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for line in complete:
-                    if line:
-                        yield line
-        if pending:
-            yield pending
-
     async def frames(self) -> AsyncGenerator[bytes]:
         """The body split into frames, each prefixed by its length (4 bytes, big-endian)."""
         buffer = bytearray()
