@@ -266,13 +266,19 @@ class ActorCell(Generic[M]):
         """Supervise the actor until it stops for good; then fail whatever still waits."""
         crashes: deque[float] = deque()
         in_a_row = 0
+        start_error: Exception | None = None
         try:
             while True:
                 actor = self.factory()
                 actor.ref = self.ref
                 try:
                     self.running = True
-                    await actor.on_start()
+                    start_error = None
+                    try:
+                        await actor.on_start()
+                    except Exception as exc:
+                        start_error = exc
+                        raise
                     in_a_row = 0
                     await self._serve(actor)
                     return
@@ -292,6 +298,10 @@ class ActorCell(Generic[M]):
                             crashes=len(crashes),
                             exc_info=exc,
                         )
+                        if start_error is not None:
+                            # what waits was never handled because the actor cannot start:
+                            # its callers get that reason, not a bare "stopped"
+                            self._fail_waiting(start_error)
                         return
                     in_a_row += 1
                     delay = self.restart.delay(in_a_row)
@@ -323,6 +333,12 @@ class ActorCell(Generic[M]):
                     )
                 )
         self.stopped.set()
+
+    def _fail_waiting(self, error: Exception) -> None:
+        """Fail every queued message with ``error`` (and close the mailbox)."""
+        for envelope in self.mailbox.close():
+            if envelope.reply is not None:
+                envelope.reply.set_exception(error)
 
     def _fail_in_flight(self, error: ActorStoppedError) -> None:
         for reply in list(self.in_flight):
