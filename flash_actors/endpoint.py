@@ -19,13 +19,14 @@ import anyio
 from flash_actors._logging import get_logger
 from flash_actors.actors import Actor
 from flash_actors.errors import (
+    ConfigurationError,
     DeliveryError,
     ExecutionTimeoutError,
     FlashRuntimeError,
     RemoteExecutionError,
 )
 from flash_actors.jobs import JobOutput, JobStatus
-from flash_actors.messages import Call, FunctionResponse
+from flash_actors.messages import Call, FunctionResponse, PayloadCall, Routed
 from flash_actors.policies import check_payload, expired_error
 from flash_actors.serialization import decode_result, endpoint_key
 
@@ -68,7 +69,7 @@ def response_value(response: FunctionResponse, key: bytes) -> Any:
     raise RemoteExecutionError.from_remote(message, response.error_type or "", error)
 
 
-class EndpointActor(Actor[Call]):
+class EndpointActor(Actor[Routed]):
     """Runs the calls of one endpoint on its provider's backend.
 
     Args:
@@ -93,8 +94,10 @@ class EndpointActor(Actor[Call]):
         if self.backend is not None:
             await self.backend.aclose()
 
-    async def receive(self, message: Call) -> Any:
+    async def receive(self, message: Routed) -> Any:
         """Run one call under its policies; see the module docstring for what comes back."""
+        if isinstance(message, PayloadCall):
+            return await self._run_payload(message)
         check_payload(
             message.request,
             message.policy.payload_limit,
@@ -211,6 +214,36 @@ class EndpointActor(Actor[Call]):
             execution_time_ms=execution_ms,
             stdout=response.stdout or "",
         )
+
+    async def _run_payload(self, job: PayloadCall) -> JobOutput:
+        """A dictionary job for a handler endpoint: retried deliveries, a `JobOutput` back."""
+        run = getattr(self.backend, "run_payload", None)
+        if run is None:
+            msg = (
+                f"endpoint {self.resource.name!r} runs a RunPod handler file, which needs "
+                "the local provider (or a `flash local` daemon); this runtime uses "
+                f"{getattr(self.provider, 'name', 'another provider')!r}"
+            )
+            raise ConfigurationError(msg)
+        policy = job.policy
+        job_policy: dict[str, int] = {}
+        if policy.execution_timeout_s is not None:
+            job_policy["executionTimeout"] = max(
+                1, int(policy.execution_timeout_s * 1000)
+            )
+        if policy.ttl_s is not None:
+            job_policy["ttl"] = max(1, int(policy.ttl_s * 1000))
+        job_id = new_job_id()
+        for attempt in range(1, policy.retry.attempts + 1):
+            try:
+                result: JobOutput = await run(job.input, job_policy, job_id)
+            except DeliveryError:
+                if attempt == policy.retry.attempts:
+                    raise
+                await anyio.sleep(policy.retry.delay(attempt))
+            else:
+                return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _attempts(self, call: Call, job_id: str) -> FunctionResponse:
         """Deliver with the policy's timeout and retries.

@@ -19,7 +19,9 @@ __all__ = [
     "ExecutionType",
     "FunctionRequest",
     "FunctionResponse",
+    "PayloadCall",
     "Route",
+    "Routed",
     "SerializationFormat",
     "request_decoder",
     "response_decoder",
@@ -93,6 +95,22 @@ class Call(msgspec.Struct, kw_only=True, frozen=True):
     http_path: str | None = None
     stream_to: Any = None
     """For ``f.stream(...)``: the send side of a bounded memory stream for the chunks."""
+
+
+class PayloadCall(msgspec.Struct, kw_only=True, frozen=True):
+    """A dictionary job for a handler endpoint (``await endpoint.run({...})``).
+
+    It takes the same road as a `Call` (caller -> Router -> Endpoint); ``input`` is the
+    job's JSON ``input`` as RunPod handlers receive it.
+    """
+
+    endpoint: str
+    input: Any
+    policy: CallPolicy
+
+
+Routed = Call | PayloadCall
+"""What the Router routes: a remote call or a dictionary job."""
 
 
 class Route(msgspec.Struct, frozen=True, kw_only=True):

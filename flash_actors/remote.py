@@ -683,6 +683,13 @@ def remote(
         if callable(resource_config):
             msg += " (write @remote(resource_config=...), not a bare @remote)"
         raise ConfigurationError(msg)
+    if resource_config.handler is not None:
+        msg = (
+            f"remote(): endpoint {resource_config.name!r} runs the RunPod handler file "
+            f"{resource_config.handler!r}; send it dictionary payloads with "
+            "`await endpoint.run({...})` instead of decorating functions with it"
+        )
+        raise ConfigurationError(msg)
     spec = _Spec(
         resource_config,
         list(dependencies or []),

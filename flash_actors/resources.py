@@ -12,10 +12,12 @@ resource, the field and the fix.
 
 from __future__ import annotations
 
+import os
 import re
 from enum import Enum, StrEnum
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import anyio
 import msgspec
 
 from flash_actors.errors import ConfigurationError
@@ -26,6 +28,9 @@ from flash_actors.policies import (
     CallPolicy,
     RetryPolicy,
 )
+
+if TYPE_CHECKING:
+    from flash_actors.jobs import JobOutput
 
 __all__ = [
     "CpuInstanceType",
@@ -261,6 +266,10 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
         imageName: custom worker image (non-Live classes).
         datacenter / locations: placement.
         flashboot: fast cold starts on RunPod.
+        handler: a RunPod handler file (``runpod.serverless.start(...)``) that the local
+            provider runs as the endpoint's workers; only for the non-Live queue classes
+            (`ServerlessEndpoint`, `CpuServerlessEndpoint`), called with ``await
+            endpoint.run({...})`` / ``runsync`` and dictionary payloads.
     """
 
     name: str
@@ -286,6 +295,7 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
     flashboot: bool = True
     templateId: str | None = None
     id: str | None = None
+    handler: str | None = None
 
     is_load_balancer: ClassVar[bool] = False
     is_live: ClassVar[bool] = True
@@ -349,6 +359,18 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
                 self.instanceIds = [CpuInstanceType.CPU3G_2_8]
         elif self.gpus is None and not self.instanceIds:
             self.gpus = [GpuGroup.ANY]
+        if self.handler is not None:
+            if self.is_live or self.is_load_balancer:
+                msg = (
+                    f"{owner}: handler= is for ServerlessEndpoint and CpuServerlessEndpoint "
+                    "(a RunPod handler file taking dictionary payloads); Live classes and "
+                    "load balancers run @remote code"
+                )
+                raise ConfigurationError(msg)
+            handler: object = self.handler
+            if not isinstance(handler, str) or not handler.endswith(".py"):
+                msg = f"{owner}: handler must be the path of a .py file, got {self.handler!r}"
+                raise ConfigurationError(msg)
         if self.env is not None:
             env_values: dict[str, object] = dict(self.env)
             bad = {k: v for k, v in env_values.items() if not isinstance(v, str)}
@@ -387,6 +409,39 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
             else DEFAULT_EXECUTION_TIMEOUT_S,
             ttl_s=(self.ttlMs / 1000.0) if self.ttlMs else DEFAULT_TTL_S,
         )
+
+    async def run(self, payload: dict[str, Any]) -> JobOutput:
+        """Run one job with a dictionary payload on this endpoint's handler file.
+
+        ``payload`` is ``{"input": {...}}`` as RunPod's ``/run`` takes it (a dictionary
+        without an ``input`` key is sent as the input itself). Returns when the job ends: a
+        `JobOutput` whose ``output`` is the handler's JSON result; a handler's exception is
+        in ``error``, and ``raise_for_error()`` raises it typed.
+
+        Raises:
+            ConfigurationError: the endpoint has no ``handler`` file.
+        """
+        if self.handler is None:
+            msg = (
+                f"{type(self).__name__}(name={self.name!r}) has no handler file: pass "
+                "handler='handler.py' (a RunPod handler) to send it dictionary payloads, "
+                "or decorate functions with @remote(resource_config=...)"
+            )
+            raise ConfigurationError(msg)
+        if not await anyio.Path(self.handler).is_file():
+            msg = (
+                f"{type(self).__name__}(name={self.name!r}): handler file "
+                f"{self.handler!r} does not exist (relative paths start at {os.getcwd()!r})"
+            )
+            raise ConfigurationError(msg)
+        from flash_actors.runtime import get_runtime
+
+        runtime = await get_runtime()
+        return await runtime.submit(self, payload)
+
+    async def runsync(self, payload: dict[str, Any]) -> JobOutput:
+        """`run`, named as in Flash (both wait for the job's end)."""
+        return await self.run(payload)
 
     def same_config(self, other: ServerlessResource) -> bool:
         """True when ``other`` describes the same endpoint (same class and fields)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flash_actors.actors import Actor, ActorRef, Forward
-from flash_actors.messages import Call
+from flash_actors.messages import Routed
 
 if TYPE_CHECKING:
     from flash_actors.runtime import FlashRuntime
@@ -17,14 +17,14 @@ if TYPE_CHECKING:
 __all__ = ["Router"]
 
 
-class Router(Actor[Call]):
-    """Routes `Call`s to Endpoint actors, spawning them on first use."""
+class Router(Actor[Routed]):
+    """Routes `Call`s (and `PayloadCall`s) to Endpoint actors, spawning them on first use."""
 
     def __init__(self, runtime: FlashRuntime) -> None:
         self._runtime = runtime
-        self._endpoints: dict[str, ActorRef[Call]] = {}
+        self._endpoints: dict[str, ActorRef[Routed]] = {}
 
-    async def receive(self, message: Call) -> Forward:
+    async def receive(self, message: Routed) -> Forward:
         """Forward the call to its endpoint's actor."""
         ref = self._endpoints.get(message.endpoint)
         if ref is None or ref.is_stopped:

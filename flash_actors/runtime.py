@@ -20,6 +20,7 @@ from flash_actors.actors import ActorRef, ActorSystem
 from flash_actors.actors._hosting import current_hosted, hosted
 from flash_actors.endpoint import EndpointActor
 from flash_actors.errors import ConfigurationError
+from flash_actors.messages import PayloadCall
 from flash_actors.registry import REGISTRY, Registry
 from flash_actors.router import Router
 
@@ -27,8 +28,10 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from types import TracebackType
 
-    from flash_actors.messages import Call
+    from flash_actors.jobs import JobOutput
+    from flash_actors.messages import Call, Routed
     from flash_actors.providers.base import Provider
+    from flash_actors.resources import ServerlessResource
 
 __all__ = ["FlashRuntime", "current_runtime", "get_runtime", "runtime"]
 
@@ -43,6 +46,13 @@ _current: ContextVar[FlashRuntime | None] = ContextVar(
 def _default_provider(name: str | None) -> Provider:
     name = name or os.environ.get("FLASH_PROVIDER") or "local"
     if name == "local":
+        from flash_actors.gateway.record import find_daemon
+
+        record = find_daemon()
+        if record is not None:
+            from flash_actors.gateway.client import GatewayProvider
+
+            return GatewayProvider(record)
         from flash_actors.providers.local import LocalProvider
 
         return LocalProvider()
@@ -76,10 +86,10 @@ class FlashRuntime:
         )
         self.registry = registry or REGISTRY
         self.system = ActorSystem()
-        self._router: ActorRef[Call] | None = None
+        self._router: ActorRef[Routed] | None = None
 
     @property
-    def router(self) -> ActorRef[Call]:
+    def router(self) -> ActorRef[Routed]:
         """The Router actor (the ProductionWrapper)."""
         if self._router is None:
             msg = "the runtime is not running"
@@ -114,7 +124,7 @@ class FlashRuntime:
                 # Not inside the shield: the provider's task group must exit in nesting order.
                 await self.provider.__aexit__(None, None, None)
 
-    def endpoint(self, name: str) -> ActorRef[Call]:
+    def endpoint(self, name: str) -> ActorRef[Routed]:
         """The Endpoint actor of endpoint ``name``, spawned on first use.
 
         Raises:
@@ -135,6 +145,19 @@ class FlashRuntime:
     async def call(self, call: Call) -> Any:
         """Send a call through the Router and wait for its answer."""
         return await self.router.ask(call)
+
+    async def submit(
+        self, resource: ServerlessResource, payload: dict[str, Any]
+    ) -> JobOutput:
+        """Run one dictionary job on a handler endpoint (``await endpoint.run({...})``)."""
+        self.registry.register(resource)
+        job = PayloadCall(
+            endpoint=resource.name,
+            input=payload.get("input", payload),
+            policy=resource.call_policy(),
+        )
+        result: JobOutput = await self.router.ask(job)
+        return result
 
 
 @asynccontextmanager

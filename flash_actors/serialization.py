@@ -62,7 +62,7 @@ _endpoint_keys: dict[str, bytes] = {}
 
 
 def master_secret() -> bytes:
-    """The process's master secret: ``FLASH_SECRET`` (hex) or 32 random bytes."""
+    """The process's master secret: ``FLASH_SECRET`` (hex), a running daemon's, or random."""
     global _master_secret
     if _master_secret is None:
         env = os.environ.get("FLASH_SECRET")
@@ -73,8 +73,21 @@ def master_secret() -> bytes:
                 msg = "FLASH_SECRET must be a hex string (for example `openssl rand -hex 32`)"
                 raise SerializationError(msg) from exc
         else:
-            _master_secret = secrets.token_bytes(32)
+            _master_secret = _daemon_secret() or secrets.token_bytes(32)
     return _master_secret
+
+
+def _daemon_secret() -> bytes | None:
+    """The running ``flash local`` daemon's secret, so its workers accept our requests."""
+    from flash_actors.gateway.record import find_daemon
+
+    record = find_daemon()
+    if record is None or not record.secret:
+        return None
+    try:
+        return bytes.fromhex(record.secret)
+    except ValueError:
+        return None
 
 
 def set_master_secret(secret: bytes) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 import flash_actors
+from flash_actors_cli import local
 
 __all__ = ["build_parser", "main"]
 
@@ -21,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="version",
         version=f"flash-actors {flash_actors.__version__}",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    local.add_parser(commands)
     return parser
 
 
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0  # pragma: no cover - no sub-commands yet
+    return local.run(args)  # the only command so far (argparse refuses others)
 
 
 if __name__ == "__main__":

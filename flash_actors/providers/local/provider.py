@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
+    from flash_actors.gateway.client import GatewayBackend, GatewayProvider
     from flash_actors.resources import ServerlessResource
 
 __all__ = ["LocalProvider"]
@@ -59,6 +60,8 @@ class LocalProvider:
         self.slots = slots
         self.pools: dict[str, WorkerPool] = {}
         self._tg: TaskGroup | None = None
+        self._gateway: GatewayProvider | None = None
+        self._gateway_lock = anyio.Lock()
 
     async def __aenter__(self) -> LocalProvider:
         tg = anyio.create_task_group()
@@ -84,11 +87,24 @@ class LocalProvider:
 
     async def open_endpoint(
         self, resource: ServerlessResource, key: bytes
-    ) -> LocalBackend:
-        """Start the endpoint's pool (``workersMin`` workers start now, others on demand)."""
+    ) -> LocalBackend | GatewayBackend:
+        """Start the endpoint's pool (``workersMin`` workers start now, others on demand).
+
+        A handler endpoint (``handler="file.py"``) runs on a private gateway process that
+        this provider starts on first use and stops when it closes.
+        """
         if self._tg is None:
             msg = "the local provider is not running (enter it with `async with`)"
             raise RuntimeNotRunningError(msg)
+        if resource.handler is not None:
+            async with self._gateway_lock:
+                if self._gateway is None:
+                    from flash_actors.gateway.client import (
+                        start_private_gateway,
+                    )
+
+                    self._gateway = await start_private_gateway(self.state_dir / "logs")
+            return await self._gateway.open_endpoint(resource, key)
         routes = [
             Route(
                 method=method,
@@ -117,6 +133,9 @@ class LocalProvider:
         return LocalBackend(pool, scope)
 
     async def aclose(self) -> None:
-        """Stop every pool (the runtime also leaves the provider's context)."""
+        """Stop every pool and the private gateway (the runtime also leaves the context)."""
         for pool in list(self.pools.values()):
             await pool.stop_all()
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            await gateway.aclose()

@@ -1,0 +1,421 @@
+"""The provider scripts use when a ``flash local`` daemon runs: calls go to its queue.
+
+`GatewayProvider` registers each endpoint's config with the daemon (``PUT
+/flash/v1/endpoints/{name}``) and sends every call as a RunPod job: ``runsync`` with the
+Flash ``FunctionRequest`` as ``input`` (long-polling ``status`` if the wait runs out), or
+``run`` + ``stream`` polls for ``f.stream(...)``. The job id is the caller's, so a retried
+delivery attaches to the job the daemon already has instead of running it twice. Leaving the
+caller's scope cancels the job on the daemon.
+
+The same client talks to the private gateway an embedded local provider starts for handler
+endpoints (`start_private_gateway`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from flash_actors.errors import (
+    ConfigurationError,
+    DeliveryError,
+    ExecutionTimeoutError,
+    FlashRuntimeError,
+    RemoteExecutionError,
+)
+from flash_actors.gateway.core import config_of
+from flash_actors.gateway.record import DaemonRecord, read_record
+from flash_actors.jobs import JobOutput, JobStatus
+from flash_actors.messages import FunctionResponse, wire_encoder
+from flash_actors.providers.local._http import Connection
+from flash_actors.serialization import master_secret
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from anyio.abc import Process
+    from anyio.streams.memory import MemoryObjectSendStream
+
+    from flash_actors.messages import Call
+    from flash_actors.resources import ServerlessResource
+
+__all__ = ["GatewayBackend", "GatewayProvider", "start_private_gateway"]
+
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
+LONG_WAIT_MS = 300_000
+MAX_CONNECTIONS = 256  # requests in flight to the gateway at once (each waits on a job)
+
+
+class _Chunk(msgspec.Struct):
+    output: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+
+
+class Envelope(msgspec.Struct):
+    """A data-plane answer: ``/run``, ``/runsync``, ``/status`` and ``/stream`` share it."""
+
+    id: str = ""
+    status: str = ""
+    output: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    error: str | None = None
+    delayTime: int | None = None
+    executionTime: int | None = None
+    workerId: str | None = None
+    stream: list[_Chunk] = []
+
+
+_envelope = msgspec.json.Decoder(Envelope)
+_response = msgspec.json.Decoder(FunctionResponse)
+
+
+class _JobBody(msgspec.Struct, omit_defaults=True):
+    input: Any
+    id: str
+    policy: dict[str, int]
+    stream: bool = False
+
+
+class GatewayProvider:
+    """Endpoints on a running gateway (the ``flash local`` daemon or a private one).
+
+    Args:
+        record: where the gateway listens and its API key.
+        process: the private gateway this provider started and stops (None for a daemon).
+        state_dir: the private gateway's state folder, removed with it.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        record: DaemonRecord,
+        *,
+        process: Process | None = None,
+        state_dir: Path | None = None,
+    ) -> None:
+        self.record = record
+        self.process = process
+        self.state_dir = state_dir
+        self._idle: list[Connection] = []
+        self._limit = anyio.Semaphore(MAX_CONNECTIONS)
+        self._opened: dict[str, GatewayBackend] = {}
+
+    async def __aenter__(self) -> GatewayProvider:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def request(
+        self, method: str, path: str, body: bytes = b""
+    ) -> tuple[int, bytes]:
+        """One request on a pooled keep-alive connection: status and body.
+
+        Raises:
+            DeliveryError: the gateway cannot be reached.
+        """
+        async with self._limit:
+            conn = (
+                self._idle.pop()
+                if self._idle
+                else Connection(self.record.port, self.record.api_key)
+            )
+            try:
+                response = await conn.request(method, path, body)
+                data = await response.read()
+            except BaseException:
+                await conn.aclose()
+                raise
+            self._idle.append(conn)
+            return response.status, data
+
+    async def open_endpoint(
+        self, resource: ServerlessResource, key: bytes
+    ) -> GatewayBackend:
+        """Register the endpoint's config with the gateway.
+
+        Raises:
+            ConfigurationError: the gateway refused the config (or the handler file is missing).
+        """
+        del key  # the gateway signs with the same master secret (its record's)
+        config = config_of(resource)
+        if resource.handler is not None:
+            handler = await anyio.Path(resource.handler).resolve()
+            if not await handler.is_file():
+                msg = f"endpoint {resource.name!r}: handler file {str(handler)!r} does not exist"
+                raise ConfigurationError(msg)
+            config["resource"]["handler"] = str(handler)
+        status, data = await self.request(
+            "PUT", f"/flash/v1/endpoints/{resource.name}", wire_encoder.encode(config)
+        )
+        if status != 200:
+            msg = f"the local gateway refused endpoint {resource.name!r}: {_error_text(data)}"
+            raise ConfigurationError(msg)
+        backend = GatewayBackend(self, resource.name)
+        self._opened[resource.name] = backend
+        return backend
+
+    async def aclose(self) -> None:
+        """Close connections; stop the private gateway if this provider started one."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+        process, self.process = self.process, None
+        if process is not None:
+            with anyio.CancelScope(shield=True):
+                await _stop_process(process)
+            if self.state_dir is not None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _error_text(data: bytes) -> str:
+    try:
+        decoded = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return data.decode(errors="replace")[:500]
+    if isinstance(decoded, dict) and "error" in decoded:
+        return str(decoded["error"])
+    return str(decoded)[:500]
+
+
+class GatewayBackend:
+    """One endpoint on the gateway, as the Endpoint actor sees it."""
+
+    capacity = 4096  # the gateway queues; let calls through to it
+
+    def __init__(self, provider: GatewayProvider, endpoint: str) -> None:
+        self.provider = provider
+        self.endpoint = endpoint
+        self._base = f"/v2/{endpoint}"
+
+    async def _call(self, method: str, path: str, body: bytes = b"") -> Envelope:
+        status, data = await self.provider.request(method, self._base + path, body)
+        if status == 401:
+            msg = "the local gateway rejected the API key (FLASH_LOCAL_API_KEY)"
+            raise ConfigurationError(msg)
+        if status >= 500:
+            msg = f"the local gateway failed ({status}): {_error_text(data)}"
+            raise DeliveryError(msg)
+        if status != 200:
+            msg = f"the local gateway refused the job ({status}): {_error_text(data)}"
+            raise FlashRuntimeError(msg)
+        return _envelope.decode(data)
+
+    async def submit(
+        self,
+        payload: Any,
+        policy: dict[str, int],
+        job_id: str,
+        *,
+        sync: bool,
+        stream: bool = False,
+    ) -> Envelope:
+        """Queue a job (``runsync`` waits for it); returns the gateway's answer."""
+        body = wire_encoder.encode(
+            _JobBody(input=payload, id=job_id, policy=policy, stream=stream)
+        )
+        path = f"/runsync?wait={LONG_WAIT_MS}" if sync else "/run"
+        return await self._call("POST", path, body)
+
+    async def wait(self, envelope: Envelope) -> Envelope:
+        """Long-poll the job's status until it ends."""
+        while envelope.status not in TERMINAL:
+            envelope = await self._call(
+                "GET", f"/status/{envelope.id}?wait={LONG_WAIT_MS}"
+            )
+        return envelope
+
+    async def cancel(self, job_id: str) -> None:
+        """Cancel the job on the gateway (best effort, shielded)."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(FlashRuntimeError):
+            await self._call("POST", f"/cancel/{job_id}")
+
+    async def run_payload(
+        self, payload: Any, policy: dict[str, int], job_id: str
+    ) -> JobOutput:
+        """A dictionary job (handler endpoints), waited for: its `JobOutput`."""
+        try:
+            envelope = await self.submit(payload, policy, job_id, sync=True)
+            envelope = await self.wait(envelope)
+        except anyio.get_cancelled_exc_class():
+            await self.cancel(job_id)
+            raise
+        return job_output(envelope)
+
+    async def execute(
+        self,
+        call: Call,
+        *,
+        job_id: str,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> FunctionResponse:
+        """Run ``call.request`` as a job on the gateway; see `EndpointBackend.execute`."""
+        policy = call.policy
+        job_policy: dict[str, int] = {}
+        if policy.execution_timeout_s is not None:
+            job_policy["executionTimeout"] = max(
+                1, int(policy.execution_timeout_s * 1000)
+            )
+        if policy.ttl_s is not None:
+            job_policy["ttl"] = max(1, int(policy.ttl_s * 1000))
+        try:
+            if chunks is None:
+                envelope = await self.submit(
+                    call.request, job_policy, job_id, sync=True
+                )
+                envelope = await self.wait(envelope)
+            else:
+                envelope = await self.submit(
+                    call.request, job_policy, job_id, sync=False, stream=True
+                )
+                envelope = await self._stream(envelope.id, chunks)
+        except anyio.get_cancelled_exc_class():
+            await self.cancel(job_id)
+            raise
+        return _response_of(envelope)
+
+    async def _stream(
+        self, job_id: str, chunks: MemoryObjectSendStream[FunctionResponse]
+    ) -> Envelope:
+        while True:
+            envelope = await self._call("GET", f"/stream/{job_id}?wait=30000")
+            for chunk in envelope.stream:
+                await chunks.send(_response.decode(chunk.output))
+            if envelope.status in TERMINAL and not envelope.stream:
+                return await self._call("GET", f"/status/{job_id}")
+
+    async def aclose(self) -> None:
+        """Nothing to stop: the gateway keeps the endpoint's workers warm for the next run."""
+
+
+def job_output(envelope: Envelope) -> JobOutput:
+    """A handler job's final envelope as a `JobOutput`; a handler's exception comes back typed."""
+    ended = datetime.now(UTC)
+    execution_ms = envelope.executionTime or 0
+    started = (
+        ended - timedelta(milliseconds=execution_ms)
+        if envelope.delayTime is not None
+        else None
+    )
+    output = msgspec.json.decode(envelope.output) if envelope.output else None
+    status = JobStatus(envelope.status)
+    error = envelope.error or ""
+    exception: FlashRuntimeError | None = None
+    if status is JobStatus.COMPLETED and error:
+        status = JobStatus.FAILED
+    if status is not JobStatus.COMPLETED:
+        exception = _handler_error(error) or FlashRuntimeError(
+            error or f"job {envelope.id} ended {status.value}"
+        )
+    return JobOutput(
+        id=envelope.id,
+        status=status,
+        output=output if status is JobStatus.COMPLETED else None,
+        error=error,
+        started_at=started,
+        ended_at=ended,
+        delay_time_ms=envelope.delayTime or 0,
+        execution_time_ms=execution_ms,
+        worker_id=envelope.workerId,
+        exception=exception,
+    )
+
+
+def _handler_error(error: str) -> RemoteExecutionError | None:
+    """A stock worker's error JSON (``error_type`` like ``<class 'ValueError'>``), typed."""
+    try:
+        info = msgspec.json.decode(error)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(info, dict) or "error_message" not in info:
+        return None
+    kind = str(info.get("error_type", ""))
+    if kind.startswith("<class '") and kind.endswith("'>"):
+        kind = kind[len("<class '") : -2]
+    if "." not in kind:
+        kind = f"builtins.{kind}"
+    return RemoteExecutionError.from_remote(
+        str(info["error_message"]), kind, str(info.get("error_traceback", ""))
+    )
+
+
+def _response_of(envelope: Envelope) -> FunctionResponse:
+    if envelope.status == "COMPLETED":
+        return _response.decode(envelope.output)
+    error = envelope.error or f"job {envelope.id} ended {envelope.status}"
+    if envelope.status == "TIMED_OUT":
+        raise ExecutionTimeoutError(error)
+    if envelope.status == "CANCELLED":
+        msg = f"job {envelope.id} was cancelled on the local gateway ({error})"
+        raise FlashRuntimeError(msg)
+    raise FlashRuntimeError(error)
+
+
+async def _stop_process(process: Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(10):
+            await process.wait()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    await process.aclose()
+
+
+async def start_private_gateway(log_dir: Path) -> GatewayProvider:
+    """Start a gateway tied to this process (for handler endpoints without a daemon).
+
+    Raises:
+        DeliveryError: it did not come up within 30 s (its log is named).
+    """
+    state_dir = Path(tempfile.mkdtemp(prefix="flash-gateway-"))
+    await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"gateway-{os.getpid()}.log"
+    env = dict(os.environ)
+    env["FLASH_LOCAL_API_KEY"] = f"fl-{secrets.token_hex(16)}"
+    env["FLASH_SECRET"] = master_secret().hex()
+    with log_path.open("ab") as out:
+        process = await anyio.open_process(
+            [
+                sys.executable,
+                "-m",
+                "flash_actors.gateway",
+                "--state-dir",
+                str(state_dir),
+                "--parent-pid",
+                str(os.getpid()),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    with anyio.move_on_after(30):
+        while process.returncode is None:
+            record = read_record(state_dir)
+            if record is not None and record.pid == process.pid:
+                return GatewayProvider(record, process=process, state_dir=state_dir)
+            await anyio.sleep(0.02)
+    with anyio.CancelScope(shield=True):
+        await _stop_process(process)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    msg = f"the local gateway for handler endpoints did not start; see {log_path}"
+    raise DeliveryError(msg)

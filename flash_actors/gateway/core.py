@@ -1,0 +1,908 @@
+"""The gateway's queue: RunPod's job semantics over the durable store.
+
+One `Endpoint` per registered resource config, of two kinds:
+
+- ``flash``: a ``@remote`` endpoint. Its jobs' ``input`` is a Flash ``FunctionRequest``; a
+  dispatcher hands queued jobs to the embedded local provider's worker pool as workers have
+  room, and the job's ``output`` is the worker's ``FunctionResponse``.
+- ``handler``: a RunPod handler file (``ServerlessEndpoint(handler="handler.py")``). Its
+  jobs are dictionaries pulled by stock ``runpod`` workers over the worker protocol
+  (job-take, job-done, job-stream, ping, job-stop); the gateway starts and stops those worker
+  processes itself (`flash_actors.gateway.workers`), and unmodified workers started by hand
+  with the same environment are served too.
+
+Every state change is written to the `JobStore` before it is reported; events wake the
+requests waiting on it (runsync, long-polled status and stream, job-take, job-stop). All of
+it runs on the daemon's one event loop, so there are no locks.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import msgspec
+
+from flash_actors import resources
+from flash_actors._logging import get_logger
+from flash_actors.errors import (
+    ConfigurationError,
+    DeliveryError,
+    ExecutionTimeoutError,
+    FlashRuntimeError,
+)
+from flash_actors.gateway.store import TERMINAL, JobRecord, JobStore
+from flash_actors.messages import Call, FunctionRequest, FunctionResponse, wire_encoder
+from flash_actors.policies import CallPolicy, RetryPolicy
+from flash_actors.providers.local.pool import LocalBackend
+from flash_actors.serialization import endpoint_key
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from anyio.abc import Process, TaskGroup
+
+    from flash_actors.providers.local import LocalProvider
+
+__all__ = ["Endpoint", "Gateway", "GatewayError", "Job"]
+
+log = get_logger(__name__)
+
+DEFAULT_EXECUTION_TIMEOUT_MS = 600_000
+DEFAULT_TTL_MS = 86_400_000
+MAX_POLICY_MS = 7 * 86_400_000
+MAX_ATTEMPTS = (
+    3  # a job whose worker dies is queued again, at most this many runs in all
+)
+
+_request_decoder = msgspec.json.Decoder(FunctionRequest)
+
+
+class GatewayError(Exception):
+    """A request the gateway refuses: HTTP ``status`` and the message for ``{"error": ...}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(eq=False)
+class Job:
+    """A job: its stored record plus what only lives while the daemon runs."""
+
+    record: JobRecord
+    options: dict[str, Any]
+    worker: str | None = None
+    progress: bytes | None = None
+    chunks: list[bytes] = field(default_factory=list)
+    changed: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope | None = None
+    requeue_on_cancel: bool = False
+
+    @property
+    def id(self) -> str:
+        """The job id."""
+        return self.record.id
+
+    @property
+    def status(self) -> str:
+        """IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED or TIMED_OUT."""
+        return self.record.status
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job has ended."""
+        return self.record.status in TERMINAL
+
+    @property
+    def execution_timeout_ms(self) -> int:
+        """The job's execution timeout."""
+        return int(self.options.get("executionTimeout") or DEFAULT_EXECUTION_TIMEOUT_MS)
+
+    @property
+    def ttl_ms(self) -> int:
+        """How long the job may live in the queue."""
+        return int(self.options.get("ttl") or DEFAULT_TTL_MS)
+
+    def notify(self) -> None:
+        """Wake everyone waiting on this job."""
+        self.changed.set()
+        self.changed = anyio.Event()
+
+    def envelope(self) -> dict[str, Any]:
+        """The ``/status`` answer (PROTOCOL.md section 1)."""
+        record = self.record
+        out: dict[str, Any] = {"id": record.id, "status": record.status}
+        if record.started is not None:
+            out["delayTime"] = int((record.started - record.created) * 1000)
+            if record.finished is not None:
+                out["executionTime"] = int((record.finished - record.started) * 1000)
+        elif record.finished is not None:
+            out["delayTime"] = int((record.finished - record.created) * 1000)
+        if record.status == "COMPLETED" and record.output is not None:
+            out["output"] = msgspec.Raw(record.output)
+        elif record.status in TERMINAL and record.error is not None:
+            out["error"] = record.error
+        elif record.status == "IN_PROGRESS" and self.progress is not None:
+            out["output"] = msgspec.Raw(self.progress)
+        if self.worker is not None:
+            out["workerId"] = self.worker
+        out["retries"] = record.retries
+        return out
+
+
+@dataclass(eq=False)
+class HandlerWorker:
+    """A stock ``runpod`` worker serving a handler endpoint (started by us or by hand)."""
+
+    id: str
+    process: Process | None = None
+    state: str = "initializing"  # initializing, idle, running
+    jobs: set[str] = field(default_factory=set)
+    last_active: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    stops: list[str] = field(default_factory=list)
+    stop_wake: anyio.Event = field(default_factory=anyio.Event)
+    recycle: bool = False
+
+
+class Endpoint:
+    """One registered endpoint: its config, its queue and (for handlers) its workers."""
+
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.config = config
+        self.resource = resource_from_config(config)
+        self.kind = "handler" if self.resource.handler else "flash"
+        self.queue: deque[Job] = deque()
+        self.jobs: dict[str, Job] = {}
+        self.available = anyio.Event()
+        self.retried = 0
+        self.workers: dict[str, HandlerWorker] = {}
+        self.backend: LocalBackend | None = None
+        self.scope = anyio.CancelScope()
+
+    def push(self, job: Job, *, front: bool = False) -> None:
+        """Queue a job and wake whoever takes jobs."""
+        if front:
+            self.queue.appendleft(job)
+        else:
+            self.queue.append(job)
+        self.available.set()
+
+    def pop(self) -> Job | None:
+        """The next queued job, if any."""
+        while self.queue:
+            job = self.queue.popleft()
+            if job.status == "IN_QUEUE":
+                return job
+        if self.available.is_set():  # never replace an event someone may be waiting on
+            self.available = anyio.Event()
+        return None
+
+    async def wait_available(self) -> None:
+        """Until a job is queued."""
+        while not any(job.status == "IN_QUEUE" for job in self.queue):
+            if self.available.is_set():
+                self.available = anyio.Event()
+            await self.available.wait()
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state, for /health and ``flash local status``."""
+        counts = {"completed": 0, "failed": 0, "inProgress": 0, "inQueue": 0}
+        for job in self.jobs.values():
+            status = job.status
+            if status == "COMPLETED":
+                counts["completed"] += 1
+            elif status in {"FAILED", "TIMED_OUT"}:
+                counts["failed"] += 1
+            elif status == "IN_PROGRESS":
+                counts["inProgress"] += 1
+            elif status == "IN_QUEUE":
+                counts["inQueue"] += 1
+        counts["retried"] = self.retried
+        return counts
+
+    def worker_counts(self) -> dict[str, int]:
+        """Workers by state, for /health and ``flash local status``."""
+        if self.kind == "flash":
+            stats = self.backend.pool.statistics() if self.backend else {}
+            workers = int(stats.get("workers", 0))
+            ready = int(stats.get("ready", 0))
+            busy = int(stats.get("busy_slots", 0))
+            running = min(ready, busy)
+            return {
+                "idle": max(0, ready - running),
+                "running": running,
+                "initializing": int(stats.get("starting", 0)),
+                "ready": ready,
+                "throttled": 0,
+                "unhealthy": max(0, workers - ready - int(stats.get("starting", 0))),
+            }
+        states = [w.state for w in self.workers.values()]
+        return {
+            "idle": states.count("idle"),
+            "running": states.count("running"),
+            "initializing": states.count("initializing"),
+            "ready": states.count("idle") + states.count("running"),
+            "throttled": 0,
+            "unhealthy": 0,
+        }
+
+
+def resource_from_config(config: dict[str, Any]) -> resources.ServerlessResource:
+    """Rebuild a resource config sent as ``{"class": ..., "resource": {...}}``.
+
+    Raises:
+        ConfigurationError: unknown class or invalid fields.
+    """
+    cls_name = config.get("class")
+    cls = getattr(resources, str(cls_name), None)
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, resources.ServerlessResource)
+        and cls.__name__ in resources.__all__
+    ):
+        msg = f"unknown resource class {cls_name!r}"
+        raise ConfigurationError(msg)
+    try:
+        resource: resources.ServerlessResource = msgspec.convert(
+            config.get("resource"), type=cls
+        )
+    except msgspec.ValidationError as exc:
+        msg = f"invalid {cls_name} config: {exc}"
+        raise ConfigurationError(msg) from exc
+    return resource
+
+
+def config_of(resource: resources.ServerlessResource) -> dict[str, Any]:
+    """The JSON-able form of a resource config that `resource_from_config` reads back."""
+    return {"class": type(resource).__name__, "resource": msgspec.to_builtins(resource)}
+
+
+def _policy_ms(options: dict[str, Any], name: str) -> int | None:
+    value = options.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        msg = f"policy.{name} must be a positive integer of milliseconds, got {value!r}"
+        raise GatewayError(400, msg)
+    if value > MAX_POLICY_MS:
+        msg = f"policy.{name} may be at most 7 days ({MAX_POLICY_MS} ms), got {value}"
+        raise GatewayError(400, msg)
+    return value
+
+
+class Gateway:
+    """The daemon's state: endpoints and jobs, backed by ``store``.
+
+    Args:
+        store: the durable store (opened by `run`).
+        provider: runs the ``flash`` endpoints' workers.
+        state_dir: where worker logs go (``logs/<endpoint>/``).
+        api_key: what workers we start authenticate with.
+        retention_s: how long finished jobs stay readable.
+        take_wait_s: how long job-take and job-stop polls are held open.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        provider: LocalProvider,
+        *,
+        state_dir: Path,
+        api_key: str,
+        retention_s: float = 1800.0,
+        take_wait_s: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.state_dir = state_dir
+        self.api_key = api_key
+        self.retention_s = retention_s
+        self.take_wait_s = take_wait_s
+        self.base_url = ""
+        self.endpoints: dict[str, Endpoint] = {}
+        self.jobs: dict[str, Job] = {}
+        self.closing = anyio.Event()
+        self.started = time.time()
+        self._tg: TaskGroup | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Read endpoints and jobs back from the store (queued jobs keep their order)."""
+        recovered = {job.id for job in self.store.open()}
+        for name, text in self.store.endpoints().items():
+            try:
+                self.endpoints[name] = Endpoint(name, json.loads(text))
+            except (ConfigurationError, ValueError) as exc:
+                log.error("gateway.endpoint_unreadable", endpoint=name, error=str(exc))
+        for record in self.store.jobs():
+            endpoint = self.endpoints.get(record.endpoint)
+            job = Job(record, json.loads(record.options))
+            if endpoint is None:
+                if not job.terminal:
+                    self._finish(job, "FAILED", error="its endpoint is not registered")
+                continue
+            self.jobs[job.id] = job
+            endpoint.jobs[job.id] = job
+            if job.status == "IN_QUEUE":
+                endpoint.push(job)
+                if job.id in recovered:
+                    endpoint.retried += 1
+        if recovered:
+            log.info("gateway.recovered", requeued=len(recovered))
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Serve the endpoints (dispatchers, worker pools, the janitor) until cancelled."""
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            anyio.create_task_group() as tg,
+        ):
+            self._http = http
+            self._tg = tg
+            for endpoint in self.endpoints.values():
+                self._start_endpoint(endpoint)
+            tg.start_soon(self._janitor)
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self.closing.set()
+                with anyio.CancelScope(shield=True):
+                    for endpoint in list(self.endpoints.values()):
+                        await self._stop_endpoint(endpoint, requeue=True)
+                tg.cancel_scope.cancel()
+
+    def _start_endpoint(self, endpoint: Endpoint) -> None:
+        assert self._tg is not None  # noqa: S101 (run() set it)
+        if endpoint.kind == "flash":
+            self._tg.start_soon(self._dispatch_flash, endpoint)
+        else:
+            from flash_actors.gateway.workers import run_handler_pool
+
+            self._tg.start_soon(run_handler_pool, self, endpoint)
+
+    async def _stop_endpoint(self, endpoint: Endpoint, *, requeue: bool) -> None:
+        """Stop an endpoint's workers; its running jobs go back to the queue."""
+        for job in list(endpoint.jobs.values()):
+            if job.status == "IN_PROGRESS" and requeue:
+                if job.scope is not None:
+                    job.requeue_on_cancel = True
+                    job.scope.cancel()
+                else:
+                    self.requeue(
+                        endpoint, job, reason="its endpoint was stopped", count=False
+                    )
+        endpoint.scope.cancel()
+        if endpoint.backend is not None:
+            await endpoint.backend.aclose()
+            endpoint.backend = None
+        from flash_actors.gateway.workers import stop_workers
+
+        await stop_workers(self, endpoint)
+
+    async def register(self, name: str, config: dict[str, Any]) -> Endpoint:
+        """Register an endpoint, or replace its config (its workers restart).
+
+        Raises:
+            GatewayError: 400 for an invalid config.
+        """
+        try:
+            endpoint = Endpoint(name, config)
+        except ConfigurationError as exc:
+            raise GatewayError(400, str(exc)) from exc
+        if endpoint.resource.name != name:
+            msg = f"the config is named {endpoint.resource.name!r}, not {name!r}"
+            raise GatewayError(400, msg)
+        known = self.endpoints.get(name)
+        if known is not None:
+            if known.resource.same_config(endpoint.resource):
+                return known
+            log.info("gateway.endpoint_replaced", endpoint=name)
+            await self._stop_endpoint(known, requeue=True)
+            endpoint.jobs = known.jobs
+            endpoint.retried = known.retried
+            for job in sorted(known.jobs.values(), key=lambda j: j.record.seq):
+                if job.status == "IN_QUEUE":
+                    endpoint.push(job)
+        self.store.put_endpoint(name, json.dumps(config))
+        self.endpoints[name] = endpoint
+        if self._tg is not None:
+            self._start_endpoint(endpoint)
+        log.info("gateway.endpoint", endpoint=name, kind=endpoint.kind)
+        return endpoint
+
+    def endpoint(self, name: str) -> Endpoint:
+        """A registered endpoint.
+
+        Raises:
+            GatewayError: 404 when there is none of that name.
+        """
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            msg = f"endpoint {name!r} not found (register it first, or check the name)"
+            raise GatewayError(404, msg)
+        return endpoint
+
+    def job(self, endpoint: Endpoint, job_id: str) -> Job:
+        """A job of this endpoint.
+
+        Raises:
+            GatewayError: 404 for an unknown or expired job.
+        """
+        job = endpoint.jobs.get(job_id)
+        if job is None:
+            raise GatewayError(404, "request does not exist")
+        return job
+
+    # -- the client side --------------------------------------------------------------------
+
+    def submit(
+        self,
+        endpoint: Endpoint,
+        raw_input: bytes,
+        options: dict[str, Any],
+        job_id: str | None = None,
+    ) -> Job:
+        """Queue a job (committed before this returns). An existing ``job_id`` is returned as is.
+
+        Raises:
+            GatewayError: 400 for a bad policy or input.
+        """
+        if job_id is not None:
+            known = self.jobs.get(job_id)
+            if known is not None:
+                if known.record.endpoint != endpoint.name:
+                    raise GatewayError(400, f"job id {job_id!r} is already in use")
+                return known
+        clean: dict[str, Any] = {}
+        for name in ("executionTimeout", "ttl"):
+            value = _policy_ms(options, name)
+            if value is not None:
+                clean[name] = value
+        if options.get("webhook"):
+            clean["webhook"] = str(options["webhook"])
+        if options.get("stream"):
+            clean["stream"] = True
+        if endpoint.kind == "flash":
+            try:
+                _request_decoder.decode(raw_input)
+            except msgspec.DecodeError as exc:
+                msg = f"input is not a Flash FunctionRequest: {exc}"
+                raise GatewayError(400, msg) from exc
+        record = JobRecord(
+            id=job_id or f"{secrets.token_hex(4)}-{secrets.token_hex(8)}",
+            endpoint=endpoint.name,
+            status="IN_QUEUE",
+            input=raw_input,
+            options=json.dumps(clean),
+            created=time.time(),
+        )
+        self.store.insert(record)
+        job = Job(record, clean)
+        self.jobs[job.id] = job
+        endpoint.jobs[job.id] = job
+        endpoint.push(job)
+        return job
+
+    async def wait(self, job: Job, seconds: float) -> None:
+        """Until the job ends or ``seconds`` pass."""
+        with anyio.move_on_after(seconds):
+            while not job.terminal and not self.closing.is_set():
+                await job.changed.wait()
+
+    async def drain_stream(self, job: Job, seconds: float) -> list[bytes]:
+        """The chunks buffered since the last call, waiting up to ``seconds`` for one."""
+        with anyio.move_on_after(seconds):
+            while not job.chunks and not job.terminal and not self.closing.is_set():
+                await job.changed.wait()
+        chunks, job.chunks = job.chunks, []
+        return chunks
+
+    def cancel(self, endpoint: Endpoint, job: Job) -> None:
+        """Cancel a queued or running job (a finished job is left as it is)."""
+        if job.terminal:
+            return
+        worker = endpoint.workers.get(job.worker or "")
+        self._finish(job, "CANCELLED", error="cancelled by a client")
+        if job.scope is not None:
+            job.scope.cancel()
+        if worker is not None:
+            worker.jobs.discard(job.id)
+            worker.stops.append(job.id)
+            worker.stop_wake.set()
+
+    def retry(self, endpoint: Endpoint, job: Job) -> None:
+        """Queue a FAILED or TIMED_OUT job again, same id.
+
+        Raises:
+            GatewayError: 400 for a job in any other state.
+        """
+        if job.status not in {"FAILED", "TIMED_OUT"}:
+            msg = f"only FAILED or TIMED_OUT jobs can be retried; this one is {job.status}"
+            raise GatewayError(400, msg)
+        record = job.record
+        record.status = "IN_QUEUE"
+        record.started = record.finished = None
+        record.output = None
+        record.error = None
+        record.retries += 1
+        record.created = time.time()
+        job.worker = None
+        job.progress = None
+        job.chunks = []
+        self.store.update(record)
+        endpoint.retried += 1
+        endpoint.push(job)
+        job.notify()
+
+    def purge(self, endpoint: Endpoint) -> int:
+        """Remove every queued job (they end CANCELLED); running jobs go on."""
+        removed = 0
+        for job in list(endpoint.queue):
+            if job.status == "IN_QUEUE":
+                self._finish(job, "CANCELLED", error="removed by purge-queue")
+                removed += 1
+        endpoint.queue.clear()
+        endpoint.available = anyio.Event()
+        return removed
+
+    def health(self, endpoint: Endpoint) -> dict[str, Any]:
+        """The ``/health`` answer."""
+        return {"jobs": endpoint.counts(), "workers": endpoint.worker_counts()}
+
+    def status_table(self) -> dict[str, Any]:
+        """Everything ``flash local status`` shows."""
+        return {
+            "url": self.base_url,
+            "started": self.started,
+            "endpoints": [
+                {
+                    "name": endpoint.name,
+                    "kind": endpoint.kind,
+                    "class": type(endpoint.resource).__name__,
+                    "handler": endpoint.resource.handler,
+                    "workersMin": endpoint.resource.workersMin,
+                    "workersMax": endpoint.resource.workersMax,
+                    "jobs": endpoint.counts(),
+                    "workers": endpoint.worker_counts(),
+                }
+                for endpoint in self.endpoints.values()
+            ],
+        }
+
+    # -- job state changes ------------------------------------------------------------------
+
+    def start(self, job: Job, worker: str | None) -> None:
+        """Mark a job taken by a worker."""
+        job.record.status = "IN_PROGRESS"
+        job.record.started = time.time()
+        job.worker = worker
+        self.store.update(job.record)
+        job.notify()
+
+    def _finish(
+        self,
+        job: Job,
+        status: str,
+        *,
+        output: bytes | None = None,
+        error: str | None = None,
+    ) -> None:
+        record = job.record
+        record.status = status
+        record.finished = time.time()
+        record.output = output
+        record.error = error
+        job.progress = None
+        self.store.update(record)
+        job.notify()
+        if job.options.get("webhook") and self._tg is not None:
+            self._tg.start_soon(self._webhook, job)
+
+    def complete(self, job: Job, output: bytes | None) -> None:
+        """The job finished with ``output`` (raw JSON)."""
+        self._finish(job, "COMPLETED", output=output)
+
+    def fail(self, job: Job, error: str, *, status: str = "FAILED") -> None:
+        """The job failed (or timed out) with ``error``."""
+        self._finish(job, status, error=error)
+
+    def requeue(
+        self, endpoint: Endpoint, job: Job, *, reason: str, count: bool = True
+    ) -> None:
+        """Its worker went away: queue the job again (front), or fail it after the last try."""
+        if job.terminal:
+            return
+        record = job.record
+        if count:
+            record.retries += 1
+            if record.retries >= MAX_ATTEMPTS:
+                self.fail(job, f"{reason}; gave up after {MAX_ATTEMPTS} attempts")
+                return
+            endpoint.retried += 1
+        log.warning(
+            "job.requeued", job_id=job.id, endpoint=endpoint.name, reason=reason
+        )
+        record.status = "IN_QUEUE"
+        record.started = None
+        job.worker = None
+        job.scope = None
+        job.requeue_on_cancel = False
+        self.store.update(record)
+        endpoint.push(job, front=True)
+        job.notify()
+
+    async def _webhook(self, job: Job) -> None:
+        if self._http is None:
+            return
+        body = msgspec.to_builtins(
+            {
+                **job.envelope(),
+                "input": msgspec.Raw(job.record.input),
+                "webhook": job.options["webhook"],
+            }
+        )
+        for attempt in range(3):
+            try:
+                response = await self._http.post(job.options["webhook"], json=body)
+                if response.status_code < 500:
+                    return
+            except httpx.HTTPError as exc:
+                log.warning("webhook.failed", job_id=job.id, error=str(exc))
+            await anyio.sleep(2**attempt)
+
+    async def _janitor(self) -> None:
+        """Expire queued jobs past their TTL, time out handler jobs, forget old results."""
+        while True:
+            await anyio.sleep(0.5)
+            now = time.time()
+            for endpoint in self.endpoints.values():
+                for job in list(endpoint.jobs.values()):
+                    record = job.record
+                    if (
+                        record.status == "IN_QUEUE"
+                        and now - record.created > job.ttl_ms / 1000
+                    ):
+                        self.fail(
+                            job,
+                            f"job {job.id} expired: it waited in the queue longer than its "
+                            f"ttl of {job.ttl_ms} ms",
+                            status="TIMED_OUT",
+                        )
+                    elif (
+                        record.status == "IN_PROGRESS"
+                        and endpoint.kind == "handler"
+                        and record.started is not None
+                        and now - record.started > job.execution_timeout_ms / 1000
+                    ):
+                        worker = endpoint.workers.get(job.worker or "")
+                        self.fail(
+                            job,
+                            f"job {job.id} ran past its execution timeout of "
+                            f"{job.execution_timeout_ms} ms",
+                            status="TIMED_OUT",
+                        )
+                        if worker is not None:
+                            worker.jobs.discard(job.id)
+                            worker.stops.append(job.id)
+                            worker.stop_wake.set()
+            expired = self.store.expired(self.retention_s, now)
+            if expired:
+                self.store.delete(expired)
+                for job_id in expired:
+                    gone = self.jobs.pop(job_id, None)
+                    owner = self.endpoints.get(gone.record.endpoint) if gone else None
+                    if owner is not None:
+                        owner.jobs.pop(job_id, None)
+
+    # -- flash endpoints ----------------------------------------------------------------------
+
+    async def _dispatch_flash(self, endpoint: Endpoint) -> None:
+        """Hand queued jobs to the endpoint's worker pool while it has room."""
+        resource = endpoint.resource
+        with endpoint.scope:
+            backend = await self.provider.open_endpoint(
+                resource, endpoint_key(resource.name)
+            )
+            if not isinstance(
+                backend, LocalBackend
+            ):  # pragma: no cover - handlers go elsewhere
+                msg = f"endpoint {resource.name!r} did not get a worker pool"
+                raise TypeError(msg)
+            endpoint.backend = backend
+            room = anyio.Semaphore(
+                max(1, resource.workersMax) * self.provider.slots * 2
+            )
+            async with anyio.create_task_group() as tg:
+                while True:
+                    await room.acquire()
+                    job = endpoint.pop()
+                    while job is None:
+                        await endpoint.wait_available()
+                        job = endpoint.pop()
+                    self.start(job, None)
+                    tg.start_soon(self._run_flash, endpoint, backend, job, room)
+
+    async def _run_flash(
+        self, endpoint: Endpoint, backend: LocalBackend, job: Job, room: anyio.Semaphore
+    ) -> None:
+        try:
+            request = _request_decoder.decode(job.record.input)
+            call = Call(
+                endpoint=endpoint.name,
+                function=request.function_name or request.class_name or "?",
+                request=request,
+                policy=CallPolicy(
+                    retry=RetryPolicy.never(),
+                    execution_timeout_s=job.execution_timeout_ms / 1000,
+                    ttl_s=job.ttl_ms / 1000,
+                ),
+            )
+            with anyio.CancelScope() as scope:
+                job.scope = scope
+                response = await self._execute(backend, call, job)
+            if scope.cancelled_caught:
+                if job.requeue_on_cancel:
+                    self.requeue(
+                        endpoint, job, reason="its endpoint was stopped", count=False
+                    )
+                return
+            if not job.terminal:
+                self.complete(job, wire_encoder.encode(response))
+        except ExecutionTimeoutError as exc:
+            self.fail(job, str(exc), status="TIMED_OUT")
+        except DeliveryError as exc:
+            self.requeue(endpoint, job, reason=str(exc))
+        except (FlashRuntimeError, msgspec.DecodeError) as exc:
+            self.fail(job, str(exc))
+        finally:
+            job.scope = None
+            room.release()
+
+    async def _execute(
+        self, backend: LocalBackend, call: Call, job: Job
+    ) -> FunctionResponse:
+        if not job.options.get("stream"):
+            return await backend.execute(call, job_id=job.id)
+        send, receive = anyio.create_memory_object_stream[FunctionResponse](16)
+
+        async def collect() -> None:
+            async with receive:
+                async for chunk in receive:
+                    job.chunks.append(b'{"output":' + wire_encoder.encode(chunk) + b"}")
+                    job.notify()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(collect)
+            async with send:
+                response = await backend.execute(call, job_id=job.id, chunks=send)
+        return response
+
+    # -- the worker side (handler endpoints) -------------------------------------------------------
+
+    def worker(self, endpoint: Endpoint, worker_id: str) -> HandlerWorker:
+        """The worker of that id, known from now on if it was started by hand."""
+        worker = endpoint.workers.get(worker_id)
+        if worker is None:
+            worker = endpoint.workers[worker_id] = HandlerWorker(worker_id)
+            log.info("worker.joined", endpoint=endpoint.name, worker=worker_id)
+        worker.last_seen = time.monotonic()
+        return worker
+
+    async def take(self, endpoint: Endpoint, worker_id: str, count: int) -> list[Job]:
+        """Up to ``count`` queued jobs for a worker, waiting up to ``take_wait_s`` for one."""
+        if endpoint.kind != "handler":
+            msg = f"endpoint {endpoint.name!r} runs Flash workers; it has no job-take"
+            raise GatewayError(400, msg)
+        worker = self.worker(endpoint, worker_id)
+        if worker.recycle:
+            return []
+        if not worker.jobs:
+            worker.state = "idle"
+        with anyio.move_on_after(self.take_wait_s):
+            while not any(j.status == "IN_QUEUE" for j in endpoint.queue):
+                if self.closing.is_set():
+                    return []
+                with anyio.move_on_after(1):  # also notice the daemon closing
+                    await endpoint.wait_available()
+        jobs: list[Job] = []
+        while len(jobs) < count:
+            job = endpoint.pop()
+            if job is None:
+                break
+            self.start(job, worker_id)
+            worker.jobs.add(job.id)
+            jobs.append(job)
+        if jobs:
+            worker.state = "running"
+        worker.last_seen = time.monotonic()
+        return jobs
+
+    def done(
+        self, endpoint: Endpoint, worker_id: str, job_id: str, body: bytes
+    ) -> None:
+        """A worker's job-done post: a result, an error, or a progress update (idempotent)."""
+        worker = self.worker(endpoint, worker_id)
+        job = endpoint.jobs.get(job_id)
+        if job is None or job.terminal:
+            worker.jobs.discard(job_id)
+            return
+        try:
+            message = msgspec.json.decode(body, type=_Done)
+        except msgspec.DecodeError as exc:
+            raise GatewayError(
+                400, f"job-done body is not the JSON RunPod sends: {exc}"
+            ) from exc
+        output = bytes(message.output) or None
+        if output == b"null":
+            output = None
+        if message.status == "IN_PROGRESS":
+            if output is not None:
+                job.progress = output
+                job.notify()
+            return
+        worker.jobs.discard(job_id)
+        worker.last_active = time.monotonic()
+        if not worker.jobs:
+            worker.state = "idle"
+        if message.stopPod:
+            worker.recycle = True
+        if message.error is not None:
+            error = (
+                message.error
+                if isinstance(message.error, str)
+                else json.dumps(message.error)
+            )
+            self.fail(job, error)
+        else:
+            self.complete(job, output)
+
+    def stream_chunk(
+        self, endpoint: Endpoint, worker_id: str, job_id: str, body: bytes
+    ) -> None:
+        """A worker's job-stream post: buffer the chunk for ``/stream``."""
+        self.worker(endpoint, worker_id)
+        job = endpoint.jobs.get(job_id)
+        if job is None or job.terminal:
+            return
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise GatewayError(400, f"job-stream body is not JSON: {exc}") from exc
+        job.chunks.append(body)
+        job.notify()
+
+    async def stop_signals(self, endpoint: Endpoint, worker_id: str) -> list[str]:
+        """The job-stop long poll: ids this worker should stop, once they exist."""
+        worker = self.worker(endpoint, worker_id)
+        with anyio.move_on_after(self.take_wait_s):
+            while not worker.stops and not self.closing.is_set():
+                with anyio.move_on_after(1):
+                    await worker.stop_wake.wait()
+                if worker.stop_wake.is_set():
+                    worker.stop_wake = anyio.Event()
+        stops, worker.stops = worker.stops, []
+        return stops
+
+
+class _Done(msgspec.Struct):
+    output: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    error: Any = None
+    status: str | None = None
+    stopPod: bool = False
+
+
+def envelope_json(payload: Any) -> bytes:
+    """Encode an answer (``msgspec.Raw`` values are spliced in as they are)."""
+    return wire_encoder.encode(payload)

@@ -1,0 +1,168 @@
+"""``python -m flash_actors.gateway``: the ``flash local`` daemon.
+
+It opens the durable store under the state folder, keeps its API key and master secret there
+(so queued jobs' signatures and clients' keys stay valid across restarts), binds
+127.0.0.1:PORT, writes ``local.json`` once it listens, and serves until SIGTERM/SIGINT,
+``POST /flash/v1/shutdown`` or, with ``--parent-pid``, the death of that process (the private
+gateway an embedded runtime starts for handler endpoints). Stopping stops every worker, puts
+running jobs back in the queue, closes the store and removes the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import anyio
+from aiohttp import web
+
+from flash_actors._logging import get_logger
+from flash_actors.gateway.core import Gateway, config_of
+from flash_actors.gateway.record import (
+    DaemonRecord,
+    pid_alive,
+    remove_record,
+    write_record,
+)
+from flash_actors.gateway.server import make_app
+from flash_actors.gateway.store import JobStore
+from flash_actors.providers.local import LocalProvider
+from flash_actors.resources import ServerlessEndpoint
+from flash_actors.serialization import set_master_secret
+
+__all__ = ["main", "serve"]
+
+log = get_logger(__name__)
+
+
+def _setting(store: JobStore, name: str, env: str, make: str) -> str:
+    value = os.environ.get(env) or store.meta(name)
+    if not value:
+        value = make
+    store.set_meta(name, value)
+    return value
+
+
+async def serve(
+    state_dir: Path,
+    port: int = 0,
+    *,
+    parent_pid: int | None = None,
+    handlers: list[tuple[str, str, int]] | None = None,
+) -> None:
+    """Run the daemon until it is told to stop (``state_dir`` and handler paths absolute)."""
+    store = JobStore(state_dir / "gateway.sqlite3")
+    provider = LocalProvider(state_dir=state_dir)
+    retention = float(os.environ.get("FLASH_LOCAL_RETENTION_S", "1800"))
+    gateway = Gateway(
+        store, provider, state_dir=state_dir, api_key="", retention_s=retention
+    )
+    gateway.load()
+    try:
+        gateway.api_key = _setting(
+            store, "api_key", "FLASH_LOCAL_API_KEY", f"fl-{secrets.token_hex(16)}"
+        )
+        secret = _setting(store, "secret", "FLASH_SECRET", secrets.token_hex(32))
+        set_master_secret(bytes.fromhex(secret))
+        for name, handler, workers_max in handlers or []:
+            config = config_of(
+                ServerlessEndpoint(
+                    name=name,
+                    handler=handler,
+                    workersMax=workers_max,
+                )
+            )
+            await gateway.register(name, config)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(1024)
+        sock.setblocking(False)  # noqa: FBT003
+        gateway.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        shutdown = anyio.Event()
+        runner = web.AppRunner(
+            make_app(gateway, gateway.api_key, shutdown),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=5,
+        )
+        async with provider, anyio.create_task_group() as tg:
+            await tg.start(gateway.run)
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+            record = DaemonRecord(
+                url=gateway.base_url,
+                pid=os.getpid(),
+                api_key=gateway.api_key,
+                secret=secret,
+            )
+            write_record(state_dir, record)
+            print(  # noqa: T201 (the daemon's log line for `flash local up`)
+                f"flash local: serving {gateway.base_url}/v2",
+                file=sys.stderr,
+                flush=True,
+            )
+            tg.start_soon(_signals, shutdown)
+            if parent_pid:
+                tg.start_soon(_watch_parent, parent_pid, shutdown)
+            try:
+                await shutdown.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    gateway.closing.set()
+                    remove_record(state_dir, os.getpid())
+                    await runner.cleanup()
+                tg.cancel_scope.cancel()
+    finally:
+        store.close()
+        remove_record(state_dir, os.getpid())
+
+
+async def _signals(shutdown: anyio.Event) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        async for _ in received:
+            shutdown.set()
+            return
+
+
+async def _watch_parent(pid: int, shutdown: anyio.Event) -> None:
+    while pid_alive(pid):  # noqa: ASYNC110 (nothing to wait on for another process's death)
+        await anyio.sleep(0.5)
+    shutdown.set()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and serve."""
+    parser = argparse.ArgumentParser(prog="python -m flash_actors.gateway")
+    parser.add_argument("--state-dir", default=".flash")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="NAME=HANDLER.py[:WORKERS_MAX]",
+    )
+    args = parser.parse_args(argv)
+    handlers = []
+    for spec in args.endpoint:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            parser.error(f"--endpoint wants NAME=HANDLER.py, got {spec!r}")
+        path, _, workers = rest.partition(":")
+        handlers.append((name, str(Path(path).resolve()), int(workers or 1)))
+    state_dir = Path(args.state_dir).resolve()
+    anyio.run(
+        lambda: serve(
+            state_dir, args.port, parent_pid=args.parent_pid, handlers=handlers
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The gateway's durable store: endpoints, queued and finished jobs in one SQLite file.
+
+Every change of a job's state is committed before the gateway answers the request that caused
+it, so a ``flash local down`` / ``up`` or a killed daemon (SIGKILL) loses no queued job and no
+result still inside its retention time. WAL journaling with ``synchronous=NORMAL``: a commit
+survives the death of the process (the kernel has the pages); only a power cut could undo
+the last commits.
+
+Jobs that were running when the daemon died are queued again at start-up (`JobStore.open`
+reports them as recovered), since the worker that had them died with the daemon.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+__all__ = ["TERMINAL", "JobRecord", "JobStore"]
+
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints (name TEXT PRIMARY KEY, config TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    endpoint TEXT NOT NULL,
+    status TEXT NOT NULL,
+    input BLOB NOT NULL,
+    options TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    output BLOB,
+    error TEXT,
+    retries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+"""
+
+
+@dataclass(slots=True, eq=False)
+class JobRecord:
+    """One job as stored. ``input``/``output`` are raw JSON; ``options`` is JSON too.
+
+    ``options`` holds what the submitter asked for: ``executionTimeout`` and ``ttl`` (ms),
+    ``webhook``, ``stream``.
+    """
+
+    id: str
+    endpoint: str
+    status: str
+    input: bytes
+    options: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    output: bytes | None = None
+    error: str | None = None
+    retries: int = 0
+    seq: int = field(default=0)
+
+
+class JobStore:
+    """The SQLite file ``<state_dir>/gateway.sqlite3``. Used from one thread (the loop's)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The open connection."""
+        if self._db is None:
+            msg = "the job store is closed"
+            raise RuntimeError(msg)
+        return self._db
+
+    def open(self) -> list[JobRecord]:
+        """Open (creating it if needed); requeue jobs left running. Returns the requeued ones."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._db = db
+        with db:
+            db.execute("BEGIN IMMEDIATE")
+            rows = db.execute(
+                "SELECT id FROM jobs WHERE status = 'IN_PROGRESS'"
+            ).fetchall()
+            db.execute(
+                "UPDATE jobs SET status = 'IN_QUEUE', started = NULL, "
+                "retries = retries + 1 WHERE status = 'IN_PROGRESS'"
+            )
+        recovered = {row[0] for row in rows}
+        return [job for job in self.jobs() if job.id in recovered]
+
+    def close(self) -> None:
+        """Checkpoint and close the file."""
+        db, self._db = self._db, None
+        if db is not None:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            db.close()
+
+    # -- meta and endpoints ---------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A stored setting (the daemon's API key and secret live here)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a setting."""
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def endpoints(self) -> dict[str, str]:
+        """Every registered endpoint's config (JSON), by name."""
+        return {
+            str(name): str(config)
+            for name, config in self.db.execute("SELECT name, config FROM endpoints")
+        }
+
+    def put_endpoint(self, name: str, config: str) -> None:
+        """Register (or replace) an endpoint's config."""
+        self.db.execute(
+            "INSERT INTO endpoints (name, config) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET config = excluded.config",
+            (name, config),
+        )
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def jobs(self) -> list[JobRecord]:
+        """Every stored job, oldest first."""
+        cursor = self.db.execute(
+            "SELECT id, endpoint, status, input, options, created, started, finished, "
+            "output, error, retries, seq FROM jobs ORDER BY seq"
+        )
+        return [
+            JobRecord(
+                id=row[0],
+                endpoint=row[1],
+                status=row[2],
+                input=bytes(row[3]),
+                options=row[4],
+                created=row[5],
+                started=row[6],
+                finished=row[7],
+                output=None if row[8] is None else bytes(row[8]),
+                error=row[9],
+                retries=row[10],
+                seq=row[11],
+            )
+            for row in cursor
+        ]
+
+    def insert(self, job: JobRecord) -> None:
+        """Store a new job (committed when this returns)."""
+        cursor = self.db.execute(
+            "INSERT INTO jobs (id, endpoint, status, input, options, created, retries) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                job.id,
+                job.endpoint,
+                job.status,
+                job.input,
+                job.options,
+                job.created,
+                job.retries,
+            ),
+        )
+        job.seq = cursor.lastrowid or 0
+
+    def update(self, job: JobRecord) -> None:
+        """Store a job's new state (committed when this returns)."""
+        self.db.execute(
+            "UPDATE jobs SET status = ?, started = ?, finished = ?, output = ?, error = ?, "
+            "retries = ? WHERE id = ?",
+            (
+                job.status,
+                job.started,
+                job.finished,
+                job.output,
+                job.error,
+                job.retries,
+                job.id,
+            ),
+        )
+
+    def delete(self, ids: Iterable[str]) -> None:
+        """Forget jobs (expired results)."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+
+    def expired(self, retention_s: float, now: float | None = None) -> list[str]:
+        """Ids of finished jobs older than ``retention_s``."""
+        cutoff = (time.time() if now is None else now) - retention_s
+        placeholders = ",".join("?" * len(TERMINAL))
+        return [
+            row[0]
+            for row in self.db.execute(
+                f"SELECT id FROM jobs WHERE status IN ({placeholders}) AND finished < ?",  # noqa: S608 (fixed placeholders)
+                (*sorted(TERMINAL), cutoff),
+            )
+        ]

@@ -1,0 +1,517 @@
+"""The local gateway (issue 4): ``flash local``, RunPod's data plane and worker protocol.
+
+Everything here runs real processes on 127.0.0.1: the daemon (started with the ``flash`` CLI),
+stock ``runpod`` workers running the handler files in ``gateway_files/``, the stock ``runpod``
+client, and Flash scripts. Every process is stopped by PID at the end of its test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+
+from flash_actors import (
+    CpuServerlessEndpoint,
+    LiveServerless,
+    RemoteExecutionError,
+    ServerlessEndpoint,
+    remote,
+    runtime,
+)
+from flash_actors.errors import ConfigurationError
+from flash_actors.gateway.record import DaemonRecord, pid_alive, read_record
+from flash_actors.gateway.store import JobRecord, JobStore
+from flash_actors.providers.local import LocalProvider
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+FILES = Path(__file__).parent / "gateway_files"
+ECHO = FILES / "echo_handler.py"
+GEN = FILES / "stream_handler.py"
+
+
+def flash(
+    *args: str, cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flash_actors_cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_gone(pids: list[int], seconds: float = 15) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if pid_alive(p)]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [p for p in pids if pid_alive(p)]
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+class Daemon:
+    """A daemon started with ``flash local up`` in ``state_dir``."""
+
+    def __init__(self, state_dir: Path, *endpoints: str) -> None:
+        self.state_dir = state_dir
+        self.endpoints = endpoints
+        self.record: DaemonRecord | None = None
+        self.up()
+
+    def up(self) -> None:
+        args = ["local", "--state-dir", str(self.state_dir), "up"]
+        for spec in self.endpoints:
+            args += ["--endpoint", spec]
+        done = flash(*args, cwd=self.state_dir.parent)
+        assert done.returncode == 0, done.stderr + done.stdout
+        self.record = read_record(self.state_dir)
+        assert self.record is not None
+        assert self.record.url.startswith("http://127.0.0.1:")
+        assert f"{self.record.url}/v2" in done.stdout
+
+    @property
+    def pid(self) -> int:
+        assert self.record is not None
+        return self.record.pid
+
+    def client(self) -> httpx.Client:
+        assert self.record is not None
+        return httpx.Client(
+            base_url=self.record.url,
+            headers={"Authorization": f"Bearer {self.record.api_key}"},
+            timeout=60,
+        )
+
+    def down(self) -> None:
+        done = flash(
+            "local",
+            "--state-dir",
+            str(self.state_dir),
+            "down",
+            cwd=self.state_dir.parent,
+        )
+        assert done.returncode == 0, done.stderr
+
+    def stop(self) -> None:
+        """Finalizer: down, then make sure by PID that nothing is left."""
+        if self.record is None:
+            return
+        leftovers = [self.pid, *descendants(self.pid)]
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            self.down()
+        kill_all(wait_gone(leftovers, 5))
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path / ".flash", f"echo={ECHO}:1", f"gen={GEN}:1")
+    yield d
+    d.stop()
+
+
+def run_job(
+    client: httpx.Client, endpoint: str, payload: dict[str, Any], **extra: Any
+) -> str:
+    answer = client.post(f"/v2/{endpoint}/run", json={"input": payload, **extra})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["status"] == "IN_QUEUE"
+    job_id: str = body["id"]
+    return job_id
+
+
+def wait_for(
+    client: httpx.Client, endpoint: str, job_id: str, statuses: set[str]
+) -> dict[str, Any]:
+    deadline = time.monotonic() + 45
+    while True:
+        body: dict[str, Any] = client.get(f"/v2/{endpoint}/status/{job_id}").json()
+        if body["status"] in statuses or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+# -- flash local up / status / down ----------------------------------------------------------
+
+
+def test_up_status_down_leave_nothing_running(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / ".flash", f"echo={ECHO}:1")
+    try:
+        again = flash("local", "--state-dir", str(d.state_dir), "up", cwd=tmp_path)
+        assert again.returncode == 0
+        assert "already running" in again.stdout
+        with d.client() as client:
+            body = client.post("/v2/echo/runsync", json={"input": {"x": 1}}).json()
+        assert body["status"] == "COMPLETED"
+        assert body["output"]["echo"] == {"x": 1}
+        worker_pid = body["output"]["pid"]
+        status = flash("local", "--state-dir", str(d.state_dir), "status", cwd=tmp_path)
+        assert status.returncode == 0
+        header, row = status.stdout.splitlines()[1:3]
+        assert header.split()[:3] == ["ENDPOINT", "KIND", "WORKERS"]
+        assert row.split()[:4] == ["echo", "handler", "echo_handler.py", "1/1"]
+        assert row.split()[-2:] == ["1", "0"]  # one completed, none failed
+        running = [d.pid, *descendants(d.pid)]
+        assert worker_pid in running
+        d.down()
+        assert wait_gone(running) == []
+        assert read_record(d.state_dir) is None
+        after = flash("local", "--state-dir", str(d.state_dir), "status", cwd=tmp_path)
+        assert after.returncode == 1
+        assert "not running" in after.stdout
+    finally:
+        d.stop()
+
+
+def test_up_refuses_a_missing_handler_file(tmp_path: Path) -> None:
+    done = flash("local", "up", "--endpoint", "x=nope.py", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "nope.py" in done.stderr
+    assert read_record(tmp_path / ".flash") is None
+
+
+# -- the data plane, with the stock runpod client ---------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_stock_runpod_client_sync_and_asyncio(daemon: Daemon) -> None:
+    assert daemon.record is not None
+    env = dict(os.environ)
+    env["RUNPOD_ENDPOINT_BASE_URL"] = f"{daemon.record.url}/v2"
+    env["RUNPOD_API_KEY"] = daemon.record.api_key
+    done = subprocess.run(
+        [sys.executable, str(FILES / "runpod_client.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert out["run_sync"]["echo"] == {"x": 1}
+    assert out["run_output"]["echo"] == {"x": 2}
+    assert out["run_status"] == "COMPLETED"
+    assert set(out["health"]) == {"jobs", "workers"}
+    assert out["health"]["jobs"]["completed"] >= 2
+    assert set(out["health"]["workers"]) == {
+        "idle",
+        "running",
+        "initializing",
+        "ready",
+        "throttled",
+        "unhealthy",
+    }
+    assert out["slow_started"] == "IN_PROGRESS"
+    assert out["purge"] == {"removed": 2, "status": "completed"}
+    assert out["purged_status"] == ["CANCELLED", "CANCELLED"]
+    assert out["cancel"]["status"] == "CANCELLED"
+    # the one worker was told to stop the cancelled 30 s job, so the next job ran at once
+    assert out["after_cancel"]["echo"] == {"x": 3}
+    failed = out["failed"]
+    assert failed["status"] == "FAILED"
+    error = json.loads(failed["error"])
+    assert error["error_message"] == "no such thing"
+    assert "ValueError" in error["error_type"]
+    assert out["stream"] == [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}]
+    assert out["stream_output"] == [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}]
+    assert out["async_output"]["echo"] == {"x": 4}
+    assert out["async_status"] == "COMPLETED"
+    assert out["async_health"]["jobs"]["completed"] >= 4
+    assert out["async_cancel"]["status"] == "CANCELLED"
+    assert out["async_purge"]["status"] == "completed"
+    assert out["async_stream"] == [{"chunk": 0}, {"chunk": 1}]
+
+
+def test_protocol_errors_and_codes(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        assert (
+            client.get(
+                "/v2/echo/health", headers={"Authorization": "wrong"}
+            ).status_code
+            == 401
+        )
+        assert httpx.get(f"{client.base_url}/v2/echo/health").status_code == 401
+        missing = client.post("/v2/nope/run", json={"input": {}})
+        assert missing.status_code == 404
+        assert "nope" in missing.json()["error"]
+        no_input = client.post("/v2/echo/run", json={"webhook": None})
+        assert no_input.status_code == 400
+        assert "input" in no_input.json()["error"]
+        bad_policy = client.post(
+            "/v2/echo/run", json={"input": {}, "policy": {"ttl": -1}}
+        )
+        assert bad_policy.status_code == 400
+        assert "ttl" in bad_policy.json()["error"]
+        assert client.get("/v2/echo/status/nope").status_code == 404
+        done = client.post("/v2/echo/runsync", json={"input": {"x": 1}}).json()
+        assert done["status"] == "COMPLETED"
+        assert isinstance(done["delayTime"], int)
+        assert isinstance(done["executionTime"], int)
+        refused = client.post(f"/v2/echo/retry/{done['id']}")
+        assert refused.status_code == 400
+        assert "COMPLETED" in refused.json()["error"]
+        # a failed job is retried under the same id, and fails again
+        failing = client.post("/v2/echo/runsync", json={"input": {"op": "fail"}}).json()
+        assert failing["status"] == "FAILED"
+        retried = client.post(f"/v2/echo/retry/{failing['id']}").json()
+        assert retried == {"id": failing["id"], "status": "IN_QUEUE"}
+        again = wait_for(client, "echo", failing["id"], {"FAILED"})
+        assert again["status"] == "FAILED"
+        assert again["retries"] == 1
+        # a progress update shows in the status of the running job
+        job = run_job(client, "echo", {"op": "progress", "seconds": 2})
+        deadline = time.monotonic() + 30
+        seen = None
+        while time.monotonic() < deadline and seen is None:
+            body = client.get(f"/v2/echo/status/{job}").json()
+            if body["status"] == "IN_PROGRESS" and body.get("output") == "half way":
+                seen = body
+            time.sleep(0.05)
+        assert seen is not None
+        assert wait_for(client, "echo", job, {"COMPLETED"})["output"] == {"done": True}
+
+
+def test_execution_timeout_and_ttl_end_jobs_timed_out(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        slow = run_job(
+            client,
+            "echo",
+            {"op": "sleep", "seconds": 30},
+            policy={"executionTimeout": 1500},
+        )
+        expiring = run_job(client, "echo", {"x": 1}, policy={"ttl": 500})
+        timed_out = wait_for(client, "echo", slow, {"TIMED_OUT", "COMPLETED", "FAILED"})
+        assert timed_out["status"] == "TIMED_OUT"
+        assert "execution timeout" in timed_out["error"]
+        expired = wait_for(client, "echo", expiring, {"TIMED_OUT", "COMPLETED"})
+        assert expired["status"] == "TIMED_OUT"
+        assert "ttl" in expired["error"]
+        # the worker was told to stop the timed-out job and takes the next one at once
+        body = client.post(
+            "/v2/echo/runsync?wait=20000", json={"input": {"x": 2}}
+        ).json()
+        assert body["status"] == "COMPLETED"
+
+
+def test_stop_pod_recycles_the_worker(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        first = client.post(
+            "/v2/echo/runsync", json={"input": {"op": "recycle"}}
+        ).json()
+        assert first["status"] == "COMPLETED"
+        second = client.post("/v2/echo/runsync", json={"input": {"x": 1}}).json()
+        assert second["status"] == "COMPLETED"
+        assert second["output"]["pid"] != first["output"]["pid"]
+        assert not pid_alive(first["output"]["pid"])
+
+
+# -- durability -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_queue_survives_sigkill_and_down_up(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / ".flash", f"echo={ECHO}:1")
+    try:
+        with d.client() as client:
+            finished = client.post("/v2/echo/runsync", json={"input": {"x": 0}}).json()
+            assert finished["status"] == "COMPLETED"
+            running = run_job(client, "echo", {"op": "sleep", "seconds": 3})
+            assert (
+                wait_for(client, "echo", running, {"IN_PROGRESS"})["status"]
+                == "IN_PROGRESS"
+            )
+            queued = [run_job(client, "echo", {"x": i}) for i in range(1, 4)]
+        processes = [d.pid, *descendants(d.pid)]
+        assert len(processes) >= 2  # the daemon and its worker
+        os.kill(d.pid, signal.SIGKILL)
+        assert wait_gone(processes) == []  # the worker died with the daemon
+        d.up()  # the stale record is noticed and replaced
+        with d.client() as client:
+            again = client.get(f"/v2/echo/status/{finished['id']}").json()
+            assert again["status"] == "COMPLETED"
+            assert again["output"] == finished["output"]
+            for job_id in [running, *queued]:
+                body = wait_for(client, "echo", job_id, {"COMPLETED", "FAILED"})
+                assert body["status"] == "COMPLETED", body
+            assert client.get(f"/v2/echo/status/{running}").json()["retries"] == 1
+            health = client.get("/v2/echo/health").json()
+            assert health["jobs"]["retried"] == 1
+            waiting = run_job(client, "echo", {"op": "sleep", "seconds": 2})
+            later = [run_job(client, "echo", {"x": i}) for i in range(10, 12)]
+        d.down()
+        d.up()
+        with d.client() as client:
+            for job_id in [waiting, *later]:
+                assert (
+                    wait_for(client, "echo", job_id, {"COMPLETED"})["status"]
+                    == "COMPLETED"
+                )
+            assert client.get(f"/v2/echo/status/{queued[0]}").json()["output"][
+                "echo"
+            ] == {"x": 1}
+    finally:
+        d.stop()
+
+
+def test_store_requeues_jobs_left_running(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "g.sqlite3")
+    assert store.open() == []
+    for i, status in enumerate(["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]):
+        record = JobRecord(
+            id=f"j{i}",
+            endpoint="e",
+            status="IN_QUEUE",
+            input=b"{}",
+            options="{}",
+            created=time.time(),
+        )
+        store.insert(record)
+        record.status = status
+        record.output = b'{"ok": 1}' if status == "COMPLETED" else None
+        record.finished = time.time() if status == "COMPLETED" else None
+        store.update(record)
+    store.db.close()  # as if the process died: no checkpoint, no close()
+    reopened = JobStore(tmp_path / "g.sqlite3")
+    recovered = reopened.open()
+    assert [job.id for job in recovered] == ["j1"]
+    jobs = {job.id: job for job in reopened.jobs()}
+    assert jobs["j1"].status == "IN_QUEUE"
+    assert jobs["j1"].retries == 1
+    assert jobs["j2"].output == b'{"ok": 1}'
+    assert [job.id for job in reopened.jobs()] == ["j0", "j1", "j2"]  # order kept
+    reopened.close()
+
+
+# -- Flash scripts and the daemon -------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_remote_calls_go_to_the_daemon_and_workers_stay_warm(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / ".flash")
+    try:
+        pids = []
+        for backend in ("asyncio", "trio"):
+            done = subprocess.run(
+                [sys.executable, str(FILES / "remote_script.py"), backend],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            out = json.loads(done.stdout)
+            assert out["x"] == 1
+            assert out["stream"] == [0, 1, 2]
+            assert out["error"] == "KeyError"
+            pids.append(out["pid"])
+        assert pids[0] == pids[1]  # the second script found the first one's worker warm
+        assert pids[0] in descendants(d.pid)
+        status = flash("local", "--state-dir", str(d.state_dir), "status", cwd=tmp_path)
+        row = next(
+            line for line in status.stdout.splitlines() if line.startswith("gw-remote")
+        )
+        assert row.split()[1] == "flash"
+        assert row.split()[-2:] == ["6", "0"]  # three jobs per script, all completed
+    finally:
+        d.stop()
+
+
+# -- handler endpoints without a daemon (the embedded provider's private gateway) ------------
+
+
+async def test_handler_endpoint_runs_on_a_private_gateway(tmp_path: Path) -> None:
+    echo = ServerlessEndpoint(name="private-echo", handler=str(ECHO), workersMax=2)
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        results: list[Any] = [None] * 3
+
+        async def one(i: int) -> None:
+            results[i] = await echo.run({"input": {"i": i}})
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                tg.start_soon(one, i)
+        assert [job.status for job in results] == ["COMPLETED"] * 3
+        assert [job.output["echo"] for job in results] == [{"i": 0}, {"i": 1}, {"i": 2}]
+        failed = await echo.runsync({"op": "fail", "message": "bad thing"})
+        assert failed.status == "FAILED"
+        with pytest.raises(ValueError, match="bad thing") as caught:
+            failed.raise_for_error()
+        assert isinstance(caught.value, RemoteExecutionError)
+        gateway = provider._gateway
+        assert gateway is not None
+        assert gateway.process is not None
+        gateway_pid = gateway.process.pid
+        running = [gateway_pid, *descendants(gateway_pid)]
+        assert len(running) >= 2
+    assert wait_gone(running) == []
+    assert not any(
+        p.name.startswith("flash-gateway-")
+        for p in Path(gateway.state_dir or "/").parent.iterdir()
+        if p == gateway.state_dir
+    )
+
+
+def test_handler_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="handler= is for ServerlessEndpoint"):
+        LiveServerless(name="x", handler="h.py")
+    with pytest.raises(ConfigurationError, match=r"path of a \.py file"):
+        CpuServerlessEndpoint(name="x", handler="h.txt")
+    handled = ServerlessEndpoint(name="handled", handler="h.py")
+    with pytest.raises(ConfigurationError, match="handler file"):
+
+        @remote(resource_config=handled)
+        async def f() -> None: ...
+
+
+async def test_run_needs_a_handler_and_an_existing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="has no handler file"):
+        await LiveServerless(name="live-run").run({"input": {}})
+    missing = ServerlessEndpoint(name="missing-file", handler="missing.py")
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        await missing.run({"input": {}})
+    async with runtime(provider="inprocess"):
+        echo = ServerlessEndpoint(name="inprocess-echo", handler=str(ECHO))
+        with pytest.raises(ConfigurationError, match="needs the local provider"):
+            await echo.run({"input": {}})
