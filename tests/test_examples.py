@@ -26,6 +26,10 @@ EXPECTED = {
     "class_endpoint.py": ["16"],
     "pipeline.py": ["{'result': 6.0}"],
     "dependencies.py": ["123.5 MB"],
+    "handler_endpoint.py": [
+        "COMPLETED {'label': 'positive', 'score': 2}",
+        "COMPLETED {'label': 'negative', 'score': -2}",
+    ],
     # either machine: a CUDA driver answers, or the remote OSError comes back (no hang)
     "gpu_check.py": [
         r"re:(CUDA devices: \d+|no CUDA here: OSError: libcuda\.so\.1: cannot open .*)"
@@ -35,6 +39,7 @@ EXPECTED = {
 
 def test_every_example_is_checked() -> None:
     assert {p.name for p in EXAMPLES.glob("*.py")} == set(EXPECTED)
+    assert {p.name for p in (EXAMPLES / "handlers").glob("*.py")} == {"sentiment.py"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

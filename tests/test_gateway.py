@@ -13,9 +13,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 import httpx
@@ -98,6 +100,7 @@ class Daemon:
         self.up()
 
     def up(self) -> None:
+        self.state_dir.parent.mkdir(parents=True, exist_ok=True)
         args = ["local", "--state-dir", str(self.state_dir), "up"]
         for spec in self.endpoints:
             args += ["--endpoint", spec]
@@ -515,3 +518,99 @@ async def test_run_needs_a_handler_and_an_existing_file(tmp_path: Path) -> None:
         echo = ServerlessEndpoint(name="inprocess-echo", handler=str(ECHO))
         with pytest.raises(ConfigurationError, match="needs the local provider"):
             await echo.run({"input": {}})
+
+
+def test_concurrent_worker_takes_jobs_in_batches(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / ".flash", f"batch={FILES / 'batch_handler.py'}:1")
+    try:
+        with d.client() as client:
+            jobs = [run_job(client, "batch", {"seconds": 1}) for _ in range(8)]
+            outputs = [
+                wait_for(client, "batch", j, {"COMPLETED", "FAILED"}) for j in jobs
+            ]
+        assert [o["status"] for o in outputs] == ["COMPLETED"] * 8
+        assert len({o["output"]["pid"] for o in outputs}) == 1  # one worker ...
+        assert (
+            max(o["output"]["most_at_once"] for o in outputs) > 1
+        )  # ... ran several at once
+        log = next((d.state_dir / "logs" / "batch").glob("*.log")).read_text()
+        assert "/job-take-batch/" in log
+    finally:
+        d.stop()
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        size = int(self.headers["Content-Length"])
+        self.received.append(json.loads(self.rfile.read(size)))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def test_webhook_and_result_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASH_LOCAL_RETENTION_S", "2")
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    d = Daemon(tmp_path / ".flash", f"echo={ECHO}:1")
+    try:
+        hook = f"http://127.0.0.1:{server.server_address[1]}/done"
+        with d.client() as client:
+            job = run_job(client, "echo", {"x": 5}, webhook=hook)
+            body = wait_for(client, "echo", job, {"COMPLETED"})
+            assert body["status"] == "COMPLETED"
+            deadline = time.monotonic() + 10
+            while not _Hook.received and time.monotonic() < deadline:
+                time.sleep(0.05)
+            sent = _Hook.received[0]
+            assert sent["id"] == job
+            assert sent["status"] == "COMPLETED"
+            assert sent["output"]["echo"] == {"x": 5}
+            assert sent["input"] == {"x": 5}
+            assert sent["webhook"] == hook
+            deadline = time.monotonic() + 10
+            while client.get(f"/v2/echo/status/{job}").status_code == 200:
+                assert time.monotonic() < deadline, "the result outlived its retention"
+                time.sleep(0.1)
+            assert client.get(f"/v2/echo/status/{job}").status_code == 404
+    finally:
+        d.stop()
+        server.shutdown()
+        server.server_close()
+
+
+def test_flash_local_url_points_scripts_at_a_daemon(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / "state" / ".flash")
+    try:
+        assert d.record is not None
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        env = dict(os.environ)
+        env.update(
+            FLASH_LOCAL_URL=f"{d.record.url}/v2",
+            FLASH_LOCAL_API_KEY=d.record.api_key,
+            FLASH_SECRET=d.record.secret,
+        )
+        done = subprocess.run(
+            [sys.executable, str(FILES / "remote_script.py"), "asyncio"],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads(done.stdout)["pid"] in descendants(d.pid)
+        assert not (
+            elsewhere / ".flash" / "logs" / "gw-remote"
+        ).exists()  # nothing embedded
+    finally:
+        d.stop()

@@ -644,83 +644,112 @@ class Gateway:
         job.notify()
 
     async def _webhook(self, job: Job) -> None:
+        """POST the final envelope, plus ``input`` and ``webhook``, to the job's webhook.
+
+        Three tries with backoff; a webhook that keeps failing is logged, never fatal.
+        """
         if self._http is None:
             return
-        body = msgspec.to_builtins(
-            {
-                **job.envelope(),
-                "input": msgspec.Raw(job.record.input),
-                "webhook": job.options["webhook"],
-            }
+        url = job.options["webhook"]
+        body = envelope_json(
+            {**job.envelope(), "input": msgspec.Raw(job.record.input), "webhook": url}
         )
+        headers = {"Content-Type": "application/json"}
         for attempt in range(3):
             try:
-                response = await self._http.post(job.options["webhook"], json=body)
+                response = await self._http.post(url, content=body, headers=headers)
                 if response.status_code < 500:
                     return
-            except httpx.HTTPError as exc:
-                log.warning("webhook.failed", job_id=job.id, error=str(exc))
+                error = f"HTTP {response.status_code}"
+            except (httpx.HTTPError, ValueError) as exc:
+                error = str(exc)
+            log.warning("webhook.failed", job_id=job.id, url=url, error=error)
             await anyio.sleep(2**attempt)
 
     async def _janitor(self) -> None:
-        """Expire queued jobs past their TTL, time out handler jobs, forget old results."""
+        """Every half second, `_sweep`; a failing sweep is logged and tried again."""
         while True:
             await anyio.sleep(0.5)
-            now = time.time()
-            for endpoint in self.endpoints.values():
-                for job in list(endpoint.jobs.values()):
-                    record = job.record
-                    if (
-                        record.status == "IN_QUEUE"
-                        and now - record.created > job.ttl_ms / 1000
-                    ):
-                        self.fail(
-                            job,
-                            f"job {job.id} expired: it waited in the queue longer than its "
-                            f"ttl of {job.ttl_ms} ms",
-                            status="TIMED_OUT",
-                        )
-                    elif (
-                        record.status == "IN_PROGRESS"
-                        and endpoint.kind == "handler"
-                        and record.started is not None
-                        and now - record.started > job.execution_timeout_ms / 1000
-                    ):
-                        worker = endpoint.workers.get(job.worker or "")
-                        self.fail(
-                            job,
-                            f"job {job.id} ran past its execution timeout of "
-                            f"{job.execution_timeout_ms} ms",
-                            status="TIMED_OUT",
-                        )
-                        if worker is not None:
-                            worker.jobs.discard(job.id)
-                            worker.stops.append(job.id)
-                            worker.stop_wake.set()
-            expired = self.store.expired(self.retention_s, now)
-            if expired:
-                self.store.delete(expired)
-                for job_id in expired:
-                    gone = self.jobs.pop(job_id, None)
-                    owner = self.endpoints.get(gone.record.endpoint) if gone else None
-                    if owner is not None:
-                        owner.jobs.pop(job_id, None)
+            try:
+                self._sweep()
+            except Exception:  # the daemon must outlive a bad sweep
+                log.exception("gateway.sweep_failed")
+
+    def _sweep(self) -> None:
+        """Expire queued jobs past their TTL, time out handler jobs, forget old results."""
+        now = time.time()
+        for endpoint in self.endpoints.values():
+            for job in list(endpoint.jobs.values()):
+                record = job.record
+                if (
+                    record.status == "IN_QUEUE"
+                    and now - record.created > job.ttl_ms / 1000
+                ):
+                    self.fail(
+                        job,
+                        f"job {job.id} expired: it waited in the queue longer than its "
+                        f"ttl of {job.ttl_ms} ms",
+                        status="TIMED_OUT",
+                    )
+                elif (
+                    record.status == "IN_PROGRESS"
+                    and endpoint.kind == "handler"
+                    and record.started is not None
+                    and now - record.started > job.execution_timeout_ms / 1000
+                ):
+                    worker = endpoint.workers.get(job.worker or "")
+                    self.fail(
+                        job,
+                        f"job {job.id} ran past its execution timeout of "
+                        f"{job.execution_timeout_ms} ms",
+                        status="TIMED_OUT",
+                    )
+                    if worker is not None:
+                        worker.jobs.discard(job.id)
+                        worker.stops.append(job.id)
+                        worker.stop_wake.set()
+        expired = self.store.expired(self.retention_s, now)
+        if expired:
+            self.store.delete(expired)
+            for job_id in expired:
+                gone = self.jobs.pop(job_id, None)
+                owner = self.endpoints.get(gone.record.endpoint) if gone else None
+                if owner is not None:
+                    owner.jobs.pop(job_id, None)
 
     # -- flash endpoints ----------------------------------------------------------------------
 
-    async def _dispatch_flash(self, endpoint: Endpoint) -> None:
-        """Hand queued jobs to the endpoint's worker pool while it has room."""
+    async def _open_pool(self, endpoint: Endpoint) -> LocalBackend:
+        """The endpoint's worker pool; while it cannot start, its queued jobs fail with why."""
         resource = endpoint.resource
-        with endpoint.scope:
-            backend = await self.provider.open_endpoint(
-                resource, endpoint_key(resource.name)
-            )
+        while True:
+            try:
+                backend = await self.provider.open_endpoint(
+                    resource, endpoint_key(resource.name)
+                )
+            except (
+                Exception
+            ) as exc:  # the daemon outlives one endpoint that cannot start
+                log.exception("gateway.endpoint_failed", endpoint=endpoint.name)
+                for waiting in list(endpoint.queue):
+                    if waiting.status == "IN_QUEUE":
+                        self.fail(
+                            waiting, f"endpoint {endpoint.name!r} cannot start: {exc}"
+                        )
+                await endpoint.wait_available()
+                continue
             if not isinstance(
                 backend, LocalBackend
             ):  # pragma: no cover - handlers go elsewhere
                 msg = f"endpoint {resource.name!r} did not get a worker pool"
                 raise TypeError(msg)
-            endpoint.backend = backend
+            return backend
+
+    async def _dispatch_flash(self, endpoint: Endpoint) -> None:
+        """Hand queued jobs to the endpoint's worker pool while it has room."""
+        resource = endpoint.resource
+        with endpoint.scope:
+            endpoint.backend = backend = await self._open_pool(endpoint)
             room = anyio.Semaphore(
                 max(1, resource.workersMax) * self.provider.slots * 2
             )
@@ -766,6 +795,9 @@ class Gateway:
             self.requeue(endpoint, job, reason=str(exc))
         except (FlashRuntimeError, msgspec.DecodeError) as exc:
             self.fail(job, str(exc))
+        except Exception as exc:  # a bug must fail one job, not the daemon
+            log.exception("gateway.job_failed", job_id=job.id)
+            self.fail(job, f"internal error of the local gateway: {exc!r}")
         finally:
             job.scope = None
             room.release()

@@ -113,55 +113,60 @@ def _reap(
 
 async def run_handler_pool(gateway: Gateway, endpoint: Endpoint) -> None:
     """Keep the endpoint's workers matched to its queue until cancelled."""
-    resource = endpoint.resource
     with endpoint.scope:
         while True:
-            now = time.monotonic()
-            for worker in list(endpoint.workers.values()):
-                process = worker.process
-                if process is not None and process.returncode is not None:
-                    log.warning(
-                        "worker.exited",
-                        endpoint=endpoint.name,
-                        worker=worker.id,
-                        code=process.returncode,
-                    )
-                    _reap(
-                        gateway,
-                        endpoint,
-                        worker,
-                        f"exited with code {process.returncode}",
-                    )
-                    await process.aclose()
-                elif process is None and now - worker.last_seen > 120:
-                    _reap(gateway, endpoint, worker, "stopped polling")
-                elif worker.recycle and not worker.jobs:
-                    _reap(gateway, endpoint, worker, "was recycled (stopPod)")
-                    await _terminate(worker)
-            own = [w for w in endpoint.workers.values() if w.process is not None]
-            waiting = sum(1 for job in endpoint.queue if job.status == "IN_QUEUE")
-            free = sum(1 for w in own if w.state in {"initializing", "idle"})
-            want = max(
-                resource.workersMin, min(resource.workersMax, len(own) - free + waiting)
-            )
-            for _ in range(max(0, want - len(own))):
-                await _start(gateway, endpoint)
-            spare = len(own) - resource.workersMin
-            for worker in own:
-                if spare <= 0:
-                    break
-                if (
-                    worker.state == "idle"
-                    and not worker.jobs
-                    and now - worker.last_active > resource.idleTimeout
-                ):
-                    endpoint.workers.pop(worker.id, None)
-                    log.info(
-                        "worker.idle_stop", endpoint=endpoint.name, worker=worker.id
-                    )
-                    await _terminate(worker)
-                    spare -= 1
+            try:
+                await _tick(gateway, endpoint)
+            except Exception:  # the daemon outlives one failing pool; try again
+                log.exception("worker.pool_failed", endpoint=endpoint.name)
+                await anyio.sleep(1)
             await anyio.sleep(TICK_S)
+
+
+async def _tick(gateway: Gateway, endpoint: Endpoint) -> None:
+    """Reap dead workers, start the ones the queue needs, stop idle ones."""
+    resource = endpoint.resource
+    now = time.monotonic()
+    for worker in list(endpoint.workers.values()):
+        process = worker.process
+        if process is not None and process.returncode is not None:
+            log.warning(
+                "worker.exited",
+                endpoint=endpoint.name,
+                worker=worker.id,
+                code=process.returncode,
+            )
+            _reap(
+                gateway,
+                endpoint,
+                worker,
+                f"exited with code {process.returncode}",
+            )
+            await process.aclose()
+        elif process is None and now - worker.last_seen > 120:
+            _reap(gateway, endpoint, worker, "stopped polling")
+        elif worker.recycle and not worker.jobs:
+            _reap(gateway, endpoint, worker, "was recycled (stopPod)")
+            await _terminate(worker)
+    own = [w for w in endpoint.workers.values() if w.process is not None]
+    waiting = sum(1 for job in endpoint.queue if job.status == "IN_QUEUE")
+    free = sum(1 for w in own if w.state in {"initializing", "idle"})
+    want = max(resource.workersMin, min(resource.workersMax, len(own) - free + waiting))
+    for _ in range(max(0, want - len(own))):
+        await _start(gateway, endpoint)
+    spare = len(own) - resource.workersMin
+    for worker in own:
+        if spare <= 0:
+            break
+        if (
+            worker.state == "idle"
+            and not worker.jobs
+            and now - worker.last_active > resource.idleTimeout
+        ):
+            endpoint.workers.pop(worker.id, None)
+            log.info("worker.idle_stop", endpoint=endpoint.name, worker=worker.id)
+            await _terminate(worker)
+            spare -= 1
 
 
 async def stop_workers(gateway: Gateway, endpoint: Endpoint) -> None:
