@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -612,5 +613,40 @@ def test_flash_local_url_points_scripts_at_a_daemon(tmp_path: Path) -> None:
         assert not (
             elsewhere / ".flash" / "logs" / "gw-remote"
         ).exists()  # nothing embedded
+    finally:
+        d.stop()
+
+
+def test_a_worker_that_hangs_up_while_waiting_loses_no_job(tmp_path: Path) -> None:
+    # workersMax=0: the daemon starts no worker; this test plays the (external) worker
+    d = Daemon(tmp_path / ".flash", f"manual={ECHO}:0")
+    try:
+        assert d.record is not None
+        with socket.create_connection(("127.0.0.1", d.record.port)) as sock:
+            sock.sendall(
+                f"GET /v2/manual/job-take/w1?x=1 HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: {d.record.api_key}\r\n\r\n".encode()
+            )
+            time.sleep(0.3)  # the take is now waiting for a job
+        with d.client() as client:
+            job = run_job(client, "manual", {"x": 1})
+            time.sleep(1.5)
+            assert client.get(f"/v2/manual/status/{job}").json()["status"] == "IN_QUEUE"
+            taken = client.get(
+                "/v2/manual/job-take/w2?x=1&job_in_progress=0",
+                headers={"Authorization": d.record.api_key},
+            )
+            assert taken.status_code == 200
+            assert taken.json() == {"id": job, "input": {"x": 1}}
+            done = client.post(
+                f"/v2/manual/job-done/w2/{job}?x=1&isStream=false",
+                content=b'{"output": {"ok": true}}',
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            assert done.status_code == 200
+            body = client.get(f"/v2/manual/status/{job}").json()
+            assert body["status"] == "COMPLETED"
+            assert body["output"] == {"ok": True}
+            assert body["workerId"] == "w2"
     finally:
         d.stop()

@@ -861,6 +861,18 @@ class Gateway:
         worker.last_seen = time.monotonic()
         return jobs
 
+    def untake(self, endpoint: Endpoint, worker_id: str, jobs: list[Job]) -> None:
+        """Jobs handed to a worker that hung up before getting them: back to the queue front."""
+        worker = endpoint.workers.get(worker_id)
+        for job in reversed(jobs):
+            if worker is not None:
+                worker.jobs.discard(job.id)
+            self.requeue(
+                endpoint, job, reason=f"worker {worker_id} hung up", count=False
+            )
+        if worker is not None and not worker.jobs:
+            worker.state = "idle"
+
     def done(
         self, endpoint: Endpoint, worker_id: str, job_id: str, body: bytes
     ) -> None:

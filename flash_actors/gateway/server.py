@@ -169,10 +169,18 @@ def make_app(gateway: Gateway, api_key: str, shutdown: anyio.Event) -> web.Appli
     def _job_json(job: Any) -> dict[str, Any]:
         return {"id": job.id, "input": msgspec.Raw(job.record.input)}
 
+    def gone(request: web.Request, ep: Any, jobs: list[Any]) -> bool:
+        """True (and the jobs queued again) if the worker hung up while it waited."""
+        transport = request.transport
+        if jobs and (transport is None or transport.is_closing()):
+            gateway.untake(ep, request.match_info["worker"], jobs)
+            return True
+        return False
+
     async def take(request: web.Request) -> web.Response:
         ep = endpoint(request)
         jobs = await gateway.take(ep, request.match_info["worker"], 1)
-        if not jobs:
+        if not jobs or gone(request, ep, jobs):
             return web.Response(status=204)
         return _json(_job_json(jobs[0]))
 
@@ -183,7 +191,7 @@ def make_app(gateway: Gateway, api_key: str, shutdown: anyio.Event) -> web.Appli
         except ValueError as exc:
             raise GatewayError(400, "batch_size must be an integer") from exc
         jobs = await gateway.take(ep, request.match_info["worker"], size)
-        if not jobs:
+        if not jobs or gone(request, ep, jobs):
             return web.Response(status=204)
         return _json([_job_json(job) for job in jobs])
 
