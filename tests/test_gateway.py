@@ -587,6 +587,24 @@ def test_webhook_and_result_retention(
         server.server_close()
 
 
+def test_a_full_queue_answers_429(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASH_LOCAL_MAX_QUEUE", "2")
+    d = Daemon(tmp_path / ".flash", f"manual={ECHO}:0")  # no workers: jobs stay queued
+    try:
+        with d.client() as client:
+            first = run_job(client, "manual", {"x": 1})
+            run_job(client, "manual", {"x": 2})
+            refused = client.post("/v2/manual/run", json={"input": {"x": 3}})
+            assert refused.status_code == 429
+            assert "2 queued jobs" in refused.json()["error"]
+            client.post(f"/v2/manual/cancel/{first}")
+            run_job(client, "manual", {"x": 4})  # room again
+    finally:
+        d.stop()
+
+
 def test_flash_local_url_points_scripts_at_a_daemon(tmp_path: Path) -> None:
     d = Daemon(tmp_path / "state" / ".flash")
     try:

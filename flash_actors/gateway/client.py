@@ -209,8 +209,8 @@ class GatewayBackend:
         if status == 401:
             msg = "the local gateway rejected the API key (FLASH_LOCAL_API_KEY)"
             raise ConfigurationError(msg)
-        if status >= 500:
-            msg = f"the local gateway failed ({status}): {_error_text(data)}"
+        if status >= 500 or status == 429:
+            msg = f"the local gateway could not take the job ({status}): {_error_text(data)}"
             raise DeliveryError(msg)
         if status != 200:
             msg = f"the local gateway refused the job ({status}): {_error_text(data)}"

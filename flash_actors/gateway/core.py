@@ -290,6 +290,7 @@ class Gateway:
         api_key: what workers we start authenticate with.
         retention_s: how long finished jobs stay readable.
         take_wait_s: how long job-take and job-stop polls are held open.
+        max_queue: most queued jobs per endpoint; more are refused with 429.
     """
 
     def __init__(
@@ -301,6 +302,7 @@ class Gateway:
         api_key: str,
         retention_s: float = 1800.0,
         take_wait_s: float = 30.0,
+        max_queue: int = 100_000,
     ) -> None:
         self.store = store
         self.provider = provider
@@ -308,6 +310,7 @@ class Gateway:
         self.api_key = api_key
         self.retention_s = retention_s
         self.take_wait_s = take_wait_s
+        self.max_queue = max_queue
         self.base_url = ""
         self.endpoints: dict[str, Endpoint] = {}
         self.jobs: dict[str, Job] = {}
@@ -465,6 +468,14 @@ class Gateway:
                 if known.record.endpoint != endpoint.name:
                     raise GatewayError(400, f"job id {job_id!r} is already in use")
                 return known
+        if len(endpoint.queue) >= self.max_queue:
+            waiting = sum(1 for job in endpoint.queue if job.status == "IN_QUEUE")
+            if waiting >= self.max_queue:
+                msg = (
+                    f"too many requests: endpoint {endpoint.name!r} already has {waiting} "
+                    "queued jobs; retry later"
+                )
+                raise GatewayError(429, msg)
         clean: dict[str, Any] = {}
         for name in ("executionTimeout", "ttl"):
             value = _policy_ms(options, name)

@@ -60,7 +60,12 @@ async def serve(
     provider = LocalProvider(state_dir=state_dir)
     retention = float(os.environ.get("FLASH_LOCAL_RETENTION_S", "1800"))
     gateway = Gateway(
-        store, provider, state_dir=state_dir, api_key="", retention_s=retention
+        store,
+        provider,
+        state_dir=state_dir,
+        api_key="",
+        retention_s=retention,
+        max_queue=int(os.environ.get("FLASH_LOCAL_MAX_QUEUE", "100000")),
     )
     gateway.load()
     try:
