@@ -33,7 +33,13 @@ from flash_actors import (
     runtime,
 )
 from flash_actors.errors import ConfigurationError
-from flash_actors.gateway.record import DaemonRecord, pid_alive, read_record
+from flash_actors.gateway.record import (
+    DaemonRecord,
+    find_daemon,
+    pid_alive,
+    read_record,
+    write_record,
+)
 from flash_actors.gateway.store import JobRecord, JobStore
 from flash_actors.providers.local import LocalProvider
 
@@ -461,6 +467,40 @@ def test_remote_calls_go_to_the_daemon_and_workers_stay_warm(tmp_path: Path) -> 
         d.stop()
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_cancelled_and_timed_out_remote_calls_stop_on_the_daemon(
+    tmp_path: Path, backend: str
+) -> None:
+    d = Daemon(tmp_path / ".flash")
+    try:
+        folder = tmp_path / "marks"
+        (folder / "t").mkdir(parents=True)
+        done = subprocess.run(
+            [sys.executable, str(FILES / "cancel_script.py"), backend, str(folder)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout)
+        assert out["hung"] is False
+        assert out["status"] == "TIMED_OUT"
+        assert (
+            "1.0 s" in out["error"]
+            or "1000" in out["error"]
+            or "timeout" in out["error"]
+        )
+        (folder / "finished").unlink()  # written by the first, uncancelled call
+        time.sleep(1.5)  # the cancelled call would have finished by now
+        assert not (folder / "finished").exists()
+        assert (folder / "t" / "started").exists()
+        assert not (folder / "t" / "finished").exists()
+    finally:
+        d.stop()
+
+
 # -- handler endpoints without a daemon (the embedded provider's private gateway) ------------
 
 
@@ -668,3 +708,22 @@ def test_a_worker_that_hangs_up_while_waiting_loses_no_job(tmp_path: Path) -> No
             assert body["workerId"] == "w2"
     finally:
         d.stop()
+
+
+def test_a_stale_record_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / ".flash"
+    # a record whose PID is alive but is not a gateway (this test process)
+    write_record(
+        state, DaemonRecord(url="http://127.0.0.1:9", pid=os.getpid(), api_key="k")
+    )
+    assert find_daemon(state) is None
+    monkeypatch.setenv("FLASH_LOCAL_URL", "http://127.0.0.1:10/v2")
+    monkeypatch.setenv("FLASH_LOCAL_API_KEY", "key")
+    named = find_daemon(state)
+    assert named == DaemonRecord(url="http://127.0.0.1:10", pid=0, api_key="key")
+    monkeypatch.setenv("FLASH_LOCAL_URL", "http://127.0.0.1:9")  # the record's: its key
+    assert find_daemon(state) == read_record(state)
+    monkeypatch.setenv("FLASH_LOCAL", "0")
+    assert find_daemon(state) is None

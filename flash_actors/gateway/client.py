@@ -139,6 +139,10 @@ class GatewayProvider:
             try:
                 response = await conn.request(method, path, body)
                 data = await response.read()
+            except DeliveryError as exc:
+                await conn.aclose()
+                msg = f"the local gateway at {self.record.url} cannot be reached: {exc}"
+                raise DeliveryError(msg) from exc
             except BaseException:
                 await conn.aclose()
                 raise

@@ -119,6 +119,15 @@ def find_daemon(state_dir: Path | str = ".flash") -> DaemonRecord | None:
             "RUNPOD_API_KEY", ""
         )
         return DaemonRecord(url=url, pid=0, api_key=key, secret="")
-    if record is not None and pid_alive(record.pid):
+    if record is not None and pid_alive(record.pid) and _is_gateway(record.pid):
         return record
     return None
+
+
+def _is_gateway(pid: int) -> bool:
+    """False when the PID was reused by another program (the daemon died uncleanly)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS): trust the live PID
+    return b"flash_actors.gateway" in cmdline
