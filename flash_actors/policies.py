@@ -123,6 +123,12 @@ def check_payload(
     Raises:
         PayloadTooLargeError: naming the largest argument, its size, the total and the limit.
     """
+    total = sum(map(len, request.args)) + sum(map(len, request.kwargs.values()))
+    if request.constructor_args or request.constructor_kwargs:
+        total += sum(map(len, request.constructor_args))
+        total += sum(map(len, request.constructor_kwargs.values()))
+    if total <= limit:
+        return
     sizes: list[tuple[str, int]] = []
     for i, text in enumerate(request.args):
         sizes.append((arg_names[i] if i < len(arg_names) else f"#{i}", len(text)))
@@ -134,9 +140,6 @@ def check_payload(
         (f"constructor {name}", len(t))
         for name, t in request.constructor_kwargs.items()
     )
-    total = sum(size for _, size in sizes)
-    if total <= limit:
-        return
     name, size = max(sizes, key=lambda item: item[1])
     msg = (
         f"{function}(): argument {name!r} is {_mb(size)} as base64 cloudpickle, and the whole "

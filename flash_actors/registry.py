@@ -42,6 +42,9 @@ class Registry:
         self._resources: dict[str, ServerlessResource] = {}
         self._functions: dict[str, str] = {}
         self._routes: dict[str, dict[tuple[str, str], tuple[str, FunctionRequest]]] = {}
+        self.generation = 0
+        """Counts changes: callers that cache where the Router sent them check it (see
+        `flash_actors.remote`)."""
 
     def register(self, resource: ServerlessResource, *, owner: str = "") -> None:
         """Record a resource config under its name.
@@ -53,6 +56,7 @@ class Registry:
             known = self._resources.get(resource.name)
             if known is None:
                 self._resources[resource.name] = resource
+                self.generation += 1
                 return
             if known is resource or known.same_config(resource):
                 return
@@ -82,6 +86,7 @@ class Registry:
             held = routes.get((method, path))
             if held is None or held[0] == owner:
                 routes[(method, path)] = (owner, template)
+                self.generation += 1
                 return
         msg = (
             f"@remote {owner}: route {method} {path} of endpoint {endpoint!r} is already "
@@ -102,7 +107,9 @@ class Registry:
     def register_function(self, function: str, endpoint: str) -> None:
         """Record that ``function`` runs on ``endpoint`` (the last registration wins)."""
         with self._lock:
-            self._functions[function] = endpoint
+            if self._functions.get(function) != endpoint:
+                self._functions[function] = endpoint
+                self.generation += 1
 
     def resource(self, name: str) -> ServerlessResource:
         """The config of endpoint ``name``.

@@ -161,7 +161,7 @@ class ActorRef(Generic[M]):
             ActorStoppedError: the actor stopped or crashed before answering.
             Exception: whatever the handler raised.
         """
-        reply = Reply()
+        reply = Reply(self._cell.event_class)
         mailbox = self._cell.mailbox
         if timeout is None:
             try:
@@ -181,8 +181,16 @@ class ActorRef(Generic[M]):
         msg = f"actor {self._cell.name!r} did not answer within {timeout} s"
         raise AskTimeoutError(msg)
 
+    def new_reply(self) -> Reply:
+        """A fresh answer slot for an envelope to this actor (see `forward`)."""
+        return Reply(self._cell.event_class)
+
     async def forward(self, envelope: Envelope) -> None:
-        """Deliver an envelope whose reply belongs to someone else (see `Forward`)."""
+        """Deliver an envelope whose reply belongs to someone else (see `Forward`).
+
+        Raises:
+            ActorStoppedError: the actor is stopped; the envelope was not delivered.
+        """
         await self._cell.mailbox.put(envelope)
 
     def forward_nowait(self, envelope: Envelope) -> None:
@@ -230,6 +238,10 @@ class ActorCell(Generic[M]):
         self.restarts = 0
         self.running = False
         self.stopped = anyio.Event()
+        # The backend's own classes, looked up once: ``anyio.Event()`` and
+        # ``anyio.CancelScope()`` ask sniffio for the running backend on every call.
+        self.event_class: type[anyio.Event] = type(self.stopped)
+        self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
         self._stop_requested = False
 
     def request_stop(self) -> None:
@@ -267,6 +279,7 @@ class ActorCell(Generic[M]):
         crashes: deque[float] = deque()
         in_a_row = 0
         start_error: Exception | None = None
+        self._scope_class = type(anyio.CancelScope())
         try:
             while True:
                 actor = self.factory()
@@ -442,7 +455,7 @@ class ActorCell(Generic[M]):
         self.in_flight.add(reply)
         forwarded = False
         try:
-            with anyio.CancelScope() as scope:
+            with self._scope_class() as scope:
                 reply.scope = scope
                 try:
                     result = await actor.receive(envelope.message)
@@ -452,6 +465,7 @@ class ActorCell(Generic[M]):
                 if isinstance(result, Forward):
                     forwarded = True
                     reply.scope = None
+                    reply.forwarded_to = result.target
                     self.in_flight.discard(reply)
                     envelope = Envelope(result.message, reply)
                     try:

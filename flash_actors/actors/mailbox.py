@@ -25,18 +25,33 @@ class Reply:
     """A one-shot answer slot: the asker waits on it, the actor completes it once.
 
     The asker may withdraw (`cancel`): an envelope not yet handled is then skipped, and one
-    being handled has its cancel scope cancelled.
+    being handled has its cancel scope cancelled. ``forwarded_to`` names the actor a handler
+    handed the request on to (see `flash_actors.actors.Forward`), for askers that want to
+    learn where such requests go.
+
+    Args:
+        event_class: the running backend's `anyio.Event` class (see `event_class`), to skip
+            the backend lookup that ``anyio.Event()`` makes.
     """
 
-    __slots__ = ("_error", "_event", "_value", "cancelled", "done", "scope")
+    __slots__ = (
+        "_error",
+        "_event",
+        "_value",
+        "cancelled",
+        "done",
+        "forwarded_to",
+        "scope",
+    )
 
-    def __init__(self) -> None:
-        self._event = anyio.Event()
+    def __init__(self, event_class: type[anyio.Event] | None = None) -> None:
+        self._event = anyio.Event() if event_class is None else event_class()
         self._value: Any = None
         self._error: BaseException | None = None
         self.done = False
         self.cancelled = False
         self.scope: anyio.CancelScope | None = None
+        self.forwarded_to: Any = None
 
     def set_result(self, value: Any) -> None:
         """Complete with a value (ignored once done)."""

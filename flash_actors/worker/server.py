@@ -170,8 +170,16 @@ class WorkerApp:
             task.add_done_callback(
                 functools.partial(self._finished, job_id=job.id, queue=queue)
             )
-        for _ in batch.jobs:
-            await write(await queue.get())
+        left = len(batch.jobs)
+        while left:
+            # Answers that finished together leave in one write (one TCP segment), so the
+            # client frees their slots at once and refills them with a full batch.
+            frames = [await queue.get()]
+            while len(frames) < left and not queue.empty():
+                frames.append(queue.get_nowait())
+            left -= len(frames)
+            async with write_lock:
+                await response.write(b"".join(frame(done) for done in frames))
         await response.write_eof()
         return response
 

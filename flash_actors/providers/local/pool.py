@@ -83,12 +83,13 @@ class _Job:
         self,
         job_id: str,
         request: FunctionRequest,
-        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None,
+        event_class: type[anyio.Event],
     ) -> None:
         self.id = job_id
         self.request = request
         self.chunks = chunks
-        self.done = anyio.Event()
+        self.done = event_class()
         self.started: anyio.Event | None = None  # made only if the job has to wait
         self.response: FunctionResponse | None = None
         self.error: BaseException | None = None
@@ -178,6 +179,9 @@ class WorkerPool:
         self.started_total = 0
         self.start_seconds: list[float] = []  # start-to-ready time of each worker
         self._wake = anyio.Event()
+        # The backend's classes, looked up once (``anyio.Event()`` asks sniffio every time).
+        self._event_class: type[anyio.Event] = anyio.Event
+        self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
         self._tg: TaskGroup | None = None
         self._closed = False
         self._logs: dict[str, IO[bytes]] = {}
@@ -189,6 +193,8 @@ class WorkerPool:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the dispatcher and the reaper until cancelled; stop every worker on the way out."""
+        self._event_class = type(anyio.Event())
+        self._scope_class = type(anyio.CancelScope())
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -388,18 +394,18 @@ class WorkerPool:
             msg = f"endpoint {self.resource.name!r} is stopped"
             raise DeliveryError(msg)
         await self._provision(call.request)
-        job = _Job(job_id, call.request, chunks)
+        job = _Job(job_id, call.request, chunks, self._event_class)
         self.queue.append(job)
         self._dispatch()  # a free slot takes it now, without a pass through the dispatcher
         try:
             if job.state == "IN_QUEUE":
-                job.started = anyio.Event()
-                with anyio.move_on_after(call.policy.ttl_s):
+                job.started = self._event_class()
+                with self._after(call.policy.ttl_s):
                     await job.started.wait()
             if job.state == "IN_QUEUE":
                 self._dequeue(job)
                 raise expired_error(call, job_id)
-            with anyio.move_on_after(call.policy.execution_timeout_s):
+            with self._after(call.policy.execution_timeout_s):
                 await job.done.wait()
             if not job.done.is_set() and job.worker is not None:
                 log.warning(
@@ -422,6 +428,12 @@ class WorkerPool:
             raise job.error
         assert job.response is not None  # noqa: S101
         return job.response
+
+    def _after(self, seconds: float | None) -> anyio.CancelScope:
+        """``anyio.move_on_after(seconds)``, made without a backend lookup when unbounded."""
+        if seconds is None:
+            return self._scope_class()
+        return self._scope_class(deadline=anyio.current_time() + seconds)
 
     async def _provision(self, request: FunctionRequest) -> None:
         """Install the request's dependencies before it queues (once per set)."""

@@ -1,0 +1,73 @@
+"""The fast paths of serialization give the same bytes and signatures as the plain ones."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+
+import cloudpickle
+import pybase64
+import pytest
+
+from flash_actors.errors import SerializationError
+from flash_actors.messages import FunctionRequest
+from flash_actors.serialization import (
+    RequestSigner,
+    decode_request,
+    decode_result,
+    dumps,
+    encode_result,
+    loads,
+)
+
+KEY = b"k" * 32
+PLAIN = [
+    {"a": 1.5, "b": [1, 2, (3, "x")], "c": None},
+    [True, False, 10**40, -1.5, b"\x00\xff", bytearray(b"ab"), {1, 2}, frozenset({3})],
+    "é" * 100,
+    bytes(100_000),
+]
+
+
+@pytest.mark.parametrize("value", PLAIN)
+def test_plain_data_pickles_to_cloudpickles_own_bytes(value: object) -> None:
+    assert dumps(value) == cloudpickle.dumps(value, protocol=5)
+
+
+def test_other_objects_still_go_through_cloudpickle() -> None:
+    def local(x: int) -> int:
+        return x + 1
+
+    counter = collections.Counter("aab")
+    restored = loads(dumps({"f": local, "n": [counter]}))
+    assert restored["f"](1) == 2  # pickled by value, as only cloudpickle does
+    assert restored["n"][0] == counter
+    assert type(restored["n"][0]) is collections.Counter
+
+
+def test_unpicklable_value_is_still_named_in_the_error() -> None:
+    signer = RequestSigner(KEY, FunctionRequest(function_name="f", function_code="x"))
+    lock = __import__("threading").Lock()
+    with pytest.raises(SerializationError, match=r"^cannot serialize argument 'n' "):
+        signer.sign((lock,), {}, arg_names=("n",))
+    with pytest.raises(SerializationError, match=r"^cannot serialize positional arg"):
+        signer.sign((1, lock), {}, arg_names=("n",))
+
+
+def test_signature_of_a_plain_call_matches_the_general_path() -> None:
+    template = FunctionRequest(function_name="f", function_code="def f(x): ...")
+    signer = RequestSigner(KEY, template)
+    fast = signer.sign((1, "two"), {"k": 3.0})
+    general = signer.sign((1, "two"), {"k": 3.0}, method_name="__call__")
+    assert fast.signature == general.signature
+    assert decode_request(fast, KEY).args == [1, "two"]
+    assert decode_request(fast, KEY).kwargs == {"k": 3.0}
+
+
+def test_result_signature_is_hmac_sha256_over_the_framed_pickle() -> None:
+    text, signature = encode_result({"x": 1}, KEY)
+    raw = pybase64.b64decode(text)
+    mac = hmac.new(KEY, b"R" + len(raw).to_bytes(8, "big") + raw, hashlib.sha256)
+    assert signature == mac.hexdigest()
+    assert decode_result(text, signature, KEY) == {"x": 1}
