@@ -226,13 +226,7 @@ class EndpointActor(Actor[Routed]):
             )
             raise ConfigurationError(msg)
         policy = job.policy
-        job_policy: dict[str, int] = {}
-        if policy.execution_timeout_s is not None:
-            job_policy["executionTimeout"] = max(
-                1, int(policy.execution_timeout_s * 1000)
-            )
-        if policy.ttl_s is not None:
-            job_policy["ttl"] = max(1, int(policy.ttl_s * 1000))
+        job_policy = policy.job_policy()
         job_id = new_job_id()
         for attempt in range(1, policy.retry.attempts + 1):
             try:

@@ -106,6 +106,15 @@ class CallPolicy(msgspec.Struct, kw_only=True, frozen=True):
     execution_timeout_s: float | None = DEFAULT_EXECUTION_TIMEOUT_S
     ttl_s: float | None = DEFAULT_TTL_S
 
+    def job_policy(self) -> dict[str, int]:
+        """The RunPod job ``policy`` for these limits: ``executionTimeout``/``ttl`` in ms."""
+        policy: dict[str, int] = {}
+        if self.execution_timeout_s is not None:
+            policy["executionTimeout"] = max(1, int(self.execution_timeout_s * 1000))
+        if self.ttl_s is not None:
+            policy["ttl"] = max(1, int(self.ttl_s * 1000))
+        return policy
+
 
 def _mb(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"

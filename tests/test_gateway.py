@@ -64,6 +64,23 @@ def flash(
     )
 
 
+def run_script(
+    name: str, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> Any:
+    """Run ``gateway_files/<name>`` and return the JSON it prints."""
+    done = subprocess.run(
+        [sys.executable, str(FILES / name), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -228,16 +245,7 @@ def test_stock_runpod_client_sync_and_asyncio(daemon: Daemon) -> None:
     env = dict(os.environ)
     env["RUNPOD_ENDPOINT_BASE_URL"] = f"{daemon.record.url}/v2"
     env["RUNPOD_API_KEY"] = daemon.record.api_key
-    done = subprocess.run(
-        [sys.executable, str(FILES / "runpod_client.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=170,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout)
+    out = run_script("runpod_client.py", env=env)
     assert out["run_sync"]["echo"] == {"x": 1}
     assert out["run_output"]["echo"] == {"x": 2}
     assert out["run_status"] == "COMPLETED"
@@ -441,16 +449,7 @@ def test_remote_calls_go_to_the_daemon_and_workers_stay_warm(tmp_path: Path) -> 
     try:
         pids = []
         for backend in ("asyncio", "trio"):
-            done = subprocess.run(
-                [sys.executable, str(FILES / "remote_script.py"), backend],
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            assert done.returncode == 0, done.stderr[-3000:]
-            out = json.loads(done.stdout)
+            out = run_script("remote_script.py", backend, cwd=tmp_path)
             assert out["x"] == 1
             assert out["stream"] == [0, 1, 2]
             assert out["error"] == "KeyError"
@@ -475,16 +474,7 @@ def test_cancelled_and_timed_out_remote_calls_stop_on_the_daemon(
     try:
         folder = tmp_path / "marks"
         (folder / "t").mkdir(parents=True)
-        done = subprocess.run(
-            [sys.executable, str(FILES / "cancel_script.py"), backend, str(folder)],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        out = json.loads(done.stdout)
+        out = run_script("cancel_script.py", backend, str(folder), cwd=tmp_path)
         assert out["hung"] is False
         assert out["status"] == "TIMED_OUT"
         assert (
@@ -657,17 +647,8 @@ def test_flash_local_url_points_scripts_at_a_daemon(tmp_path: Path) -> None:
             FLASH_LOCAL_API_KEY=d.record.api_key,
             FLASH_SECRET=d.record.secret,
         )
-        done = subprocess.run(
-            [sys.executable, str(FILES / "remote_script.py"), "asyncio"],
-            cwd=elsewhere,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert json.loads(done.stdout)["pid"] in descendants(d.pid)
+        out = run_script("remote_script.py", "asyncio", cwd=elsewhere, env=env)
+        assert out["pid"] in descendants(d.pid)
         assert not (
             elsewhere / ".flash" / "logs" / "gw-remote"
         ).exists()  # nothing embedded

@@ -17,7 +17,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from flash_actors.gateway.record import DaemonRecord, read_record
 from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import FunctionResponse, wire_encoder
 from flash_actors.providers.local._http import Connection
+from flash_actors.providers.local._processes import stop_process
 from flash_actors.serialization import master_secret
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ class GatewayProvider:
         process, self.process = self.process, None
         if process is not None:
             with anyio.CancelScope(shield=True):
-                await _stop_process(process)
+                await stop_process(process, 10)
             if self.state_dir is not None:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -270,14 +270,7 @@ class GatewayBackend:
         chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
     ) -> FunctionResponse:
         """Run ``call.request`` as a job on the gateway; see `EndpointBackend.execute`."""
-        policy = call.policy
-        job_policy: dict[str, int] = {}
-        if policy.execution_timeout_s is not None:
-            job_policy["executionTimeout"] = max(
-                1, int(policy.execution_timeout_s * 1000)
-            )
-        if policy.ttl_s is not None:
-            job_policy["ttl"] = max(1, int(policy.ttl_s * 1000))
+        job_policy = call.policy.job_policy()
         try:
             if chunks is None:
                 envelope = await self.submit(
@@ -371,19 +364,6 @@ def _response_of(envelope: Envelope) -> FunctionResponse:
     raise FlashRuntimeError(error)
 
 
-async def _stop_process(process: Process) -> None:
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(10):
-            await process.wait()
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
-    await process.aclose()
-
-
 async def start_private_gateway(log_dir: Path) -> GatewayProvider:
     """Start a gateway tied to this process (for handler endpoints without a daemon).
 
@@ -419,7 +399,7 @@ async def start_private_gateway(log_dir: Path) -> GatewayProvider:
                 return GatewayProvider(record, process=process, state_dir=state_dir)
             await anyio.sleep(0.02)
     with anyio.CancelScope(shield=True):
-        await _stop_process(process)
+        await stop_process(process, 10)
     shutil.rmtree(state_dir, ignore_errors=True)
     msg = f"the local gateway for handler endpoints did not start; see {log_path}"
     raise DeliveryError(msg)

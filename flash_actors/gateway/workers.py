@@ -13,10 +13,8 @@ queue.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ import anyio
 
 from flash_actors._logging import get_logger
 from flash_actors.gateway.core import HandlerWorker
+from flash_actors.providers.local._processes import stop_process
 
 if TYPE_CHECKING:
     from flash_actors.gateway.core import Endpoint, Gateway
@@ -83,20 +82,8 @@ async def _start(gateway: Gateway, endpoint: Endpoint) -> None:
 
 
 async def _terminate(worker: HandlerWorker) -> None:
-    process = worker.process
-    if process is None:
-        return
-    with anyio.CancelScope(shield=True):
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(3):
-                await process.wait()
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
-        await process.aclose()
+    if worker.process is not None:
+        await stop_process(worker.process)
 
 
 def _reap(

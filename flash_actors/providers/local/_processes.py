@@ -69,6 +69,21 @@ class WorkerProcess(Protocol):
         ...
 
 
+async def stop_process(process: WorkerProcess, grace_s: float = 3.0) -> None:
+    """SIGTERM, SIGKILL if it is still there after ``grace_s``; always reaped (shielded)."""
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(grace_s):
+                await process.wait()
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+        await process.aclose()
+
+
 class PidfdProcess:
     """A process followed through a pidfd; several tasks may wait on it at once."""
 

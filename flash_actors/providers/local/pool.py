@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from flash_actors.errors import DeliveryError
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse, Route
 from flash_actors.policies import expired_error, timeout_error
 from flash_actors.providers.local._http import Connection
+from flash_actors.providers.local._processes import stop_process
 from flash_actors.worker.installer import (
     cache_root,
     ensure_environment,
@@ -587,18 +587,7 @@ async def _terminate(worker: Worker) -> None:
     for conn in worker.connections:
         await conn.aclose()
     worker.connections.clear()
-    process = worker.process
-    with anyio.CancelScope(shield=True):
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(3):
-                await process.wait()
-            if process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
-        await process.aclose()
+    await stop_process(worker.process)
 
 
 class LocalBackend:
