@@ -98,6 +98,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def workers_of(url: str) -> list[int]:
+    """Every process started for the gateway at ``url``: RunPod's variables point at it."""
+    needle = f"RUNPOD_WEBHOOK_GET_JOB={url}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
 def wait_gone(pids: list[int], seconds: float = 15) -> list[int]:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -162,10 +174,13 @@ class Daemon:
         """Finalizer: down, then make sure by PID that nothing is left."""
         if self.record is None:
             return
-        leftovers = [self.pid, *descendants(self.pid)]
+        assert self.record is not None
+        leftovers = [self.pid, *descendants(self.pid), *workers_of(self.record.url)]
         with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
             self.down()
-        kill_all(wait_gone(leftovers, 5))
+        left = wait_gone(sorted({*leftovers, *workers_of(self.record.url)}), 10)
+        kill_all(left)
+        assert left == [], f"processes left running: {left}"
 
 
 @pytest.fixture
@@ -380,9 +395,13 @@ def test_queue_survives_sigkill_and_down_up(tmp_path: Path) -> None:
             )
             queued = [run_job(client, "echo", {"x": i}) for i in range(1, 4)]
         processes = [d.pid, *descendants(d.pid)]
-        assert len(processes) >= 2  # the daemon and its worker
+        assert d.record is not None
+        workers = workers_of(d.record.url)
+        assert len(workers) >= 2  # the launcher, the handler (and runpod's own helpers)
         os.kill(d.pid, signal.SIGKILL)
-        assert wait_gone(processes) == []  # the worker died with the daemon
+        assert (
+            wait_gone([*processes, *workers]) == []
+        )  # every worker died with the daemon
         d.up()  # the stale record is noticed and replaced
         with d.client() as client:
             again = client.get(f"/v2/echo/status/{finished['id']}").json()
@@ -517,8 +536,12 @@ async def test_handler_endpoint_runs_on_a_private_gateway(tmp_path: Path) -> Non
         assert gateway is not None
         assert gateway.process is not None
         gateway_pid = gateway.process.pid
-        running = [gateway_pid, *descendants(gateway_pid)]
-        assert len(running) >= 2
+        running = [
+            gateway_pid,
+            *descendants(gateway_pid),
+            *workers_of(gateway.record.url),
+        ]
+        assert len(running) >= 3
     assert wait_gone(running) == []
     assert not any(
         p.name.startswith("flash-gateway-")

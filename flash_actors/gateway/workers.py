@@ -13,8 +13,10 @@ queue.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from flash_actors._logging import get_logger
+from flash_actors.gateway import launch
 from flash_actors.gateway.core import HandlerWorker
 from flash_actors.providers.local._processes import stop_process
 
@@ -74,6 +77,7 @@ async def _start(gateway: Gateway, endpoint: Endpoint) -> None:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: see gateway.launch
         )
     endpoint.workers[worker_id] = HandlerWorker(worker_id, process=process)
     log.info(
@@ -82,8 +86,19 @@ async def _start(gateway: Gateway, endpoint: Endpoint) -> None:
 
 
 async def _terminate(worker: HandlerWorker) -> None:
-    if worker.process is not None:
-        await stop_process(worker.process)
+    """SIGTERM the launcher (it stops its group); SIGKILL the group if that takes too long."""
+    process = worker.process
+    if process is None:
+        return
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(launch.GRACE_S + 2):
+                await process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the group outlives its leader
+        await stop_process(process, 0)
 
 
 def _reap(
