@@ -510,6 +510,61 @@ def test_cancelled_and_timed_out_remote_calls_stop_on_the_daemon(
         d.stop()
 
 
+@pytest.mark.timeout(120)
+def test_a_changed_config_restarts_the_endpoint_and_keeps_its_running_job(
+    tmp_path: Path,
+) -> None:
+    d = Daemon(tmp_path / ".flash")
+    try:
+        first = subprocess.Popen(
+            [sys.executable, str(FILES / "replace_script.py"), "1", "2"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with d.client() as client:
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    answer = client.get("/v2/gw-replace/health")
+                    if (
+                        answer.status_code == 200
+                        and answer.json()["jobs"]["inProgress"]
+                    ):
+                        break
+                    time.sleep(0.05)
+            # a second script names the same endpoint with another config: it replaces it
+            assert run_script("replace_script.py", "2", "0", cwd=tmp_path) == {
+                "status": "COMPLETED",
+                "output": 0.0,
+            }
+            out, err = first.communicate(timeout=60)
+            assert first.returncode == 0, err[-3000:]
+            # the first job was put back in the queue and ran again on the new workers
+            assert json.loads(out) == {"status": "COMPLETED", "output": 2.0}
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+    finally:
+        d.stop()
+
+
+def test_job_ids_are_checked(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        bad = client.post("/v2/echo/run", json={"input": {}, "id": "../x"})
+        assert bad.status_code == 400
+        assert "job id" in bad.json()["error"]
+        first = client.post(
+            "/v2/echo/run", json={"input": {"x": 1}, "id": "mine-1"}
+        ).json()
+        again = client.post(
+            "/v2/echo/run", json={"input": {"x": 1}, "id": "mine-1"}
+        ).json()
+        assert first["id"] == again["id"] == "mine-1"  # a retried submission is one job
+
+
 # -- handler endpoints without a daemon (the embedded provider's private gateway) ------------
 
 

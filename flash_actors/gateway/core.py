@@ -19,6 +19,7 @@ it runs on the daemon's one event loop, so there are no locks.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections import deque
@@ -62,6 +63,7 @@ MAX_ATTEMPTS = (
 )
 
 _request_decoder = msgspec.json.Decoder(FunctionRequest)
+_JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class GatewayError(Exception):
@@ -84,7 +86,6 @@ class Job:
     chunks: list[bytes] = field(default_factory=list)
     changed: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope | None = None
-    requeue_on_cancel: bool = False
 
     @property
     def id(self) -> str:
@@ -363,7 +364,7 @@ class Gateway:
                 self.closing.set()
                 with anyio.CancelScope(shield=True):
                     for endpoint in list(self.endpoints.values()):
-                        await self._stop_endpoint(endpoint, requeue=True)
+                        await self._stop_endpoint(endpoint)
                 tg.cancel_scope.cancel()
 
     def _start_endpoint(self, endpoint: Endpoint) -> None:
@@ -375,17 +376,17 @@ class Gateway:
 
             self._tg.start_soon(run_handler_pool, self, endpoint)
 
-    async def _stop_endpoint(self, endpoint: Endpoint, *, requeue: bool) -> None:
+    async def _stop_endpoint(self, endpoint: Endpoint) -> None:
         """Stop an endpoint's workers; its running jobs go back to the queue."""
         for job in list(endpoint.jobs.values()):
-            if job.status == "IN_PROGRESS" and requeue:
-                if job.scope is not None:
-                    job.requeue_on_cancel = True
-                    job.scope.cancel()
-                else:
-                    self.requeue(
-                        endpoint, job, reason="its endpoint was stopped", count=False
-                    )
+            if job.status != "IN_PROGRESS":
+                continue
+            if job.scope is not None:
+                job.scope.cancel()  # `_run_flash` puts it back in the queue
+            else:  # a handler worker's job: its worker is stopped below
+                self.requeue(
+                    endpoint, job, reason="its endpoint was stopped", count=False
+                )
         endpoint.scope.cancel()
         if endpoint.backend is not None:
             await endpoint.backend.aclose()
@@ -412,7 +413,7 @@ class Gateway:
             if known.resource.same_config(endpoint.resource):
                 return known
             log.info("gateway.endpoint_replaced", endpoint=name)
-            await self._stop_endpoint(known, requeue=True)
+            await self._stop_endpoint(known)
             endpoint.jobs = known.jobs
             endpoint.retried = known.retried
             for job in sorted(known.jobs.values(), key=lambda j: j.record.seq):
@@ -463,6 +464,9 @@ class Gateway:
             GatewayError: 400 for a bad policy or input.
         """
         if job_id is not None:
+            if not _JOB_ID.fullmatch(job_id):
+                msg = f"job id {job_id!r} must be 1-128 letters, digits, '-' or '_'"
+                raise GatewayError(400, msg)
             known = self.jobs.get(job_id)
             if known is not None:
                 if known.record.endpoint != endpoint.name:
@@ -632,9 +636,14 @@ class Gateway:
     def requeue(
         self, endpoint: Endpoint, job: Job, *, reason: str, count: bool = True
     ) -> None:
-        """Its worker went away: queue the job again (front), or fail it after the last try."""
+        """Its worker went away: queue the job again (front), or fail it after the last try.
+
+        The job goes to the endpoint registered under its name now: a replaced config's
+        jobs, requeued once its old workers are stopped, run on the new ones.
+        """
         if job.terminal:
             return
+        endpoint = self.endpoints.get(job.record.endpoint, endpoint)
         record = job.record
         if count:
             record.retries += 1
@@ -649,7 +658,6 @@ class Gateway:
         record.started = None
         job.worker = None
         job.scope = None
-        job.requeue_on_cancel = False
         self.store.update(record)
         endpoint.push(job, front=True)
         job.notify()
@@ -793,13 +801,17 @@ class Gateway:
                 job.scope = scope
                 response = await self._execute(backend, call, job)
             if scope.cancelled_caught:
-                if job.requeue_on_cancel:
-                    self.requeue(
-                        endpoint, job, reason="its endpoint was stopped", count=False
-                    )
+                # cancelled by a client (already CANCELLED) or by the endpoint stopping
+                self.requeue(
+                    endpoint, job, reason="its endpoint was stopped", count=False
+                )
                 return
             if not job.terminal:
                 self.complete(job, wire_encoder.encode(response))
+        except anyio.get_cancelled_exc_class():
+            # the endpoint (or the daemon) stops around the job: it runs again later
+            self.requeue(endpoint, job, reason="its endpoint was stopped", count=False)
+            raise
         except ExecutionTimeoutError as exc:
             self.fail(job, str(exc), status="TIMED_OUT")
         except DeliveryError as exc:
