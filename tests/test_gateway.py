@@ -244,6 +244,18 @@ def test_up_status_down_leave_nothing_running(tmp_path: Path) -> None:
         d.stop()
 
 
+def test_up_says_when_its_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = flash("local", "up", "--port", str(port), cwd=tmp_path)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert read_record(tmp_path / ".flash") is None
+
+
 def test_up_refuses_a_missing_handler_file(tmp_path: Path) -> None:
     done = flash("local", "up", "--endpoint", "x=nope.py", cwd=tmp_path)
     assert done.returncode == 2

@@ -85,7 +85,12 @@ async def serve(
             await gateway.register(name, config)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            sock.close()
+            msg = f"flash local: cannot listen on 127.0.0.1:{port}: {exc.strerror}"
+            raise SystemExit(msg) from None
         sock.listen(1024)
         sock.setblocking(False)  # noqa: FBT003
         gateway.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
