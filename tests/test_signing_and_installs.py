@@ -116,6 +116,10 @@ def test_good_requirements_are_canonical(spec: str, canonical: str) -> None:
         "numpy\t",
         "nump\u0443",  # a Cyrillic u
         "numpy==1.0 --hash=sha256:00",
+        "numpy==1.0+local.whl",  # pip would read it as a file name
+        "numpy==1.0+a.tar.gz",
+        "a===/srv/x.whl",
+        "numpy===1.0",
         "",
         "   ",
         "x" * 501,

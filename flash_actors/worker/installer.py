@@ -25,6 +25,7 @@ code (`flash_actors.serialization`).
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib
 import os
@@ -80,6 +81,9 @@ def cache_root() -> Path:
 
 
 _MAX_SPEC = 500
+_ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz",
+             ".txz", ".tlz", ".tar.lz", ".tar.lzma")  # fmt: skip
+"""What pip takes for a package file when a requirement ends with it (its archive types)."""
 _PRINTABLE = re.compile(r"[ -~]+")
 """Printable ASCII: no tabs, newlines, NULs or look-alike letters in a spec."""
 
@@ -94,12 +98,19 @@ def check_requirement(spec: object) -> str:
     ``/abs/path``, ``file:...``, ``git+https://...``, ``pkg @ url``, ``-e``,
     ``--index-url ...``), and specs with characters outside printable ASCII.
 
-    The canonical text (normalised name and extras, sorted specifiers) has no dots in the
-    name and nothing before the marker that pip could take for a file name.
+    Also refused: ``===`` (arbitrary strings) and versions ending in an archive's
+    extension (``==1.0+a.whl``), which pip would take for a file name. The canonical text
+    handed to pip (normalised name and extras, sorted specifiers, then the marker) has no
+    dots in the name, and no ``/``, ``:`` or ``@`` before the marker.
     """
     if not isinstance(spec, str):
         msg = f"dependency {spec!r} is not a string"
         raise ConfigurationError(msg)
+    return _canonical_requirement(spec)
+
+
+@functools.lru_cache(maxsize=1024)  # a worker checks the same few specs on every call
+def _canonical_requirement(spec: str) -> str:
     if not spec.strip() or len(spec) > _MAX_SPEC or not _PRINTABLE.fullmatch(spec):
         msg = (
             f"dependency {spec!r} is not a requirement: use a package name with optional "
@@ -123,6 +134,14 @@ def check_requirement(spec: object) -> str:
             "name the package and a version (e.g. 'numpy==1.26.4') instead"
         )
         raise ConfigurationError(msg)
+    for specifier in req.specifier:
+        if specifier.operator == "===" or specifier.version.lower().endswith(_ARCHIVES):
+            # pip reads "x==1.0+a.whl" as a file name; "===" takes any string (PEP 440)
+            msg = (
+                f"dependency {spec!r} has the version {specifier}, which pip could read as "
+                "a file name: use a plain version (e.g. 'numpy==1.26.4'); '===' is refused"
+            )
+            raise ConfigurationError(msg)
     text = str(canonicalize_name(req.name))
     if req.extras:
         text += "[" + ",".join(sorted(canonicalize_name(e) for e in req.extras)) + "]"
@@ -380,6 +399,11 @@ async def activate(dependencies: list[str]) -> None:
     """Make the environment of ``dependencies`` importable in this process (a worker).
 
     Installs it first if no one has yet (a request from a client that did not provision it).
+    The caller has checked the request's signature; `ensure_environment` checks the specs.
+
+    Raises:
+        ConfigurationError: an entry is not a requirement (nothing was installed).
+        DependencyInstallError: pip could not install them.
     """
     env_dir = await ensure_environment(dependencies)
     if env_dir is None or env_dir.name in _active:
