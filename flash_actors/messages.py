@@ -36,8 +36,10 @@ class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=T
     """One remote invocation, as Flash sends it in a job's ``input``.
 
     ``args``/``kwargs``/``constructor_*`` are base64 cloudpickle strings. ``signature`` is the
-    HMAC-SHA256 (hex) over the code and payloads, computed by
-    `flash_actors.serialization.sign_request`; workers refuse a request without a valid one.
+    HMAC-SHA256 (hex) over every other field (code, modules, ``dependencies``,
+    ``system_dependencies``, options) and the payloads, computed by
+    `flash_actors.serialization.RequestSigner`; workers refuse a request without a valid one,
+    and nothing is installed for a request before its signature is checked.
     """
 
     function_name: str | None = None

@@ -55,6 +55,7 @@ from flash_actors.serialization import (
     endpoint_key,
 )
 from flash_actors.worker.executor import invoke
+from flash_actors.worker.installer import check_requirements, check_system_packages
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -193,6 +194,12 @@ def _check_spec(spec: _Spec, label: str) -> None:
         if not all(isinstance(v, str) and v.strip() for v in items):
             msg = f"@remote {label}: {field} must be a list of non-empty strings, got {values!r}"
             raise ConfigurationError(msg)
+    try:  # the installer checks them again where it acts on them
+        check_requirements(spec.dependencies)
+        check_system_packages(spec.system_dependencies)
+    except ConfigurationError as exc:
+        msg = f"@remote {label}: {exc}"
+        raise ConfigurationError(msg) from None
 
 
 class _Route:

@@ -3,9 +3,11 @@
 Arguments travel as Flash sends them (PROTOCOL.md section 3): each one a base64 string of its
 cloudpickle. cloudpickle runs code when it loads, and a request's ``function_code`` is executed
 by the worker, so every request carries ``signature``: an HMAC-SHA256 under the endpoint's key
-over the code and the raw pickles. `decode_request` checks it before unpickling anything and
-raises `PayloadSignatureError` for a request that is unsigned or was changed on the way. Results
-are signed the same way by the worker and checked by the caller.
+over every field that decides what runs (the code, the modules, the ``dependencies`` and
+``system_dependencies`` to install, the options) and the raw pickles. `decode_request` checks it
+before unpickling anything and raises `PayloadSignatureError` for a request that is unsigned or
+was changed on the way; `verify_request` checks it alone (before installing a request's
+dependencies). Results are signed the same way by the worker and checked by the caller.
 
 Keys: each endpoint has its own, derived from a master secret with `endpoint_key`. The master
 secret comes from ``FLASH_SECRET`` (hex) when set, otherwise it is random per process; the
@@ -52,6 +54,7 @@ __all__ = [
     "loads",
     "master_secret",
     "set_master_secret",
+    "verify_request",
 ]
 
 tune_allocator()
@@ -310,6 +313,13 @@ def _replace(template: FunctionRequest, fields: dict[str, Any]) -> FunctionReque
 
 
 def _static_fields(mac: Any, req: FunctionRequest) -> None:
+    """Feed every field but the call's own (arguments, method, instance) to the MAC.
+
+    That is everything that decides what runs: the code, the modules, the packages installed
+    before it (``dependencies``, ``system_dependencies``, as sent: order and spelling
+    included) and the options. A field added to `FunctionRequest` that changes what runs
+    belongs here, and in `_static_prefix`'s cache key.
+    """
     _frame(mac, b"N", req.function_name)
     _frame(mac, b"F", req.function_code)
     _frame(mac, b"E", req.execution_type)
@@ -319,6 +329,19 @@ def _static_fields(mac: Any, req: FunctionRequest) -> None:
         _frame(mac, b"P", path)
         _frame(mac, b"S", req.modules[path])
     _frame(mac, b"Z", req.serialization_format)
+    _frame_list(mac, b"D", req.dependencies)
+    _frame_list(mac, b"Y", req.system_dependencies)
+    mac.update(b"A1" if req.accelerate_downloads else b"A0")
+
+
+def _frame_list(mac: Any, tag: bytes, items: list[str] | None) -> None:
+    """A list of strings as its length and each item framed (``None`` differs from ``[]``)."""
+    if items is None:
+        mac.update(tag + b"\xff")
+        return
+    mac.update(tag + _LEN.pack(len(items)))
+    for item in items:
+        _frame(mac, b"=", item)
 
 
 _NO_CONSTRUCTOR = b"c" + _LEN.pack(0) + b"d" + _LEN.pack(0)
@@ -396,7 +419,15 @@ def _decode_map(
 
 
 def verify_request(req: FunctionRequest, key: bytes) -> None:
-    """Check a request's signature without keeping its payloads (see `decode_request`)."""
+    """Check a request's signature without unpickling anything (see `decode_request`).
+
+    Callers that act on a request's static fields before a worker decodes it (installing
+    its ``dependencies``) call this first.
+
+    Raises:
+        PayloadSignatureError: the request is unsigned or its signature does not match.
+        SerializationError: a payload is not valid base64.
+    """
     decode_request(req, key, unpickle=False)
 
 
@@ -456,6 +487,9 @@ def _static_prefix(key: bytes, req: FunctionRequest) -> Any:
         req.class_code,
         tuple(sorted(req.modules.items())) if req.modules else (),
         req.serialization_format,
+        None if req.dependencies is None else tuple(req.dependencies),
+        None if req.system_dependencies is None else tuple(req.system_dependencies),
+        req.accelerate_downloads,
     )
     mac = _prefixes.get(cache_key)
     if mac is None:

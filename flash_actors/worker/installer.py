@@ -1,7 +1,11 @@
 """Real dependency installs: one cached virtual environment per dependency set.
 
-``@remote(dependencies=[...])`` is honoured for real: the set is normalised (stripped,
-lower-cased, sorted, de-duplicated) and hashed; the environment for that hash lives under the
+``@remote(dependencies=[...])`` is honoured for real: each entry must be a requirement (a
+package name with optional extras, version specifiers and environment marker, PEP 508 without
+URLs); `check_requirements` refuses anything else (paths, URLs, ``pkg @ url``, pip options)
+with `ConfigurationError` naming the entry, at decoration time and again here, since requests
+come from outside. pip gets the canonical text of each parsed requirement, never the text as
+sent. The set is normalised (canonical, sorted, de-duplicated) and hashed; the environment for that hash lives under the
 cache directory (``FLASH_CACHE_DIR``, default ``~/.cache/flash-actors/envs``) and is reused by
 every endpoint and every run. It is a ``venv`` whose ``site-packages`` the worker puts first on
 its path for jobs that need it; the packages are installed with pip, binary wheels only. A
@@ -10,16 +14,22 @@ is used only once its ``.complete`` marker exists, so an interrupted install is 
 half-used. A failed install raises `DependencyInstallError` naming the packages and pip's
 reason.
 
-``system_dependencies`` go through ``apt-get`` when this process may use it (root, apt-get
-present); otherwise the call fails with an error naming the packages.
+``system_dependencies`` are Debian package names (``name``, ``name:arch``, ``name=version``;
+`check_system_packages`) and go through ``apt-get`` when this process may use it (root,
+apt-get present), after ``--``; otherwise the call fails with an error naming the packages.
+
+Who calls these checks the request's signature first: the dependency lists are signed with the
+code (`flash_actors.serialization`).
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,14 +39,21 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 
 from flash_actors._logging import get_logger
 from flash_actors._progress import progress
-from flash_actors.errors import DependencyInstallError
+from flash_actors.errors import ConfigurationError, DependencyInstallError
 
 __all__ = [
     "activate",
+    "apt_install_command",
     "cache_root",
+    "check_requirement",
+    "check_requirements",
+    "check_system_package",
+    "check_system_packages",
     "dependency_key",
     "ensure_environment",
     "ensure_system_packages",
@@ -63,11 +80,136 @@ def cache_root() -> Path:
     )
 
 
+_MAX_SPEC = 500
+_ARCHIVES = (".whl", ".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tar.xz",
+             ".txz", ".tlz", ".tar.lz", ".tar.lzma")  # fmt: skip
+"""What pip takes for a package file when a requirement ends with it (its archive types)."""
+_PRINTABLE = re.compile(r"[ -~]+")
+"""Printable ASCII: no tabs, newlines, NULs or look-alike letters in a spec."""
+
+
+def check_requirement(spec: object) -> str:
+    """The canonical text of one pip requirement, or `ConfigurationError` naming ``spec``.
+
+    Accepted: a package name with optional extras, version specifiers and an environment
+    marker (``"numpy"``, ``"Pillow[avif]>=10,<12"``, ``"uvloop; sys_platform != 'win32'"``).
+    Markers only select a requirement for this interpreter and platform; they fetch and
+    run nothing. Refused: anything pip would read as a path, a URL or an option (``./dir``,
+    ``/abs/path``, ``file:...``, ``git+https://...``, ``pkg @ url``, ``-e``,
+    ``--index-url ...``), and specs with characters outside printable ASCII.
+
+    Also refused: ``===`` (arbitrary strings) and versions ending in an archive's
+    extension (``==1.0+a.whl``), which pip would take for a file name. The canonical text
+    handed to pip (normalised name and extras, sorted specifiers, then the marker) has no
+    dots in the name, and no ``/``, ``:`` or ``@`` before the marker.
+    """
+    if not isinstance(spec, str):
+        msg = f"dependency {spec!r} is not a string"
+        raise ConfigurationError(msg)
+    return _canonical_requirement(spec)
+
+
+@functools.lru_cache(maxsize=1024)  # a worker checks the same few specs on every call
+def _canonical_requirement(spec: str) -> str:
+    if not spec.strip() or len(spec) > _MAX_SPEC or not _PRINTABLE.fullmatch(spec):
+        msg = (
+            f"dependency {spec!r} is not a requirement: use a package name with optional "
+            "extras and version specifiers, in printable ASCII, under "
+            f"{_MAX_SPEC} characters (e.g. 'numpy>=1.26')"
+        )
+        raise ConfigurationError(msg)
+    try:
+        req = Requirement(spec)
+    except InvalidRequirement as exc:
+        reason = str(exc).splitlines()[0]
+        msg = (
+            f"dependency {spec!r} is not a requirement ({reason}): use a package name with "
+            "optional extras and version specifiers (e.g. 'numpy>=1.26'); paths, URLs and "
+            "pip options are refused"
+        )
+        raise ConfigurationError(msg) from None
+    if req.url is not None:
+        msg = (
+            f"dependency {spec!r} is a direct reference (name @ URL), which is refused: "
+            "name the package and a version (e.g. 'numpy==1.26.4') instead"
+        )
+        raise ConfigurationError(msg)
+    for specifier in req.specifier:
+        if specifier.operator == "===" or specifier.version.lower().endswith(_ARCHIVES):
+            # pip reads "x==1.0+a.whl" as a file name; "===" takes any string (PEP 440)
+            msg = (
+                f"dependency {spec!r} has the version {specifier}, which pip could read as "
+                "a file name: use a plain version (e.g. 'numpy==1.26.4'); '===' is refused"
+            )
+            raise ConfigurationError(msg)
+    text = str(canonicalize_name(req.name))
+    if req.extras:
+        text += "[" + ",".join(sorted(canonicalize_name(e) for e in req.extras)) + "]"
+    text += str(req.specifier)
+    if req.marker is not None:
+        text += f"; {req.marker}"
+    return text
+
+
+def check_requirements(dependencies: list[str]) -> list[str]:
+    """The canonical texts of a dependency list (see `check_requirement`).
+
+    Raises:
+        ConfigurationError: an entry is not a requirement; the message names it.
+    """
+    return [check_requirement(dep) for dep in dependencies]
+
+
+_DEB_NAME = re.compile(
+    r"(?P<name>[a-z0-9][a-z0-9+.-]+)"  # Debian policy 5.6.1
+    r"(?::(?P<arch>[a-z0-9][a-z0-9-]*))?"
+    r"(?:=(?P<version>(?:[0-9]+:)?[0-9][A-Za-z0-9.+~-]*))?"  # policy 5.6.12
+)
+_DEB_FILES = (".deb", ".udeb", ".ddeb", ".dsc", ".changes")
+
+
+def check_system_package(package: object) -> str:
+    """One apt package, checked: ``name``, ``name:arch``, ``name=version``.
+
+    Names follow Debian policy (lowercase letters, digits, ``+ - .``, at least two
+    characters, starting with a letter or digit). Refused besides: a name ending in ``-``
+    (apt reads ``pkg-`` as "remove pkg") or in a package file's extension (apt installs
+    ``x.deb`` from a file), releases (``pkg/stable``), globs and options.
+
+    Raises:
+        ConfigurationError: ``package`` is not such a name; the message names it.
+    """
+    if not isinstance(package, str):
+        msg = f"system dependency {package!r} is not a string"
+        raise ConfigurationError(msg)
+    match = _DEB_NAME.fullmatch(package) if len(package) <= 200 else None
+    name = match.group("name") if match else ""
+    if match is None or name.endswith("-") or name.endswith(_DEB_FILES):
+        msg = (
+            f"system dependency {package!r} is not a Debian package name: use lowercase "
+            "letters, digits and + - . (e.g. 'ffmpeg', 'libgl1', 'curl=7.88.1-10'); "
+            "paths, options and patterns are refused"
+        )
+        raise ConfigurationError(msg)
+    return package
+
+
+def check_system_packages(packages: list[str]) -> list[str]:
+    """Every entry checked by `check_system_package`.
+
+    Raises:
+        ConfigurationError: an entry is not a Debian package name; the message names it.
+    """
+    return [check_system_package(package) for package in packages]
+
+
 def normalise(dependencies: list[str]) -> list[str]:
-    """The canonical form of a dependency list: stripped, lower-cased, sorted, unique."""
-    return sorted(
-        {" ".join(dep.split()).lower() for dep in dependencies if dep.strip()}
-    )
+    """The canonical form of a dependency list: checked, canonical, sorted, unique.
+
+    Raises:
+        ConfigurationError: an entry is not a requirement (see `check_requirement`).
+    """
+    return sorted(set(check_requirements(dependencies)))
 
 
 def dependency_key(dependencies: list[str]) -> str:
@@ -136,7 +278,10 @@ async def ensure_environment(
 ) -> Path | None:
     """The environment for ``dependencies``, installed on first use; ``None`` for none.
 
+    The caller has checked the request's signature; the specs are checked here again.
+
     Raises:
+        ConfigurationError: an entry is not a requirement (nothing was installed).
         DependencyInstallError: pip could not install them (the message names the packages
             and gives pip's reason).
     """
@@ -172,7 +317,7 @@ def _missing_system_packages(packages: list[str]) -> list[str]:
     missing = []
     for package in packages:
         proc = subprocess.run(  # noqa: S603
-            ["dpkg-query", "-W", "-f=${Status}", package],  # noqa: S607
+            ["dpkg-query", "-W", "-f=${Status}", "--", package],  # noqa: S607
             capture_output=True,
             text=True,
             check=False,
@@ -182,7 +327,20 @@ def _missing_system_packages(packages: list[str]) -> list[str]:
     return missing
 
 
+def apt_install_command(packages: list[str]) -> list[str]:
+    """The ``apt-get`` command line that installs ``packages`` (checked; ``--`` before them).
+
+    Raises:
+        ConfigurationError: an entry is not a Debian package name.
+    """
+    return [
+        "apt-get", "install", "-y", "--no-install-recommends",
+        "--", *check_system_packages(packages),
+    ]  # fmt: skip
+
+
 def _apt_install(packages: list[str]) -> None:
+    packages = check_system_packages(packages)
     if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
         msg = (
             f"system_dependencies {', '.join(packages)} need apt-get, which this machine "
@@ -201,7 +359,7 @@ def _apt_install(packages: list[str]) -> None:
         raise DependencyInstallError(msg)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     proc = subprocess.run(  # noqa: S603
-        ["apt-get", "install", "-y", "--no-install-recommends", *missing],  # noqa: S607
+        apt_install_command(missing),
         capture_output=True,
         text=True,
         check=False,
@@ -216,9 +374,17 @@ def _apt_install(packages: list[str]) -> None:
 
 
 async def ensure_system_packages(packages: list[str], *, endpoint: str = "") -> None:
-    """Install missing apt packages, or raise `DependencyInstallError` saying why not."""
+    """Install missing apt packages, or raise `DependencyInstallError` saying why not.
+
+    The caller has checked the request's signature; the names are checked here again.
+
+    Raises:
+        ConfigurationError: an entry is not a Debian package name (nothing was run).
+        DependencyInstallError: the packages are missing and apt-get cannot install them.
+    """
     if not packages:
         return
+    packages = check_system_packages(packages)
     log.info("deps.system", endpoint=endpoint, packages=packages)
     with progress(f"checking system packages {', '.join(packages)}"):
         await anyio.to_thread.run_sync(
@@ -233,6 +399,11 @@ async def activate(dependencies: list[str]) -> None:
     """Make the environment of ``dependencies`` importable in this process (a worker).
 
     Installs it first if no one has yet (a request from a client that did not provision it).
+    The caller has checked the request's signature; `ensure_environment` checks the specs.
+
+    Raises:
+        ConfigurationError: an entry is not a requirement (nothing was installed).
+        DependencyInstallError: pip could not install them.
     """
     env_dir = await ensure_environment(dependencies)
     if env_dir is None or env_dir.name in _active:

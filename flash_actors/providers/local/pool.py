@@ -27,11 +27,16 @@ import msgspec
 
 from flash_actors._logging import get_logger
 from flash_actors._progress import progress
-from flash_actors.errors import DeliveryError
+from flash_actors.errors import (
+    DeliveryError,
+    PayloadSignatureError,
+    SerializationError,
+)
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse, Route
 from flash_actors.policies import expired_error, timeout_error
 from flash_actors.providers.local._http import Connection
 from flash_actors.providers.local._processes import stop_process
+from flash_actors.serialization import verify_request
 from flash_actors.worker.installer import (
     cache_root,
     ensure_environment,
@@ -436,14 +441,28 @@ class WorkerPool:
         return self._scope_class(deadline=anyio.current_time() + seconds)
 
     async def _provision(self, request: FunctionRequest) -> None:
-        """Install the request's dependencies before it queues (once per set)."""
+        """Install the request's dependencies before it queues (once per set).
+
+        A request that would install something is authenticated first (the dependency lists
+        are signed with the code), so an unsigned or altered request installs nothing; a set
+        already provisioned costs one set lookup, not a signature check.
+
+        Raises:
+            PayloadSignatureError: the request is unsigned or its signature does not match.
+            ConfigurationError: a package spec is not a plain requirement or package name.
+            DependencyInstallError: pip or apt-get could not install them.
+        """
         steps = (
             ("apt", request.system_dependencies, ensure_system_packages),
             ("pip", request.dependencies, ensure_environment),
         )
+        verified = False
         for kind, packages, install in steps:
             key = (kind, *(packages or ()))
             if packages and key not in self._provisioned:
+                if not verified:
+                    verify_request(request, self.key)
+                    verified = True
                 await install(packages, endpoint=self.resource.name)
                 self._provisioned.add(key)
 
@@ -544,8 +563,13 @@ class WorkerPool:
                         continue
                     worker.free += 1
                     if done.refused is not None:
+                        # Final, not retried: the same request would be refused again.
                         refused = f"worker {worker.id} refused the job: {done.refused}"
-                        job.finish(None, DeliveryError(refused))
+                        signature = done.refused.startswith("PayloadSignatureError")
+                        kind = (
+                            PayloadSignatureError if signature else SerializationError
+                        )
+                        job.finish(None, kind(refused))
                     else:
                         job.finish(done.response, None)
                     self._wake.set()
