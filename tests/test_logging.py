@@ -7,6 +7,7 @@ Everything runs for real: an application's ``logging.basicConfig``, worker proce
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import httpx
 import pytest
 
 from flash_actors import CpuLiveLoadBalancer, CpuLiveServerless, remote, runtime
+from flash_actors.gateway.core import Gateway, config_of
+from flash_actors.gateway.store import JobRecord, JobStore
 from flash_actors.providers.local import LocalProvider
 from tests._daemon import (
     ECHO,
@@ -310,3 +313,55 @@ def test_the_daemon_log_records_every_job_that_fails_times_out_or_is_requeued(
             script.kill()
         script.communicate()
         d.stop()
+
+
+class _Lines(logging.Handler):
+    """A real stdlib handler that keeps the formatted lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+async def test_jobs_left_running_by_a_dead_daemon_are_logged_as_requeued(
+    tmp_path: Path,
+) -> None:
+    store = JobStore(tmp_path / "gateway.sqlite3")
+    store.open()
+    store.put_endpoint(
+        "log-gone", json.dumps(config_of(CpuLiveServerless(name="log-gone")))
+    )
+    record = JobRecord(
+        id="job-left-running",
+        endpoint="log-gone",
+        status="IN_PROGRESS",
+        input=b"{}",
+        options="{}",
+        created=time.time(),
+    )
+    store.insert(record)
+    store.db.close()  # as if the daemon died: no checkpoint, no close()
+    reopened = JobStore(tmp_path / "gateway.sqlite3")
+    handler = _Lines()
+    logger = logging.getLogger("flash_actors.gateway.core")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        gateway = Gateway(
+            reopened,
+            LocalProvider(state_dir=tmp_path),
+            state_dir=tmp_path,
+            api_key="",
+        )
+        gateway.load()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        reopened.close()
+    assert (
+        "job.requeued job_id=job-left-running endpoint=log-gone "
+        "reason='it was running when the daemon stopped'"
+    ) in handler.lines

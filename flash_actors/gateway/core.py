@@ -343,6 +343,12 @@ class Gateway:
                 endpoint.push(job)
                 if job.id in recovered:
                     endpoint.retried += 1
+                    log.warning(
+                        "job.requeued",
+                        job_id=job.id,
+                        endpoint=endpoint.name,
+                        reason="it was running when the daemon stopped",
+                    )
         if recovered:
             log.info("gateway.recovered", requeued=len(recovered))
 
