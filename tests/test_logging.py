@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from flash_actors import CpuLiveLoadBalancer, CpuLiveServerless, remote, runtime
+from flash_actors._logging import get_logger
 from flash_actors.gateway.core import Gateway, config_of
 from flash_actors.gateway.store import JobRecord, JobStore
 from flash_actors.providers.local import LocalProvider
@@ -321,9 +322,39 @@ class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[str] = []
+        self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
         self.lines.append(self.format(record))
+
+
+def test_event_data_is_in_the_message_and_on_the_record() -> None:
+    handler = _Lines()
+    logger = logging.getLogger("flash_actors.tests_logging")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    log = get_logger("flash_actors.tests_logging").bind(endpoint="e1")
+    try:
+        log.debug("test.hidden", job_id="j0")  # below the level: nothing
+        log.info("test.event", job_id="j1", name="clash", error="two words", n=3)
+        try:
+            raise ValueError("render-marker")
+        except ValueError:
+            log.exception("test.failed", job_id="j2")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+    assert handler.lines[0] == (
+        "test.event endpoint=e1 job_id=j1 name=clash error='two words' n=3"
+    )
+    assert handler.records[0].job_id == "j1"  # type: ignore[attr-defined]
+    assert handler.records[0].name == "flash_actors.tests_logging"  # not overwritten
+    assert handler.lines[1].startswith(
+        "test.failed endpoint=e1 job_id=j2\nTraceback (most recent call last):\n"
+    )
+    assert handler.lines[1].endswith("\nValueError: render-marker")
+    assert len(handler.lines) == 2
 
 
 async def test_jobs_left_running_by_a_dead_daemon_are_logged_as_requeued(
