@@ -257,6 +257,7 @@ def _log_line(path: Path, event: str, job_id: str, seconds: float = 20) -> str:
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a stock RunPod worker takes seconds to start, twice
 @pytest.mark.timeout(120)
 def test_the_daemon_log_records_every_job_that_fails_times_out_or_is_requeued(
     tmp_path: Path,
