@@ -202,6 +202,7 @@ class EndpointActor(Actor[Routed]):
                 delay_time_ms=delay_ms,
                 execution_time_ms=execution_ms,
                 stdout=response.stdout or "",
+                worker_id=response.worker_id,
                 exception=exc,
             )
         return JobOutput(
@@ -213,6 +214,7 @@ class EndpointActor(Actor[Routed]):
             delay_time_ms=delay_ms,
             execution_time_ms=execution_ms,
             stdout=response.stdout or "",
+            worker_id=response.worker_id,
         )
 
     async def _run_payload(self, job: PayloadCall) -> JobOutput:

@@ -48,7 +48,8 @@ class JobOutput:
         ended_at: when the job reached its terminal status.
         delay_time_ms: time spent queued, in ms (RunPod's ``delayTime``).
         execution_time_ms: time spent running, in ms (RunPod's ``executionTime``).
-        worker_id: the worker that ran it, if any.
+        worker_id: the worker that ran it (locally, its log is
+            ``.flash/logs/<endpoint>/<worker_id>.log``); ``None`` when no worker answered.
         stdout: what the function printed.
     """
 

@@ -67,6 +67,8 @@ class FunctionResponse(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=
 
     On failure ``success`` is false, ``error`` holds the message and the remote traceback, and
     ``error_type`` the exception's ``module.QualName``. ``signature`` authenticates ``result``.
+    ``worker_id`` names the worker that ran the call (its ``FLASH_WORKER_ID``; our addition,
+    absent from Flash's answers).
     """
 
     success: bool
@@ -79,6 +81,7 @@ class FunctionResponse(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=
     instance_id: str | None = None
     instance_info: dict[str, object] | None = None
     signature: str | None = None
+    worker_id: str | None = None
 
 
 class Call(msgspec.Struct, kw_only=True, frozen=True):

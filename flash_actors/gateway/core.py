@@ -343,6 +343,12 @@ class Gateway:
                 endpoint.push(job)
                 if job.id in recovered:
                     endpoint.retried += 1
+                    log.warning(
+                        "job.requeued",
+                        job_id=job.id,
+                        endpoint=endpoint.name,
+                        reason="it was running when the daemon stopped",
+                    )
         if recovered:
             log.info("gateway.recovered", requeued=len(recovered))
 
@@ -622,6 +628,17 @@ class Gateway:
         job.progress = None
         self.store.update(record)
         job.notify()
+        if status == "CANCELLED":
+            log.info("job.cancelled", job_id=job.id, endpoint=record.endpoint)
+        elif status != "COMPLETED":
+            log.warning(
+                "job.failed",
+                job_id=job.id,
+                endpoint=record.endpoint,
+                status=status,
+                worker=job.worker,
+                error=error,
+            )
         if job.options.get("webhook") and self._tg is not None:
             self._tg.start_soon(self._webhook, job)
 
@@ -808,6 +825,14 @@ class Gateway:
                 return
             if not job.terminal:
                 self.complete(job, wire_encoder.encode(response))
+                if not response.success:
+                    log.warning(
+                        "job.raised",
+                        job_id=job.id,
+                        endpoint=endpoint.name,
+                        error_type=response.error_type,
+                        error=response.error_message,
+                    )
         except anyio.get_cancelled_exc_class():
             # the endpoint (or the daemon) stops around the job: it runs again later
             self.requeue(endpoint, job, reason="its endpoint was stopped", count=False)

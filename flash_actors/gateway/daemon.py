@@ -21,7 +21,7 @@ from pathlib import Path
 import anyio
 from aiohttp import web
 
-from flash_actors._logging import get_logger
+from flash_actors._logging import get_logger, log_to_stderr
 from flash_actors.gateway.core import Gateway, config_of
 from flash_actors.gateway.record import (
     DaemonRecord,
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="NAME=HANDLER.py[:WORKERS_MAX]",
     )
     args = parser.parse_args(argv)
+    log_to_stderr()  # jobs that fail, time out or are requeued: .flash/logs/gateway.log
     handlers = []
     for spec in args.endpoint:
         name, sep, rest = spec.partition("=")

@@ -1,8 +1,10 @@
 """Per-job stdout capture for a worker process that runs several jobs at once.
 
-``sys.stdout`` is replaced once by a proxy that writes to the buffer of the job running in the
-current context (a contextvar, inherited by the threads ``anyio.to_thread`` starts) and to the
-worker's own stdout otherwise.
+``sys.stdout`` is replaced once by a proxy that writes everything to the worker's own stdout
+(its log file) and, while a job runs, also to that job's buffer (a contextvar, inherited by
+the threads ``anyio.to_thread`` starts), which goes back to the caller as the job's ``stdout``.
+So what a function prints is in the worker's log whichever way it was called: a queue job, a
+load-balancer call through ``@remote``, or a route requested over plain HTTP.
 """
 
 from __future__ import annotations
@@ -28,12 +30,11 @@ class _Proxy(io.TextIOBase):
     def write(self, text: str) -> int:
         buffer = _buffer.get()
         if buffer is not None:
-            return buffer.write(text)
+            buffer.write(text)
         return self._real.write(text)
 
     def flush(self) -> None:
-        if _buffer.get() is None:
-            self._real.flush()
+        self._real.flush()
 
     def fileno(self) -> int:
         return self._real.fileno()

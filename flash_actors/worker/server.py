@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -110,6 +111,7 @@ class WorkerApp:
         self.token = token
         self.routes = routes
         self.running: dict[str, asyncio.Task[FunctionResponse]] = {}
+        self.worker_id = os.environ.get("FLASH_WORKER_ID") or None
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -213,8 +215,14 @@ class WorkerApp:
         elif (exc := task.exception()) is not None:
             done = Done(id=job_id, refused=f"{type(exc).__name__}: {exc}")
         else:
-            done = Done(id=job_id, response=task.result())
+            done = Done(id=job_id, response=self._stamped(task.result()))
         queue.put_nowait(done)
+
+    def _stamped(self, response: FunctionResponse) -> FunctionResponse:
+        """The response naming this worker (`JobOutput.worker_id` on the caller's side)."""
+        if self.worker_id is None:
+            return response
+        return msgspec.structs.replace(response, worker_id=self.worker_id)
 
     async def cancel(self, request: web.Request) -> web.Response:
         """Cancel running jobs by id."""
@@ -381,7 +389,20 @@ def forked_main(
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    _run(sock, routes_path)
+    try:
+        _run(sock, routes_path)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            print(exc.code, file=sys.stderr)  # noqa: T201 (what the interpreter would print)
+        raise
+    except BaseException:
+        # The template ends its child with os._exit, which prints nothing: a start-up error
+        # (a deployed module that does not import, a bad routes file) is written here.
+        traceback.print_exc()
+        raise
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
