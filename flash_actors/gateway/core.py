@@ -766,12 +766,11 @@ class Gateway:
 
     async def _dispatch_flash(self, endpoint: Endpoint) -> None:
         """Hand queued jobs to the endpoint's worker pool while it has room."""
-        resource = endpoint.resource
         with endpoint.scope:
             endpoint.backend = backend = await self._open_pool(endpoint)
-            room = anyio.Semaphore(
-                max(1, resource.workersMax) * self.provider.slots * 2
-            )
+            # As many as its workers may hold (running, and handed ahead): the pool
+            # decides which worker runs which, so no job waits behind a busy worker.
+            room = anyio.Semaphore(backend.pool.capacity)
             async with anyio.create_task_group() as tg:
                 while True:
                     await room.acquire()
