@@ -204,7 +204,7 @@ class WorkerApp:
             entry = _Running()
             entries.append(entry)
             self.running[job.id] = entry
-            task = asyncio.ensure_future(self._run_job(job, entry, write, batch))
+            task = asyncio.ensure_future(self._run_job(job, entry, batch, queue, write))
             entry.task = task
             task.add_done_callback(
                 functools.partial(
@@ -222,11 +222,12 @@ class WorkerApp:
         left = len(batch.jobs)
         while left:
             # Answers that finished together leave in one write (one TCP segment), so the
-            # client frees their slots at once and refills them with a full batch.
+            # client frees their slots at once and refills them with a full batch; a job
+            # that starts as another ends says so in the same write.
             frames = [await queue.get()]
-            while len(frames) < left and not queue.empty():
+            while not queue.empty():
                 frames.append(queue.get_nowait())
-            left -= len(frames)
+            left -= sum(1 for done in frames if not done.started)
             async with write_lock:
                 await response.write(b"".join(frame(done) for done in frames))
         await response.write_eof()
@@ -236,8 +237,9 @@ class WorkerApp:
         self,
         job: Job,
         entry: _Running,
-        write: Callable[[Done], Awaitable[None]],
         batch: Batch,
+        queue: asyncio.Queue[Done],
+        write: Callable[[Done], Awaitable[None]],
     ) -> FunctionResponse | None:
         """Wait for a slot, then run the job; ``None`` when it never started."""
         if self._slots is None:
@@ -250,7 +252,7 @@ class WorkerApp:
                     return None
                 entry.started = True
                 if job.ahead or waited:
-                    await write(Done(id=job.id, started=True))
+                    queue.put_nowait(Done(id=job.id, started=True))
                 # The executor checks the signature before it unpickles or compiles
                 # anything; a refusal is the task's PayloadSignatureError (see _finished).
                 if job.stream:
