@@ -217,7 +217,7 @@ class Endpoint:
             stats = self.backend.pool.statistics() if self.backend else {}
             workers = int(stats.get("workers", 0))
             ready = int(stats.get("ready", 0))
-            busy = int(stats.get("busy_slots", 0))
+            busy = int(stats.get("busy_workers", 0))  # a recycled one until it is gone
             running = min(ready, busy)
             return {
                 "idle": max(0, ready - running),
