@@ -222,9 +222,8 @@ async def test_a_cancelled_async_call_is_cancelled_on_the_same_worker(
                 worker = int(await _wait_file(tmp_path / "pid"))
                 tg.cancel_scope.cancel()
         assert not scope.cancelled_caught
-        await _wait_file(
-            tmp_path / "stopped", 10
-        )  # cancelled at its await: finally ran
+        # Cancelled at its await: its finally ran.
+        await _wait_file(tmp_path / "stopped", 10)
         assert await _stopped_growing(tmp_path / "log")
         assert (await pid_async()).output == worker  # not recycled
         assert provider.pools["cancel-async"].started_total == 1
