@@ -229,6 +229,31 @@ async def test_a_cancelled_async_call_is_cancelled_on_the_same_worker(
         assert provider.pools["cancel-async"].started_total == 1
 
 
+ASYNC_TIMED = CpuLiveServerless(name="cancel-async-timed", executionTimeoutMs=500)
+
+
+@remote(ASYNC_TIMED)
+async def nap(seconds: float) -> int:
+    import os
+
+    import anyio
+
+    await anyio.sleep(seconds)
+    return os.getpid()
+
+
+async def test_an_async_job_past_its_execution_timeout_is_cancelled_not_recycled(
+    tmp_path: Path,
+) -> None:
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        worker = (await nap(0)).output
+        out = await nap(60)
+        assert out.status == JobStatus.TIMED_OUT
+        assert (await nap(0)).output == worker
+        assert provider.pools["cancel-async-timed"].started_total == 1
+
+
 SCRIPT = """
 import sys
 
