@@ -41,9 +41,7 @@ async def measure(fast_start: bool, workers: int) -> dict[str, Any]:
         return os.getpid()
 
     with tempfile.TemporaryDirectory() as state:
-        provider = LocalProvider(
-            state_dir=state, slots=1, batch_size=1, fast_start=fast_start
-        )
+        provider = LocalProvider(state_dir=state, batch_size=1, fast_start=fast_start)
         async with runtime(provider=provider):
             started = time.perf_counter()
             await hold(0)

@@ -266,6 +266,10 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
         imageName: custom worker image (non-Live classes).
         datacenter / locations: placement.
         flashboot: fast cold starts on RunPod.
+        max_concurrency: jobs one worker runs at once (Flash's ``max_concurrency``, default
+            1, as on RunPod); an endpoint runs ``workersMax x max_concurrency`` jobs in
+            parallel. Queue endpoints only: a load balancer's worker serves its HTTP
+            requests concurrently anyway.
         handler: a RunPod handler file (``runpod.serverless.start(...)``) that the local
             provider runs as the endpoint's workers; only for the non-Live queue classes
             (`ServerlessEndpoint`, `CpuServerlessEndpoint`), called with ``await
@@ -296,6 +300,7 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
     templateId: str | None = None
     id: str | None = None
     handler: str | None = None
+    max_concurrency: int = 1
 
     is_load_balancer: ClassVar[bool] = False
     is_live: ClassVar[bool] = True
@@ -343,6 +348,23 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
             msg = (
                 f"{owner}: workersMin ({self.workersMin}) is greater than workersMax "
                 f"({self.workersMax}); raise workersMax or lower workersMin"
+            )
+            raise ConfigurationError(msg)
+        concurrency: object = self.max_concurrency
+        if (
+            not isinstance(concurrency, int)
+            or isinstance(concurrency, bool)
+            or concurrency < 1
+        ):
+            msg = (
+                f"{owner}: max_concurrency must be an integer of at least 1 (jobs one "
+                f"worker runs at once), got {concurrency!r}"
+            )
+            raise ConfigurationError(msg)
+        if concurrency > 1 and self.is_load_balancer:
+            msg = (
+                f"{owner}: max_concurrency is for queue endpoints; a load balancer's "
+                "worker serves its requests concurrently already: remove it"
             )
             raise ConfigurationError(msg)
         if self.gpuCount < 1:

@@ -159,7 +159,7 @@ async def pid() -> int:
 async def test_workers_min_stay_warm_and_scale_up_on_queue_depth(
     tmp_path: Path,
 ) -> None:
-    provider = LocalProvider(state_dir=tmp_path / ".flash", slots=1, batch_size=1)
+    provider = LocalProvider(state_dir=tmp_path / ".flash", batch_size=1)
     async with runtime(provider=provider):
         await pid()
         pool = provider.pools["local-warm"]
@@ -297,7 +297,7 @@ def stuck(seconds: float) -> int:
 async def test_execution_timeout_recycles_the_worker_and_ttl_expires_queued_jobs(
     tmp_path: Path,
 ) -> None:
-    provider = LocalProvider(state_dir=tmp_path / ".flash", slots=1, batch_size=1)
+    provider = LocalProvider(state_dir=tmp_path / ".flash", batch_size=1)
     async with runtime(provider=provider):
         await stuck(
             0
@@ -527,7 +527,7 @@ def block_until(path: str) -> str:
 async def test_cancelling_a_queued_job_removes_it_from_the_queue(
     tmp_path: Path,
 ) -> None:
-    provider = LocalProvider(state_dir=tmp_path / ".flash", slots=1, batch_size=1)
+    provider = LocalProvider(state_dir=tmp_path / ".flash", batch_size=1)
     release = tmp_path / "release"
     async with runtime(provider=provider):
         async with anyio.create_task_group() as tg:

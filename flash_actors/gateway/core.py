@@ -217,7 +217,7 @@ class Endpoint:
             stats = self.backend.pool.statistics() if self.backend else {}
             workers = int(stats.get("workers", 0))
             ready = int(stats.get("ready", 0))
-            busy = int(stats.get("busy_slots", 0))
+            busy = int(stats.get("busy_workers", 0))  # a recycled one until it is gone
             running = min(ready, busy)
             return {
                 "idle": max(0, ready - running),
@@ -783,12 +783,11 @@ class Gateway:
 
     async def _dispatch_flash(self, endpoint: Endpoint) -> None:
         """Hand queued jobs to the endpoint's worker pool while it has room."""
-        resource = endpoint.resource
         with endpoint.scope:
             endpoint.backend = backend = await self._open_pool(endpoint)
-            room = anyio.Semaphore(
-                max(1, resource.workersMax) * self.provider.slots * 2
-            )
+            # As many as its workers may hold (running, and handed ahead): the pool
+            # decides which worker runs which, so no job waits behind a busy worker.
+            room = anyio.Semaphore(backend.pool.capacity)
             async with anyio.create_task_group() as tg:
                 while True:
                     await room.acquire()

@@ -6,6 +6,11 @@ evaluated), so only what the function imports itself exists; classes keep their 
 ``instance_id``; sync functions run in a worker thread, async ones on the event loop; a
 generator's chunks are collected into a list.
 
+Cancelling a job cancels an async function at its next ``await``. Sync code in a thread cannot
+be interrupted: the job's task waits for the thread (it is never abandoned, so it never looks
+finished while the code still runs), and `Blocking` tells the worker so, which then recycles
+itself instead of pretending the job stopped.
+
 Nothing is unpickled and no code is compiled before the request's signature has been checked.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 import __future__
 
 import builtins
+import contextvars
 import inspect
 import linecache
 import traceback
@@ -31,12 +37,42 @@ from flash_actors.worker.installer import activate
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["Emit", "Executor", "invoke"]
+__all__ = ["BLOCKING", "Blocking", "Emit", "Executor", "invoke", "run_in_thread"]
 
 Emit = Callable[[FunctionResponse], Awaitable[None]]
 """Receives each chunk of a streaming call."""
 
 _COMPILE_FLAGS = __future__.annotations.compiler_flag
+
+
+class Blocking:
+    """How many threads a job is running its code in; it cannot be cancelled while any is."""
+
+    __slots__ = ("threads",)
+
+    def __init__(self) -> None:
+        self.threads = 0
+
+
+BLOCKING: contextvars.ContextVar[Blocking | None] = contextvars.ContextVar(
+    "flash_job_blocking", default=None
+)
+"""Set by the worker in each job's task, so that it can tell a stuck job from a slow one."""
+
+
+async def run_in_thread(func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)`` in a worker thread, counted in the job's `Blocking` while it runs.
+
+    Cancellation waits for the thread to finish (the thread is never abandoned).
+    """
+    state = BLOCKING.get()
+    if state is not None:
+        state.threads += 1
+    try:
+        return await anyio.to_thread.run_sync(func, *args)
+    finally:
+        if state is not None:
+            state.threads -= 1
 
 
 def _qualified_type(exc: BaseException) -> str:
@@ -229,10 +265,8 @@ async def _drive(
                 await send(chunk)
         return
     if inspect.isgeneratorfunction(target):
-        generator = await anyio.to_thread.run_sync(lambda: target(*args, **kwargs))
-        while (
-            chunk := await anyio.to_thread.run_sync(next, generator, _DONE)
-        ) is not _DONE:
+        generator = await run_in_thread(lambda: target(*args, **kwargs))
+        while (chunk := await run_in_thread(next, generator, _DONE)) is not _DONE:
             await send(chunk)
         return
     await send(await invoke(target, args, kwargs))
@@ -252,8 +286,8 @@ async def invoke(
         async with aclosing(target(*args, **kwargs)) as chunks:
             return [chunk async for chunk in chunks]
     if inspect.isgeneratorfunction(target):
-        return await anyio.to_thread.run_sync(lambda: list(target(*args, **kwargs)))
-    value = await anyio.to_thread.run_sync(lambda: target(*args, **kwargs))
+        return await run_in_thread(lambda: list(target(*args, **kwargs)))
+    value = await run_in_thread(lambda: target(*args, **kwargs))
     if inspect.isawaitable(value):  # a sync callable that returned an awaitable
         return await value
     return value

@@ -2,19 +2,30 @@
 
 Routes:
 
-- ``POST /execute``: ``{"jobs": [{"id", "request": FunctionRequest, "stream"?}, ...]}`` as
-  msgpack (our client) or JSON. The jobs run concurrently; the reply streams one answer per
-  job as it finishes (length-prefixed msgpack frames, or JSON lines for a JSON body):
-  ``{"id", "response": FunctionResponse}``, ``{"id", "chunk": ...}`` for each chunk of a
-  streaming job, or ``{"id", "refused": "..."}`` for a request whose signature does not hold
-  (nothing of it was unpickled).
-- ``POST /cancel``: ``{"ids": [...]}`` cancels those running jobs.
+- ``POST /execute``: ``{"jobs": [{"id", "request": FunctionRequest, "stream"?, "ahead"?},
+  ...], "concurrency"?}`` as msgpack (our client) or JSON. The worker runs at most
+  ``concurrency`` jobs at once (default 1: the endpoint's ``max_concurrency``, the same in
+  every batch), in arrival order; the others wait in the worker. The reply streams one
+  answer per job as it finishes (length-prefixed msgpack frames, or JSON lines for a JSON
+  body): ``{"id", "response": FunctionResponse}``,
+  ``{"id", "chunk": ...}`` for each chunk of a streaming job, ``{"id", "refused": "..."}``
+  for a request whose signature does not hold (nothing of it was unpickled), or
+  ``{"id", "withdrawn": true}`` for a job taken back before it started. A job sent
+  ``ahead`` (or one that had to wait) also gets ``{"id", "started": true}`` when it starts.
+- ``POST /cancel``: ``{"ids": [...]}`` cancels those jobs and answers ``{"cancelled": [...],
+  "stuck": [...]}``: a stuck job runs code that cannot be interrupted (a sync function in a
+  thread, or an async one that ignores cancellation): only ending the process stops it.
+- ``POST /withdraw``: ``{"ids": [...]}`` takes back those jobs that have not started yet
+  (they never will here) and answers ``{"withdrawn": [...]}``.
 - ``GET /ping``: liveness, with the number of running jobs.
 - Load-balancer workers also serve the user's own routes (``method`` + ``path``), calling the
   function with the JSON body (or the query string for GET) as keyword arguments and
   answering with its value as JSON.
 
 Every route but ``/ping`` needs ``Authorization: Bearer <token>`` (401 otherwise).
+
+When the worker stops (SIGTERM, or its client process is gone) it cancels its jobs; if one is
+stuck, the process ends at once rather than let the code run on unsupervised.
 """
 
 from __future__ import annotations
@@ -33,18 +44,22 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import msgspec
 from aiohttp import web
 
 from flash_actors.messages import FunctionRequest, FunctionResponse, Route
 from flash_actors.serialization import verify_request
 from flash_actors.worker import _capture
-from flash_actors.worker.executor import Executor, invoke
+from flash_actors.worker.executor import BLOCKING, Blocking, Executor, invoke
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
 
 __all__ = ["WorkerApp", "forked_main", "main", "serve"]
+
+CANCEL_GRACE_S = 1.0
+"""How long a cancelled async job may take to finish before it counts as stuck."""
 
 
 class Job(msgspec.Struct, frozen=True):
@@ -53,12 +68,14 @@ class Job(msgspec.Struct, frozen=True):
     id: str
     request: FunctionRequest
     stream: bool = False
+    ahead: bool = False  # sent to wait here for a free slot: say when it starts
 
 
 class Batch(msgspec.Struct, frozen=True):
     """The body of ``/execute``."""
 
     jobs: list[Job]
+    concurrency: int = 1
 
 
 class Done(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -68,6 +85,29 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     response: FunctionResponse | None = None
     chunk: FunctionResponse | None = None
     refused: str | None = None
+    started: bool = False
+    withdrawn: bool = False
+
+
+class _Running:
+    """One job of this worker, from its arrival to its answer."""
+
+    __slots__ = ("blocking", "scope", "started", "task", "withdrawn")
+
+    def __init__(self) -> None:
+        self.blocking = Blocking()
+        self.scope = anyio.CancelScope()
+        self.started = False
+        self.withdrawn = False
+        self.task: asyncio.Task[FunctionResponse | None] | None = None
+
+    @property
+    def stuck(self) -> bool:
+        """Running code in a thread: cancellation cannot reach it."""
+        return self.blocking.threads > 0
+
+
+_CANCELLED = FunctionResponse(success=False, error="cancelled", error_type="cancelled")
 
 
 _batch_json = msgspec.json.Decoder(Batch)
@@ -110,7 +150,8 @@ class WorkerApp:
         self.key = key
         self.token = token
         self.routes = routes
-        self.running: dict[str, asyncio.Task[FunctionResponse]] = {}
+        self.running: dict[str, _Running] = {}
+        self._slots: asyncio.Semaphore | None = None  # sized by the first batch
         self.worker_id = os.environ.get("FLASH_WORKER_ID") or None
 
     def _authorized(self, request: web.Request) -> bool:
@@ -149,9 +190,9 @@ class WorkerApp:
             "application/x-flash-frames" if packed else "application/x-ndjson"
         )
         response = web.StreamResponse(headers={"Content-Type": content_type})
-        await response.prepare(request)
         queue: asyncio.Queue[Done] = asyncio.Queue()
         write_lock = asyncio.Lock()
+        entries: list[_Running] = []
 
         async def write(done: Done) -> None:
             async with (
@@ -159,31 +200,70 @@ class WorkerApp:
             ):  # chunks and final answers of several jobs interleave
                 await response.write(frame(done))
 
+        # The jobs are known here before the client sees the answer's headers, so that a
+        # /withdraw or /cancel sent after that finds them. They wait for the headers.
+        await write_lock.acquire()
         for job in batch.jobs:
-            # The executor checks the signature before it unpickles or compiles anything;
-            # a refusal comes back as the task's PayloadSignatureError (see _finished).
-            if job.stream:
-                task = asyncio.ensure_future(
-                    self.executor.stream(job.request, self._chunk_writer(job.id, write))
-                )
-            else:
-                task = asyncio.ensure_future(self.executor.execute(job.request))
-            self.running[job.id] = task
+            entry = _Running()
+            entries.append(entry)
+            self.running[job.id] = entry
+            task = asyncio.ensure_future(self._run_job(job, entry, batch, queue, write))
+            entry.task = task
             task.add_done_callback(
-                functools.partial(self._finished, job_id=job.id, queue=queue)
+                functools.partial(
+                    self._finished, job_id=job.id, entry=entry, queue=queue
+                )
             )
+        try:
+            await response.prepare(request)
+        except BaseException:
+            for entry in entries:
+                entry.scope.cancel()  # nobody would hear their answers
+            raise
+        finally:
+            write_lock.release()
         left = len(batch.jobs)
         while left:
             # Answers that finished together leave in one write (one TCP segment), so the
-            # client frees their slots at once and refills them with a full batch.
+            # client frees their slots at once and refills them with a full batch; a job
+            # that starts as another ends says so in the same write.
             frames = [await queue.get()]
-            while len(frames) < left and not queue.empty():
+            while not queue.empty():
                 frames.append(queue.get_nowait())
-            left -= len(frames)
+            left -= sum(1 for done in frames if not done.started)
             async with write_lock:
                 await response.write(b"".join(frame(done) for done in frames))
         await response.write_eof()
         return response
+
+    async def _run_job(
+        self,
+        job: Job,
+        entry: _Running,
+        batch: Batch,
+        queue: asyncio.Queue[Done],
+        write: Callable[[Done], Awaitable[None]],
+    ) -> FunctionResponse | None:
+        """Wait for a slot, then run the job; ``None`` when it never started."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(max(1, batch.concurrency))
+        BLOCKING.set(entry.blocking)  # this task's own context
+        with entry.scope:
+            waited = self._slots.locked()
+            async with self._slots:
+                if entry.withdrawn or entry.scope.cancel_called:
+                    return None
+                entry.started = True
+                if job.ahead or waited:
+                    queue.put_nowait(Done(id=job.id, started=True))
+                # The executor checks the signature before it unpickles or compiles
+                # anything; a refusal is the task's PayloadSignatureError (see _finished).
+                if job.stream:
+                    return await self.executor.stream(
+                        job.request, self._chunk_writer(job.id, write)
+                    )
+                return await self.executor.execute(job.request)
+        return None  # cancelled
 
     @staticmethod
     def _chunk_writer(
@@ -199,23 +279,22 @@ class WorkerApp:
 
     def _finished(
         self,
-        task: asyncio.Task[FunctionResponse],
+        task: asyncio.Task[FunctionResponse | None],
         *,
         job_id: str,
+        entry: _Running,
         queue: asyncio.Queue[Done],
     ) -> None:
-        self.running.pop(job_id, None)
-        if task.cancelled():
-            done = Done(
-                id=job_id,
-                response=FunctionResponse(
-                    success=False, error="cancelled", error_type="cancelled"
-                ),
-            )
+        if self.running.get(job_id) is entry:
+            del self.running[job_id]
+        if entry.withdrawn and not entry.started:
+            done = Done(id=job_id, withdrawn=True)
+        elif task.cancelled():
+            done = Done(id=job_id, response=_CANCELLED)
         elif (exc := task.exception()) is not None:
             done = Done(id=job_id, refused=f"{type(exc).__name__}: {exc}")
         else:
-            done = Done(id=job_id, response=self._stamped(task.result()))
+            done = Done(id=job_id, response=self._stamped(task.result() or _CANCELLED))
         queue.put_nowait(done)
 
     def _stamped(self, response: FunctionResponse) -> FunctionResponse:
@@ -225,15 +304,45 @@ class WorkerApp:
         return msgspec.structs.replace(response, worker_id=self.worker_id)
 
     async def cancel(self, request: web.Request) -> web.Response:
-        """Cancel running jobs by id."""
+        """Cancel jobs by id; say which are stuck in code that cannot be interrupted."""
         body = json.loads(await request.read() or b"{}")
-        cancelled = []
+        entries: dict[str, _Running] = {}
         for job_id in body.get("ids", []):
-            task = self.running.get(job_id)
-            if task is not None:
-                task.cancel()
-                cancelled.append(job_id)
-        return web.json_response({"cancelled": cancelled})
+            found = self.running.get(job_id)
+            if found is not None:
+                entries[job_id] = found
+        stuck = await self.stop_jobs(list(entries.values()))
+        return web.json_response(
+            {
+                "cancelled": [i for i, e in entries.items() if e not in stuck],
+                "stuck": [i for i, e in entries.items() if e in stuck],
+            }
+        )
+
+    async def stop_jobs(self, entries: list[_Running]) -> list[_Running]:
+        """Cancel these jobs and wait a little for them; return those that cannot stop."""
+        for entry in entries:
+            entry.scope.cancel()
+        waiting = {
+            entry.task
+            for entry in entries
+            if entry.task is not None and not entry.task.done() and not entry.stuck
+        }
+        if waiting:
+            await asyncio.wait(waiting, timeout=CANCEL_GRACE_S)
+        return [e for e in entries if e.task is not None and not e.task.done()]
+
+    async def withdraw(self, request: web.Request) -> web.Response:
+        """Take back jobs that have not started; they are answered ``withdrawn``."""
+        body = json.loads(await request.read() or b"{}")
+        withdrawn = []
+        for job_id in body.get("ids", []):
+            entry = self.running.get(job_id)
+            if entry is not None and not entry.started and not entry.withdrawn:
+                entry.withdrawn = True
+                entry.scope.cancel()
+                withdrawn.append(job_id)
+        return web.json_response({"withdrawn": withdrawn})
 
     def route_handler(
         self, route: Route
@@ -280,6 +389,7 @@ class WorkerApp:
         app.router.add_get("/ping", self.ping)
         app.router.add_post("/execute", self.execute)
         app.router.add_post("/cancel", self.cancel)
+        app.router.add_post("/withdraw", self.withdraw)
         for route in self.routes:
             app.router.add_route(route.method, route.path, self.route_handler(route))
         return app
@@ -301,8 +411,16 @@ async def serve(app: WorkerApp, sock: socket.socket) -> None:
         await stop.wait()
     finally:
         watchdog.cancel()
-        for task in list(app.running.values()):
-            task.cancel()
+        stuck = await app.stop_jobs(list(app.running.values()))
+        if stuck:
+            # Code that cannot be interrupted must not run on unsupervised: end here
+            # (waiting for it would also keep the interpreter alive at exit).
+            message = f"worker.exit_stuck jobs={len(stuck)}: cancelled code cannot be interrupted\n"
+            with contextlib.suppress(OSError):
+                os.write(2, message.encode())
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+            os._exit(1)
         await runner.cleanup()
 
 

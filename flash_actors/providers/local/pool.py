@@ -2,17 +2,27 @@
 
 Each worker is ``python -m flash_actors.worker`` serving HTTP on a loopback socket that this
 process bound and handed over (so the port is known before the worker has started, and early
-requests wait in the listen backlog). Jobs wait in the pool's FIFO queue; a dispatcher sends
-them to workers with free slots in batches (one HTTP request carries up to ``batch_size`` jobs,
-and the worker streams each result back as it finishes). The pool keeps ``workersMin`` workers
-warm, starts more up to ``workersMax`` while jobs wait, stops workers idle longer than
-``idleTimeout``, and replaces workers that die. A worker killed mid-job fails that job with
-`DeliveryError`, which the Endpoint actor retries by policy.
+requests wait in the listen backlog). Jobs wait in the pool's FIFO queue. A worker runs at
+most ``max_concurrency`` jobs at once (the endpoint's setting, default 1, as on RunPod), so
+an endpoint runs ``workersMax x max_concurrency`` jobs in parallel. The dispatcher sends a
+worker the jobs it can start now; only when every worker is busy and no more can be started
+does it hand workers a few more to start next (one HTTP request carries up to ``batch_size``
+jobs, and the worker streams each result back as it finishes: that is where fan-out
+throughput comes from). A worker that frees up while jobs wait in another's batch takes them
+back (``/withdraw``), so no job waits on a busy worker while another is idle.
+
+The pool keeps ``workersMin`` workers warm, starts more up to ``workersMax`` while jobs wait,
+stops workers idle longer than ``idleTimeout``, and replaces workers that die. A worker killed
+mid-job fails that job with `DeliveryError`, which the Endpoint actor retries by policy; jobs
+it had not started yet go back to the queue. A cancelled or timed-out job is cancelled on its
+worker; if it cannot be interrupted (a sync function in a thread), the worker is recycled, and
+its slot counts as busy until the process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import socket
@@ -64,6 +74,8 @@ class _Done(msgspec.Struct, frozen=True):
     response: FunctionResponse | None = None
     chunk: FunctionResponse | None = None
     refused: str | None = None
+    started: bool = False
+    withdrawn: bool = False
 
 
 _done_decoder = msgspec.msgpack.Decoder(_Done)
@@ -74,13 +86,16 @@ MSGPACK = "application/msgpack"  # see flash_actors.worker.server
 class _Job:
     __slots__ = (
         "chunks",
+        "delivered",
         "done",
         "error",
         "id",
         "request",
         "response",
+        "running",
         "started",
         "state",
+        "withdrawing",
         "worker",
     )
 
@@ -98,8 +113,19 @@ class _Job:
         self.started: anyio.Event | None = None  # made only if the job has to wait
         self.response: FunctionResponse | None = None
         self.error: BaseException | None = None
-        self.state = "IN_QUEUE"
+        self.state = "IN_QUEUE"  # then SENT (waiting on a worker), IN_PROGRESS, DONE
         self.worker: Worker | None = None
+        # The worker's side, kept apart from ``state`` (a caller may give up first):
+        self.running = False  # started on its worker, no answer yet
+        self.delivered = False  # its worker has it (a withdrawal can find it)
+        self.withdrawing = False
+
+    def start(self) -> None:
+        """It runs on its worker now."""
+        if self.state == "SENT":
+            self.state = "IN_PROGRESS"
+        if self.started is not None:
+            self.started.set()
 
     def finish(
         self, response: FunctionResponse | None, error: BaseException | None
@@ -110,10 +136,17 @@ class _Job:
         self.error = error
         self.state = "DONE"
         self.done.set()
+        if self.started is not None:
+            self.started.set()
 
 
 class Worker:
-    """One worker process and its connections."""
+    """One worker process and its connections.
+
+    ``slots`` is the endpoint's ``max_concurrency``: jobs it runs at once. ``jobs`` holds
+    every job sent to it and not answered yet, started (``running`` of them) or waiting
+    there for a slot.
+    """
 
     def __init__(
         self, worker_id: str, port: int, token: str, process: WorkerProcess, slots: int
@@ -123,7 +156,8 @@ class Worker:
         self.token = token
         self.process = process
         self.slots = slots
-        self.free = slots
+        self.jobs: dict[str, _Job] = {}
+        self.running = 0
         self.ready = False
         self.alive = True
         self.terminated = False
@@ -134,6 +168,11 @@ class Worker:
     def pid(self) -> int:
         """The worker's process id."""
         return self.process.pid
+
+    @property
+    def free(self) -> int:
+        """Jobs it could start now (negative while jobs wait there)."""
+        return self.slots - len(self.jobs)
 
     def connection(self) -> Connection:
         return (
@@ -156,8 +195,8 @@ class WorkerPool:
             ``env``).
         key: the endpoint's HMAC key, given to its workers.
         log_dir: where each worker's log file goes.
-        batch_size: most jobs in one request to a worker.
-        slots: jobs one worker runs at once.
+        batch_size: most jobs in one request to a worker, and most jobs handed to a busy
+            worker to start next (only while every worker is busy and no more can start).
     """
 
     def __init__(
@@ -167,7 +206,6 @@ class WorkerPool:
         *,
         log_dir: Path,
         batch_size: int = 8,
-        slots: int = 8,
         routes: list[Route] | None = None,
         template: Template | None = None,
     ) -> None:
@@ -176,8 +214,8 @@ class WorkerPool:
         self.routes = routes or []
         self.key = key
         self.log_dir = log_dir
-        self.batch_size = batch_size
-        self.slots = slots
+        self.batch_size = max(1, batch_size)
+        self.slots = resource.max_concurrency  # jobs one worker runs at once
         self.queue: deque[_Job] = deque()
         self.workers: dict[str, Worker] = {}
         self.starting = 0
@@ -365,7 +403,7 @@ class WorkerPool:
                 w
                 for w in self.workers.values()
                 if w.ready
-                and w.free == w.slots
+                and not w.jobs
                 and now - w.idle_since > self.resource.idleTimeout
             ]
             spare = len(self.workers) - self.resource.workersMin
@@ -378,6 +416,11 @@ class WorkerPool:
 
     # --- jobs ----------------------------------------------------------------------------
 
+    @property
+    def capacity(self) -> int:
+        """Most jobs this pool's workers hold at once: running, and handed ahead."""
+        return max(1, self.resource.workersMax) * (self.slots + self.batch_size)
+
     async def execute(
         self,
         call: Call,
@@ -386,10 +429,11 @@ class WorkerPool:
     ) -> FunctionResponse:
         """Queue a job and wait for its response, under the call's TTL and timeout.
 
-        A job still queued after ``ttl_s`` expires; a job running past
-        ``execution_timeout_s`` is stopped by recycling its worker (a thread cannot be
-        interrupted). Cancelling the caller removes a queued job, or asks its worker to stop
-        a running one.
+        A job not started on a worker after ``ttl_s`` expires; a job running past
+        ``execution_timeout_s`` is stopped. Cancelling the caller removes a queued job, or
+        stops a sent one on its worker before this returns: an async function is cancelled;
+        code that cannot be interrupted (a sync function in a thread) is stopped by
+        recycling its worker, whose slot stays busy until the process is gone.
 
         Raises:
             ExecutionTimeoutError: the job expired in the queue or ran past its timeout.
@@ -403,13 +447,12 @@ class WorkerPool:
         self.queue.append(job)
         self._dispatch()  # a free slot takes it now, without a pass through the dispatcher
         try:
-            if job.state == "IN_QUEUE":
+            if job.state in ("IN_QUEUE", "SENT"):
                 job.started = self._event_class()
                 with self._after(call.policy.ttl_s):
                     await job.started.wait()
-            if job.state == "IN_QUEUE":
-                self._dequeue(job)
-                raise expired_error(call, job_id)
+            if job.state in ("IN_QUEUE", "SENT"):
+                raise expired_error(call, job_id)  # removed below
             with self._after(call.policy.execution_timeout_s):
                 await job.done.wait()
             if not job.done.is_set() and job.worker is not None:
@@ -420,13 +463,12 @@ class WorkerPool:
                     worker=job.worker.id,
                 )
                 job.finish(None, timeout_error(call, job_id))
-                await _terminate(job.worker)  # recycle: the replacement starts clean
+                await self._stop_job(job)
         except BaseException:
             if job.state == "IN_QUEUE":
                 self._dequeue(job)
-            elif not job.done.is_set() and job.worker is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                    await self._cancel_on_worker(job.worker, job.id)
+            elif not job.done.is_set():
+                await self._stop_job(job)
             job.finish(None, None)
             raise
         if job.error is not None:
@@ -470,17 +512,46 @@ class WorkerPool:
         with contextlib.suppress(ValueError):
             self.queue.remove(job)
 
-    async def _cancel_on_worker(self, worker: Worker, job_id: str) -> None:
+    async def _stop_job(self, job: _Job) -> None:
+        """Stop a job sent to a worker; recycle the worker if the job cannot be interrupted.
+
+        Shielded, and bounded: 2 s for the worker's answer, then `_terminate`'s own bound.
+        """
+        worker = job.worker
+        if worker is None or job.id not in worker.jobs:
+            return  # answered already
+        with anyio.CancelScope(shield=True):
+            stopped = False
+            with anyio.move_on_after(2):
+                answer = await self._post(worker, "/cancel", {"ids": [job.id]})
+                stopped = answer is not None and job.id not in answer.get("stuck", [])
+            if not stopped and not worker.terminated:
+                log.warning(
+                    "job.recycle",
+                    endpoint=self.resource.name,
+                    job_id=job.id,
+                    worker=worker.id,
+                    pid=worker.pid,
+                    reason="the cancelled job cannot be interrupted",
+                )
+                await _terminate(worker)  # the replacement starts clean
+
+    async def _post(
+        self, worker: Worker, path: str, payload: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """A small control request to a worker; ``None`` when it cannot be reached."""
         conn = Connection(worker.port, worker.token)
         try:
-            response = await conn.request(
-                "POST", "/cancel", _encoder.encode({"ids": [job_id]})
-            )
-            await response.read()
-        except DeliveryError:
-            pass  # the worker is gone or busy: the job dies with it, or is left to finish
+            response = await conn.request("POST", path, _encoder.encode(payload))
+            body = await response.read()
+            if response.status != 200:
+                return None
+            answer: dict[str, Any] = msgspec.json.decode(body)
+        except (DeliveryError, msgspec.DecodeError):
+            return None  # the worker is gone or broken
         finally:
             await conn.aclose()
+        return answer
 
     async def _dispatch_forever(self) -> None:
         while True:
@@ -489,49 +560,137 @@ class WorkerPool:
             self._dispatch()
 
     def _dispatch(self) -> None:
-        assert self._tg is not None  # noqa: S101
+        """Hand queued jobs to workers (see the module docstring for the rule)."""
+        ready = [w for w in self.workers.values() if w.ready and w.alive]
+        # 1. Jobs a worker can start now, to the worker with the most free slots.
         while self.queue:
-            worker = max(
-                (
-                    w
-                    for w in self.workers.values()
-                    if w.ready and w.alive and w.free > 0
-                ),
-                key=lambda w: w.free,
-                default=None,
-            )
-            if worker is None:
+            worker = max(ready, key=lambda w: w.free, default=None)
+            if worker is None or worker.free <= 0:
                 break
-            batch: list[_Job] = []
-            while self.queue and len(batch) < min(self.batch_size, worker.free):
-                if self.queue[0].chunks is not None and batch:
-                    break  # a stream travels alone: its reader must not hold up others
-                job = self.queue.popleft()
-                job.state = "IN_PROGRESS"
-                job.worker = worker
-                if job.started is not None:
-                    job.started.set()
-                batch.append(job)
-                if job.chunks is not None:
-                    break
-            worker.free -= len(batch)
-            self._tg.start_soon(self._send_batch, worker, batch)
-        if (
-            self.queue
-            and self.starting == 0
-            and len(self.workers) < self.resource.workersMax
-        ):
-            self._start_worker()
+            self._send(worker, min(self.batch_size, worker.free), ahead=False)
+        if not self.queue:
+            self._rebalance(ready)
+            return
+        # 2. More workers, while the endpoint may have them; the jobs wait for them here.
+        coming = self.starting + sum(
+            1 for w in self.workers.values() if w.alive and not w.ready
+        )
+        room = self.resource.workersMax - len(self.workers) - self.starting
+        if room > 0:
+            wanted = -(-len(self.queue) // self.slots) - coming
+            for _ in range(min(room, wanted)):
+                self._start_worker()
+            return
+        if coming:
+            return
+        # 3. Every worker busy, none can start: hand each a few jobs to start next, topped
+        # up once half of them have started (fewer, fuller requests), shared out evenly.
+        low = max(1, self.batch_size // 2)
+        while self.queue:
+            ahead = [w for w in ready if w.free + self.batch_size >= low]
+            if not ahead:
+                break
+            share = -(-len(self.queue) // len(ahead))
+            for worker in sorted(ahead, key=lambda w: -w.free):
+                if self.queue:
+                    self._send(
+                        worker, min(share, worker.free + self.batch_size), ahead=True
+                    )
 
-    async def _send_batch(self, worker: Worker, batch: list[_Job]) -> None:
+    def _send(self, worker: Worker, count: int, *, ahead: bool) -> None:
+        """Send up to ``count`` queued jobs to ``worker`` in one request."""
+        assert self._tg is not None  # noqa: S101
+        batch: list[_Job] = []
+        while self.queue and len(batch) < count:
+            if self.queue[0].chunks is not None and batch:
+                break  # a stream travels alone: its reader must not hold up others
+            job = self.queue.popleft()
+            job.worker = worker
+            job.delivered = job.withdrawing = False
+            worker.jobs[job.id] = job
+            if ahead:
+                job.state = "SENT"
+            else:
+                job.state = "IN_PROGRESS"
+                job.running = True
+                worker.running += 1
+                job.start()
+            batch.append(job)
+            if job.chunks is not None:
+                break
+        if batch:
+            self._tg.start_soon(
+                functools.partial(self._send_batch, ahead=ahead), worker, batch
+            )
+
+    def _rebalance(self, ready: list[Worker]) -> None:
+        """Let workers with free slots take back jobs waiting in other workers' batches."""
+        assert self._tg is not None  # noqa: S101
+        room = sum(max(0, w.free) for w in ready)
+        if not room:
+            return
+        donors = [
+            (w, [j for j in w.jobs.values() if j.delivered and not j.running])
+            for w in self.workers.values()
+            if w.running < len(w.jobs)
+        ]
+        for worker, waiting in sorted(donors, key=lambda d: -len(d[1])):
+            # The newest: the donor starts its oldest next.
+            waiting = [j for j in waiting if not j.withdrawing]
+            taken = waiting[len(waiting) - min(room, len(waiting)) :]
+            if not taken:
+                continue
+            for job in taken:
+                job.withdrawing = True
+            self._tg.start_soon(self._withdraw, worker, taken)
+            room -= len(taken)
+            if room <= 0:
+                return
+
+    async def _withdraw(self, worker: Worker, jobs: list[_Job]) -> None:
+        """Ask ``worker`` for its unstarted ``jobs`` back; they return through its batch."""
+        answer = await self._post(worker, "/withdraw", {"ids": [j.id for j in jobs]})
+        if answer is None:
+            for job in jobs:
+                job.withdrawing = False
+
+    def _requeue(self, jobs: list[_Job]) -> None:
+        """Put jobs that never started back at the head of the queue, in order."""
+        for job in reversed(jobs):
+            job.worker = None
+            job.running = job.delivered = job.withdrawing = False
+            if self._closed:
+                job.finish(
+                    None, DeliveryError("the endpoint was stopped before the job ran")
+                )
+            elif not job.done.is_set():
+                job.state = "IN_QUEUE"
+                self.queue.appendleft(job)
+        self._wake.set()
+
+    def _answered(self, worker: Worker, job: _Job) -> None:
+        """The worker is done with ``job`` (answered, withdrawn, or gone)."""
+        worker.jobs.pop(job.id, None)
+        if job.running:
+            job.running = False
+            worker.running -= 1
+
+    async def _send_batch(
+        self, worker: Worker, batch: list[_Job], *, ahead: bool
+    ) -> None:
         pending = {job.id: job for job in batch}
         conn = worker.connection()
         reusable = False
         jobs = [
-            {"id": job.id, "request": job.request, "stream": job.chunks is not None}
+            {
+                "id": job.id,
+                "request": job.request,
+                "stream": job.chunks is not None,
+                "ahead": ahead,
+            }
             for job in batch
         ]
-        body = _packer.encode({"jobs": jobs})
+        body = _packer.encode({"jobs": jobs, "concurrency": worker.slots})
         try:
             response = await conn.request(
                 "POST", "/execute", body, content_type=MSGPACK
@@ -540,6 +699,10 @@ class WorkerPool:
                 text = (await response.read()).decode(errors="replace")
                 msg = f"worker {worker.id} answered HTTP {response.status}: {text}"
                 raise DeliveryError(msg)
+            for job in pending.values():
+                job.delivered = True
+            if ahead:
+                self._wake.set()  # an idle worker may take some of these back
             async with aclosing(response.frames()) as frames:
                 async for frame in frames:
                     done = _done_decoder.decode(frame)
@@ -558,11 +721,21 @@ class WorkerPool:
                                 msg = "the stream's consumer stopped reading"
                                 raise DeliveryError(msg) from None
                         continue
-                    job = pending.pop(done.id, None)
-                    if job is None:
+                    if done.started:
+                        starting = pending.get(done.id)
+                        if starting is not None and not starting.running:
+                            starting.running = True
+                            worker.running += 1
+                            starting.start()
                         continue
-                    worker.free += 1
-                    if done.refused is not None:
+                    answered = pending.pop(done.id, None)
+                    if answered is None:
+                        continue
+                    job = answered
+                    self._answered(worker, job)
+                    if done.withdrawn:
+                        self._requeue([job])
+                    elif done.refused is not None:
                         # Final, not retried: the same request would be refused again.
                         refused = f"worker {worker.id} refused the job: {done.refused}"
                         signature = done.refused.startswith("PayloadSignatureError")
@@ -578,27 +751,48 @@ class WorkerPool:
             error = DeliveryError(
                 f"worker {worker.id} (pid {worker.pid}) failed during the job: {exc}"
             )
+            if worker.terminated:
+                # Recycled: its jobs hold their slots until the process is gone (its
+                # sockets close a moment before it has exited).
+                with anyio.move_on_after(5):
+                    await worker.process.wait()
+            unstarted = [job for job in pending.values() if not job.running]
             for job in pending.values():
-                job.finish(None, error)
+                if job.running:
+                    job.finish(None, error)
+            for job in pending.values():
+                self._answered(worker, job)
+            pending.clear()
+            self._requeue(unstarted)  # they never ran: they go to another worker
         finally:
-            # Jobs still pending here failed above, or their callers were cancelled.
-            worker.free += len(pending)
+            # Jobs still pending here have callers that were cancelled.
+            for job in pending.values():
+                self._answered(worker, job)
             if reusable and worker.alive:
                 worker.connections.append(conn)
             else:
                 await conn.aclose()
-            if worker.free == worker.slots:
+            if not worker.jobs:
                 worker.idle_since = anyio.current_time()
             self._wake.set()
 
     def statistics(self) -> dict[str, Any]:
-        """Queue depth and workers, for status displays."""
+        """Queue depth and workers, for status displays.
+
+        A job counts as busy from its start until its worker answers or is gone: a
+        cancelled job that could not be interrupted keeps its slot until the recycled
+        worker has exited.
+        """
         return {
             "queued": len(self.queue),
             "workers": len(self.workers),
             "ready": sum(1 for w in self.workers.values() if w.ready),
             "starting": self.starting,
-            "busy_slots": sum(w.slots - w.free for w in self.workers.values()),
+            "busy_slots": sum(w.running for w in self.workers.values()),
+            "busy_workers": sum(1 for w in self.workers.values() if w.running),
+            "waiting_on_workers": sum(
+                len(w.jobs) - w.running for w in self.workers.values()
+            ),
         }
 
 

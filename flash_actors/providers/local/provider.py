@@ -35,8 +35,8 @@ class LocalProvider:
 
     Args:
         state_dir: where logs (and later the daemon's records) go; default ``.flash``.
-        batch_size: most jobs sent to a worker in one request.
-        slots: jobs one worker runs at once.
+        batch_size: most jobs sent to a worker in one request (how many jobs a worker runs at
+            once is the endpoint's ``max_concurrency``).
         registry: where load-balancer routes are found (default: the process-wide one).
         fast_start: fork workers from a pre-started template process (milliseconds each)
             instead of starting fresh interpreters (~0.4 s each).
@@ -49,7 +49,6 @@ class LocalProvider:
         *,
         state_dir: Path | str = ".flash",
         batch_size: int = 8,
-        slots: int = 8,
         registry: Registry | None = None,
         fast_start: bool = True,
     ) -> None:
@@ -57,7 +56,6 @@ class LocalProvider:
         self.template = Template() if fast_start and template_supported() else None
         self.registry = registry or REGISTRY
         self.batch_size = batch_size
-        self.slots = slots
         self.pools: dict[str, WorkerPool] = {}
         self._tg: TaskGroup | None = None
         self._gateway: GatewayProvider | None = None
@@ -120,7 +118,6 @@ class LocalProvider:
             template=self.template,
             log_dir=self.state_dir / "logs" / resource.name,
             batch_size=self.batch_size,
-            slots=self.slots,
         )
         self.pools[resource.name] = pool
         scope = anyio.CancelScope()
