@@ -45,7 +45,7 @@ from flash_actors.errors import (
     RemoteExecutionError,
 )
 from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import DaemonRecord, read_record
+from flash_actors.gateway.record import DaemonRecord, find_daemon, read_record
 from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import FunctionResponse, wire_encoder
 from flash_actors.providers.local._http import Connection
@@ -141,6 +141,9 @@ class GatewayProvider:
         state_dir: the private gateway's state folder, removed with it.
         reconnect_s: how long a call keeps trying to reach a gateway that went away
             (default: `reconnect_window`, or 0 for a private gateway, which nobody restarts).
+        rediscover: where to look for the daemon again while it cannot be reached (it may
+            come back on another port); default: the record in ``.flash`` (as found at
+            construction) for a daemon, nothing for a private gateway.
     """
 
     name = "local"
@@ -152,6 +155,7 @@ class GatewayProvider:
         process: Process | None = None,
         state_dir: Path | None = None,
         reconnect_s: float | None = None,
+        rediscover: Callable[[], DaemonRecord | None] | None = None,
     ) -> None:
         self.record = record
         self.process = process
@@ -159,6 +163,11 @@ class GatewayProvider:
         if reconnect_s is None:
             reconnect_s = 0.0 if process is not None else reconnect_window()
         self.reconnect_s = reconnect_s
+        if rediscover is None and process is None:
+            state = Path(".flash").absolute()
+            rediscover = lambda: find_daemon(state)  # noqa: E731
+        self._rediscover = rediscover
+        self._looked_at = 0.0
         self._cut_off: dict[str, float] = {}  # key -> when the gateway was found gone
         self._idle: list[Connection] = []
         self._limit = anyio.Semaphore(MAX_CONNECTIONS)
@@ -234,9 +243,10 @@ class GatewayProvider:
                     msg = (
                         f"{self.describe()} could not be reached for "
                         f"{self.reconnect_s:g} s ({RECONNECT_ENV}); gave up on {key}, "
-                        f"which will not run after this: {exc.__cause__ or exc}"
+                        f"which will not run after this ({_reason(exc)})"
                     )
                     raise DeliveryError(msg) from exc
+                await self._look_again()
                 if len(self._cut_off) > 100_000:  # keys of calls that gave up long ago
                     horizon = anyio.current_time() - 2 * self.reconnect_s - 60
                     self._cut_off = {
@@ -247,6 +257,19 @@ class GatewayProvider:
             else:
                 self._cut_off.pop(key, None)
                 return result
+
+    async def _look_again(self) -> None:
+        """Follow a daemon that came back elsewhere (at most every 0.2 s)."""
+        now = anyio.current_time()
+        if self._rediscover is None or now - self._looked_at < 0.2:
+            return
+        self._looked_at = now
+        record = self._rediscover()
+        if record is not None and record != self.record:
+            self.record = record
+            stale, self._idle = self._idle, []
+            for conn in stale:
+                await conn.aclose()
 
     def job_policy(self, policy: dict[str, int]) -> dict[str, int]:
         """``policy`` plus ``abandonAfter``: the reconnect window, which the daemon enforces."""
@@ -292,6 +315,16 @@ class GatewayProvider:
                 await stop_process(process, 10)
             if self.state_dir is not None:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why the gateway could not be reached, from the OS error under ``exc``."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, DeliveryError) or not str(root):
+        return "it closed the connection"
+    return str(root)
 
 
 def _error_text(data: bytes) -> str:

@@ -83,7 +83,7 @@ async def serve(
     except StateDirError as exc:
         raise SystemExit(f"flash local: {exc}") from None
     except DaemonRunningError as exc:
-        print(f"flash local: {exc}", file=sys.stderr, flush=True)  # noqa: T201
+        print(exc, file=sys.stderr, flush=True)  # noqa: T201
         raise SystemExit(ALREADY_RUNNING) from None
     try:
         await _serve_locked(state_dir, port, parent_pid=parent_pid, handlers=handlers)
