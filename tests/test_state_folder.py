@@ -79,6 +79,7 @@ def _umask(mask: int) -> Any:
 # -- item 2: a private state folder ----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_everything_under_the_state_folder_is_private_whatever_the_umask(
     tmp_path: Path,
@@ -155,6 +156,7 @@ def _daemons_of(state: Path) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_ups_at_once_start_one_daemon(tmp_path: Path) -> None:
     state = tmp_path / ".flash"
@@ -273,6 +275,7 @@ def _stop(script: subprocess.Popen[str]) -> None:
         script.communicate()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_killed_daemon_takes_its_workers_with_it(tmp_path: Path) -> None:
     """SIGKILL of the daemon: every worker and the fork template go at once, no job running
@@ -309,14 +312,20 @@ def test_a_killed_daemon_takes_its_workers_with_it(tmp_path: Path) -> None:
         d.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_calls_ride_out_a_daemon_restart(tmp_path: Path) -> None:
     d = Daemon(tmp_path / ".flash")
     log = tmp_path / "runs.log"
-    script = _start_script(tmp_path, log, 200, 0.02)
+    script = _start_script(tmp_path, log, 200, 0.05)
     try:
         _wait_started(log, 20, script)
-        d.down()
+        processes = descendants(d.pid)
+        os.kill(
+            d.pid, signal.SIGTERM
+        )  # what `flash local down` does, without its start-up
+        assert sum(_runs(log)[1].values()) < 200  # calls in flight
+        assert wait_gone([d.pid, *processes], 20) == []
         started = set(_runs(log)[0])
         d.up()
         result = _result(script)

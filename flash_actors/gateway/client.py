@@ -203,7 +203,7 @@ class GatewayProvider:
                 data = await response.read()
             except DeliveryError as exc:
                 await conn.aclose()
-                msg = f"{self.describe()} cannot be reached: {exc}"
+                msg = f"{self.describe()} cannot be reached ({_reason(exc)})"
                 raise _Unreachable(msg) from exc
             except BaseException:
                 await conn.aclose()

@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     except StateDirError as exc:
         raise SystemExit(f"flash local: {exc}") from None
     state_dir = Path(args.state_dir).resolve()
-    if args.parent_pid and not die_with_parent(args.parent_pid, signal.SIGTERM):
+    stop = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731 (a graceful stop)
+    if args.parent_pid and not die_with_parent(args.parent_pid, stop):
         raise SystemExit(1)  # the process that started this private gateway is gone
     anyio.run(
         lambda: serve(

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from types import FrameType
 
 GRACE_S = 3.0
-PARENT_DIED = signal.SIGUSR2  # our parent-death signal: the group goes at once
 
 
 def _end_group(child: subprocess.Popen[bytes] | None, code: int) -> None:
@@ -78,8 +77,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if parent:
-        signal.signal(PARENT_DIED, lambda signum, frame: _kill_group())
-        if not die_with_parent(parent, PARENT_DIED):
+        if not die_with_parent(parent, _kill_group):
             sys.exit(1)  # the daemon is already gone
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     child = subprocess.Popen([sys.executable, str(handler)], cwd=handler.parent)  # noqa: S603

@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--routes", help="JSON file of load-balancer routes")
     args = parser.parse_args(argv)
     parent = int(os.environ.get("FLASH_PARENT_PID", "0") or 0)
-    if parent and not die_with_parent(parent):
+    if parent and not die_with_parent(parent, lambda: os._exit(1)):
         sys.exit(1)  # the process that started us is already gone
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)

@@ -6,8 +6,8 @@ inherited from the client): each request is a JSON line with the worker's enviro
 path and routes file, carrying the worker's listening socket as an attached file descriptor.
 The template forks, answers with the child's pid, and goes on. Children are reaped by the
 kernel (SIGCHLD ignored here, restored in each child). The template exits when the control
-socket closes or its client dies; each worker dies with the template (parent-death signal,
-`flash_actors._lifeline`), so killing the client stops them all at once.
+socket closes, which its client's death does at once; each worker dies with the template
+(parent-death signal, `flash_actors._lifeline`), so killing the client stops them all.
 
 Unlike ``multiprocessing``'s forkserver, nothing of the client's ``__main__`` is re-run.
 """
@@ -56,9 +56,6 @@ def main() -> None:
     if sys.argv[1:2] != ["--control-fd"] or len(sys.argv) != 3:
         sys.exit("usage: python -m flash_actors.worker.template --control-fd N")
     control = socket.socket(fileno=int(sys.argv[2]))
-    die_with_parent(
-        os.getppid()
-    )  # a client already gone closed the socket: we exit on EOF
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
     try:
