@@ -293,10 +293,9 @@ def _down(state_dir: Path) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run ``flash local <command>``; returns the exit code."""
     if args.local_command == "up":
+        given = Path(args.state_dir).absolute()  # not resolved: a link is refused
         try:
-            secure_state_dir(
-                Path(args.state_dir).absolute()
-            )  # links refused, not followed
+            secure_state_dir(given)
         except StateDirError as exc:
             print(f"flash local: {exc}", file=sys.stderr)
             return 1

@@ -338,6 +338,7 @@ def test_calls_ride_out_a_daemon_restart(tmp_path: Path) -> None:
         d.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_call_that_gives_up_on_the_daemon_never_runs_later(tmp_path: Path) -> None:
     d = Daemon(tmp_path / ".flash")

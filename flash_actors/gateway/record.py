@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flash_actors._private import open_private, private_dir
+from flash_actors.errors import FlashRuntimeError
 
 __all__ = [
     "ALREADY_RUNNING",
@@ -39,7 +40,7 @@ ALREADY_RUNNING = 3
 """The daemon's exit code when another daemon holds the state folder's lock."""
 
 
-class DaemonRunningError(Exception):
+class DaemonRunningError(FlashRuntimeError):
     """Another daemon holds the state folder's lock; ``pid`` is its process id (0: unknown)."""
 
     def __init__(self, state_dir: Path, pid: int) -> None:
