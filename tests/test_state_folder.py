@@ -123,6 +123,9 @@ def test_a_linked_or_foreign_state_folder_is_refused(tmp_path: Path) -> None:
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
     done = flash("local", "--state-dir", "link", "up", cwd=tmp_path)
+    started = read_record(real)
+    if started is not None:  # it followed the link: stop what it started
+        kill_all([started.pid, *descendants(started.pid)])
     assert done.returncode == 1
     assert re.match(
         r"flash local: state folder '.*/link' is a symbolic link; refusing", done.stderr
