@@ -300,6 +300,7 @@ def test_a_killed_daemon_takes_its_workers_with_it(tmp_path: Path) -> None:
         assert len(processes) >= 4  # template, Flash worker, handler launcher + handler
         os.kill(d.pid, signal.SIGKILL)
         started, ended = _runs(log)
+        assert set(started) - set(ended)  # jobs were running at the kill
         assert wait_gone([d.pid, *processes], 10) == []
         # nothing ran on after the kill: the jobs running then did not finish
         assert _runs(log) == (started, ended)
@@ -324,9 +325,8 @@ def test_calls_ride_out_a_daemon_restart(tmp_path: Path) -> None:
     try:
         _wait_started(log, 20, script)
         processes = descendants(d.pid)
-        os.kill(
-            d.pid, signal.SIGTERM
-        )  # what `flash local down` does, without its start-up
+        # what `flash local down` does, without the start-up of a second CLI process
+        os.kill(d.pid, signal.SIGTERM)
         assert sum(_runs(log)[1].values()) < 200  # calls in flight
         assert wait_gone([d.pid, *processes], 20) == []
         started = set(_runs(log)[0])
