@@ -1,7 +1,8 @@
 """``flash local up | status | down``: the local gateway daemon.
 
 ``up`` starts ``python -m flash_actors.gateway`` in its own session (it outlives the
-command), waits until it listens and prints its URL; ``status`` prints its endpoints,
+command), waits until it listens and prints its URL (one state folder, one daemon: when
+another ``up`` won the race, it says who runs); ``status`` prints its endpoints,
 workers and queues; ``down`` asks it to stop, waits for its PID to exit (SIGTERM, then
 SIGKILL as a last resort) and so stops every worker it started.
 """
@@ -21,7 +22,14 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flash_actors._private import (
+    StateDirError,
+    open_private,
+    private_dir,
+    secure_state_dir,
+)
 from flash_actors.gateway.record import (
+    ALREADY_RUNNING,
     RECORD_NAME,
     DaemonRecord,
     pid_alive,
@@ -126,9 +134,8 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
             )
             return 2
         command += ["--endpoint", spec]
-    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
-    log_path = state_dir / "logs" / "gateway.log"
-    with log_path.open("ab") as log:
+    log_path = private_dir(state_dir / "logs") / "gateway.log"
+    with os.fdopen(open_private(log_path), "ab") as log:
         process = subprocess.Popen(  # noqa: S603 (our own module)
             command,
             stdin=subprocess.DEVNULL,
@@ -139,7 +146,10 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         while time.monotonic() < deadline:
-            if process.poll() is not None:
+            code = process.poll()
+            if code == ALREADY_RUNNING:
+                return _already_running(state_dir, log_path, deadline)
+            if code is not None:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-15:]
                 print(
                     "flash local failed to start:\n" + "\n".join(tail), file=sys.stderr
@@ -165,6 +175,19 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
         ):  # the daemon outlives this Popen object on purpose
             warnings.simplefilter("ignore", ResourceWarning)
             del process
+
+
+def _already_running(state_dir: Path, log_path: Path, deadline: float) -> int:
+    """Another daemon holds the folder (two ``up`` at once): wait for it, then name it."""
+    while time.monotonic() < deadline:
+        record = _live(state_dir)
+        if record is not None:
+            print(f"flash local is already running: {record.url}/v2 (pid {record.pid})")
+            return 0
+        time.sleep(0.05)
+    tail = log_path.read_text(errors="replace").strip().splitlines()[-1:]
+    print("flash local did not start:\n" + "\n".join(tail), file=sys.stderr)
+    return 1
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -269,6 +292,13 @@ def _down(state_dir: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``flash local <command>``; returns the exit code."""
+    if args.local_command == "up":
+        given = Path(args.state_dir).absolute()  # not resolved: a link is refused
+        try:
+            secure_state_dir(given)
+        except StateDirError as exc:
+            print(f"flash local: {exc}", file=sys.stderr)
+            return 1
     state_dir = Path(args.state_dir).resolve()
     if args.local_command == "up":
         return _up(args, state_dir)

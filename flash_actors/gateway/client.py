@@ -7,6 +7,14 @@ Flash ``FunctionRequest`` as ``input`` (long-polling ``status`` if the wait runs
 delivery attaches to the job the daemon already has instead of running it twice. Leaving the
 caller's scope cancels the job on the daemon.
 
+A call rides out a restart of the daemon (``flash local down``/``up``, or a killed daemon
+started again): while the daemon cannot be reached, the call retries, resubmitting under its
+own job id, for up to ``FLASH_LOCAL_RECONNECT_S`` seconds (default 30) from the moment it
+found the daemon gone; only then is it reported failed (`DeliveryError`, naming the daemon).
+Every job is submitted with that window as its ``abandonAfter`` policy, and a daemon that
+comes back later than that after its last sign of life cancels the job before dispatching
+anything (see ``gateway.daemon``): a call reported failed does not run afterwards.
+
 The same client talks to the private gateway an embedded local provider starts for handler
 endpoints (`start_private_gateway`).
 """
@@ -14,6 +22,7 @@ endpoints (`start_private_gateway`).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import shutil
@@ -22,11 +31,12 @@ import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import msgspec
 
+from flash_actors._private import open_private, private_dir
 from flash_actors.errors import (
     ConfigurationError,
     DeliveryError,
@@ -35,7 +45,7 @@ from flash_actors.errors import (
     RemoteExecutionError,
 )
 from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import DaemonRecord, read_record
+from flash_actors.gateway.record import DaemonRecord, find_daemon, read_record
 from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import FunctionResponse, wire_encoder
 from flash_actors.providers.local._http import Connection
@@ -43,6 +53,7 @@ from flash_actors.providers.local._processes import stop_process
 from flash_actors.serialization import master_secret
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from types import TracebackType
 
     from anyio.abc import Process
@@ -51,11 +62,46 @@ if TYPE_CHECKING:
     from flash_actors.messages import Call
     from flash_actors.resources import ServerlessResource
 
-__all__ = ["GatewayBackend", "GatewayProvider", "start_private_gateway"]
+__all__ = [
+    "RECONNECT_ENV",
+    "GatewayBackend",
+    "GatewayProvider",
+    "reconnect_window",
+    "start_private_gateway",
+]
 
+_T = TypeVar("_T")
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 LONG_WAIT_MS = 300_000
 MAX_CONNECTIONS = 256  # requests in flight to the gateway at once (each waits on a job)
+RECONNECT_ENV = "FLASH_LOCAL_RECONNECT_S"
+DEFAULT_RECONNECT_S = 30.0
+MAX_RECONNECT_S = 86_400.0
+
+
+def reconnect_window() -> float:
+    """Seconds a call keeps trying to reach a daemon that went away (``FLASH_LOCAL_RECONNECT_S``).
+
+    Raises:
+        ConfigurationError: the variable is not a number of seconds between 0 and one day.
+    """
+    raw = os.environ.get(RECONNECT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_RECONNECT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= MAX_RECONNECT_S or math.isnan(value):
+        msg = (
+            f"{RECONNECT_ENV} must be a number of seconds from 0 to 86400, got {raw!r}"
+        )
+        raise ConfigurationError(msg)
+    return value
+
+
+class _Unreachable(DeliveryError):
+    """The gateway could not be reached, or went away in the middle of an answer."""
 
 
 class _Chunk(msgspec.Struct):
@@ -93,6 +139,11 @@ class GatewayProvider:
         record: where the gateway listens and its API key.
         process: the private gateway this provider started and stops (None for a daemon).
         state_dir: the private gateway's state folder, removed with it.
+        reconnect_s: how long a call keeps trying to reach a gateway that went away
+            (default: `reconnect_window`, or 0 for a private gateway, which nobody restarts).
+        rediscover: where to look for the daemon again while it cannot be reached (it may
+            come back on another port); default: the record in ``.flash`` (as found at
+            construction) for a daemon, nothing for a private gateway.
     """
 
     name = "local"
@@ -103,10 +154,21 @@ class GatewayProvider:
         *,
         process: Process | None = None,
         state_dir: Path | None = None,
+        reconnect_s: float | None = None,
+        rediscover: Callable[[], DaemonRecord | None] | None = None,
     ) -> None:
         self.record = record
         self.process = process
         self.state_dir = state_dir
+        if reconnect_s is None:
+            reconnect_s = 0.0 if process is not None else reconnect_window()
+        self.reconnect_s = reconnect_s
+        if rediscover is None and process is None:
+            state = Path(".flash").absolute()
+            rediscover = lambda: find_daemon(state)  # noqa: E731
+        self._rediscover = rediscover
+        self._looked_at = 0.0
+        self._cut_off: dict[str, float] = {}  # key -> when the gateway was found gone
         self._idle: list[Connection] = []
         self._limit = anyio.Semaphore(MAX_CONNECTIONS)
         self._opened: dict[str, GatewayBackend] = {}
@@ -141,13 +203,78 @@ class GatewayProvider:
                 data = await response.read()
             except DeliveryError as exc:
                 await conn.aclose()
-                msg = f"the local gateway at {self.record.url} cannot be reached: {exc}"
-                raise DeliveryError(msg) from exc
+                msg = f"{self.describe()} cannot be reached ({_reason(exc)})"
+                raise _Unreachable(msg) from exc
             except BaseException:
                 await conn.aclose()
                 raise
             self._idle.append(conn)
             return response.status, data
+
+    def describe(self) -> str:
+        """The gateway, for messages: its URL, and its pid when known."""
+        kind = (
+            "the local gateway"
+            if self.process is not None
+            else "the flash local daemon"
+        )
+        pid = f" (pid {self.record.pid})" if self.record.pid else ""
+        return f"{kind} at {self.record.url}{pid}"
+
+    async def reconnecting(self, key: str, attempt: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``attempt`` until it reaches the gateway, for up to `reconnect_s`.
+
+        ``attempt`` must be safe to repeat (a submit under the caller's job id is). The window
+        starts when the gateway is first found gone, and is kept per ``key`` across calls
+        (the Endpoint actor's own retries do not restart it); an attempt that starts after
+        it has passed and fails ends the call.
+
+        Raises:
+            DeliveryError: the gateway stayed out of reach for the whole window.
+        """
+        delay = 0.05
+        while True:
+            started = anyio.current_time()
+            try:
+                result = await attempt()
+            except _Unreachable as exc:
+                first = self._cut_off.setdefault(key, anyio.current_time())
+                if started - first >= self.reconnect_s:
+                    msg = (
+                        f"{self.describe()} could not be reached for "
+                        f"{self.reconnect_s:g} s ({RECONNECT_ENV}); gave up on {key}, "
+                        f"which will not run after this ({_reason(exc)})"
+                    )
+                    raise DeliveryError(msg) from exc
+                await self._look_again()
+                if len(self._cut_off) > 100_000:  # keys of calls that gave up long ago
+                    horizon = anyio.current_time() - 2 * self.reconnect_s - 60
+                    self._cut_off = {
+                        k: t for k, t in self._cut_off.items() if t > horizon
+                    }
+                await anyio.sleep(delay)
+                delay = min(1.0, delay * 2)
+            else:
+                self._cut_off.pop(key, None)
+                return result
+
+    async def _look_again(self) -> None:
+        """Follow a daemon that came back elsewhere (at most every 0.2 s)."""
+        now = anyio.current_time()
+        if self._rediscover is None or now - self._looked_at < 0.2:
+            return
+        self._looked_at = now
+        record = self._rediscover()
+        if record is not None and record != self.record:
+            self.record = record
+            stale, self._idle = self._idle, []
+            for conn in stale:
+                await conn.aclose()
+
+    def job_policy(self, policy: dict[str, int]) -> dict[str, int]:
+        """``policy`` plus ``abandonAfter``: the reconnect window, which the daemon enforces."""
+        window_ms = max(1, math.ceil(self.reconnect_s * 1000))
+        return {**policy, "abandonAfter": window_ms}
 
     async def open_endpoint(
         self, resource: ServerlessResource, key: bytes
@@ -165,8 +292,10 @@ class GatewayProvider:
                 msg = f"endpoint {resource.name!r}: handler file {str(handler)!r} does not exist"
                 raise ConfigurationError(msg)
             config["resource"]["handler"] = str(handler)
-        status, data = await self.request(
-            "PUT", f"/flash/v1/endpoints/{resource.name}", wire_encoder.encode(config)
+        body = wire_encoder.encode(config)
+        status, data = await self.reconnecting(
+            f"endpoint {resource.name}",
+            lambda: self.request("PUT", f"/flash/v1/endpoints/{resource.name}", body),
         )
         if status != 200:
             msg = f"the local gateway refused endpoint {resource.name!r}: {_error_text(data)}"
@@ -186,6 +315,16 @@ class GatewayProvider:
                 await stop_process(process, 10)
             if self.state_dir is not None:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why the gateway could not be reached, from the OS error under ``exc``."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, DeliveryError) or not str(root):
+        return "it closed the connection"
+    return str(root)
 
 
 def _error_text(data: bytes) -> str:
@@ -250,13 +389,24 @@ class GatewayBackend:
         with anyio.CancelScope(shield=True), contextlib.suppress(FlashRuntimeError):
             await self._call("POST", f"/cancel/{job_id}")
 
+    async def _submit_and_wait(
+        self, payload: Any, policy: dict[str, int], job_id: str
+    ) -> Envelope:
+        """``runsync``, then long-poll: repeatable (the job id makes the submit idempotent)."""
+
+        async def attempt() -> Envelope:
+            envelope = await self.submit(payload, policy, job_id, sync=True)
+            return await self.wait(envelope)
+
+        return await self.provider.reconnecting(f"job {job_id}", attempt)
+
     async def run_payload(
         self, payload: Any, policy: dict[str, int], job_id: str
     ) -> JobOutput:
         """A dictionary job (handler endpoints), waited for: its `JobOutput`."""
+        policy = self.provider.job_policy(policy)
         try:
-            envelope = await self.submit(payload, policy, job_id, sync=True)
-            envelope = await self.wait(envelope)
+            envelope = await self._submit_and_wait(payload, policy, job_id)
         except anyio.get_cancelled_exc_class():
             await self.cancel(job_id)
             raise
@@ -270,18 +420,26 @@ class GatewayBackend:
         chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
     ) -> FunctionResponse:
         """Run ``call.request`` as a job on the gateway; see `EndpointBackend.execute`."""
-        job_policy = call.policy.job_policy()
+        job_policy = self.provider.job_policy(call.policy.job_policy())
         try:
             if chunks is None:
-                envelope = await self.submit(
-                    call.request, job_policy, job_id, sync=True
-                )
-                envelope = await self.wait(envelope)
+                envelope = await self._submit_and_wait(call.request, job_policy, job_id)
             else:
-                envelope = await self.submit(
-                    call.request, job_policy, job_id, sync=False, stream=True
+                envelope = await self.provider.reconnecting(
+                    f"job {job_id}",
+                    lambda: self.submit(
+                        call.request, job_policy, job_id, sync=False, stream=True
+                    ),
                 )
-                envelope = await self._stream(envelope.id, chunks)
+                try:
+                    envelope = await self._stream(envelope.id, chunks)
+                except _Unreachable:
+                    # Chunks already went to the caller: no second run. Cancel the job
+                    # once the daemon is back (or it drops the job, see `job_policy`).
+                    await self.provider.reconnecting(
+                        f"job {job_id}", lambda: self._call("POST", f"/cancel/{job_id}")
+                    )
+                    raise
         except anyio.get_cancelled_exc_class():
             await self.cancel(job_id)
             raise
@@ -371,12 +529,12 @@ async def start_private_gateway(log_dir: Path) -> GatewayProvider:
         DeliveryError: it did not come up within 30 s (its log is named).
     """
     state_dir = Path(tempfile.mkdtemp(prefix="flash-gateway-"))
-    await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
+    private_dir(log_dir)
     log_path = log_dir / f"gateway-{os.getpid()}.log"
     env = dict(os.environ)
     env["FLASH_LOCAL_API_KEY"] = f"fl-{secrets.token_hex(16)}"
     env["FLASH_SECRET"] = master_secret().hex()
-    with log_path.open("ab") as out:
+    with os.fdopen(open_private(log_path), "ab") as out:
         process = await anyio.open_process(
             [
                 sys.executable,

@@ -487,7 +487,7 @@ class Gateway:
                 )
                 raise GatewayError(429, msg)
         clean: dict[str, Any] = {}
-        for name in ("executionTimeout", "ttl"):
+        for name in ("executionTimeout", "ttl", "abandonAfter"):
             value = _policy_ms(options, name)
             if value is not None:
                 clean[name] = value

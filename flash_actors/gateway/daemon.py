@@ -6,6 +6,14 @@ It opens the durable store under the state folder, keeps its API key and master 
 ``POST /flash/v1/shutdown`` or, with ``--parent-pid``, the death of that process (the private
 gateway an embedded runtime starts for handler endpoints). Stopping stops every worker, puts
 running jobs back in the queue, closes the store and removes the record.
+
+One state folder, one daemon: the folder's lock (`lock_state_dir`) is taken before the store
+is opened and held for the daemon's life; a second daemon exits with code
+`ALREADY_RUNNING` and a line naming the holder. Everything under the folder is its owner's
+alone (`flash_actors._private`). Every second the daemon notes in the store that it is alive;
+at start-up, queued jobs whose caller gave up while the daemon was down (the job's
+``abandonAfter`` is shorter than that downtime, see `GatewayBackend`) are cancelled before
+any job is dispatched, so a call reported failed does not run afterwards.
 """
 
 from __future__ import annotations
@@ -16,15 +24,21 @@ import secrets
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 import anyio
 from aiohttp import web
 
+from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger, log_to_stderr
+from flash_actors._private import StateDirError, secure_state_dir
 from flash_actors.gateway.core import Gateway, config_of
 from flash_actors.gateway.record import (
+    ALREADY_RUNNING,
     DaemonRecord,
+    DaemonRunningError,
+    lock_state_dir,
     pid_alive,
     remove_record,
     write_record,
@@ -38,6 +52,8 @@ from flash_actors.serialization import set_master_secret
 __all__ = ["main", "serve"]
 
 log = get_logger(__name__)
+ALIVE_KEY = "alive_at"
+HEARTBEAT_S = 1.0
 
 
 def _setting(store: JobStore, name: str, env: str, make: str) -> str:
@@ -55,7 +71,33 @@ async def serve(
     parent_pid: int | None = None,
     handlers: list[tuple[str, str, int]] | None = None,
 ) -> None:
-    """Run the daemon until it is told to stop (``state_dir`` and handler paths absolute)."""
+    """Run the daemon until it is told to stop (``state_dir`` and handler paths absolute).
+
+    Raises:
+        SystemExit: the state folder is not safely ours, another daemon holds it
+            (code `ALREADY_RUNNING`), or the port is taken.
+    """
+    try:
+        secure_state_dir(state_dir)
+        lock = lock_state_dir(state_dir)  # held (fd open) until the process exits
+    except StateDirError as exc:
+        raise SystemExit(f"flash local: {exc}") from None
+    except DaemonRunningError as exc:
+        print(exc, file=sys.stderr, flush=True)  # noqa: T201
+        raise SystemExit(ALREADY_RUNNING) from None
+    try:
+        await _serve_locked(state_dir, port, parent_pid=parent_pid, handlers=handlers)
+    finally:
+        os.close(lock)
+
+
+async def _serve_locked(
+    state_dir: Path,
+    port: int,
+    *,
+    parent_pid: int | None,
+    handlers: list[tuple[str, str, int]] | None,
+) -> None:
     store = JobStore(state_dir / "gateway.sqlite3")
     provider = LocalProvider(state_dir=state_dir)
     retention = float(os.environ.get("FLASH_LOCAL_RETENTION_S", "1800"))
@@ -68,6 +110,7 @@ async def serve(
         max_queue=int(os.environ.get("FLASH_LOCAL_MAX_QUEUE", "100000")),
     )
     gateway.load()
+    alive_before = store.meta(ALIVE_KEY)
     try:
         gateway.api_key = _setting(
             store, "api_key", "FLASH_LOCAL_API_KEY", f"fl-{secrets.token_hex(16)}"
@@ -94,6 +137,8 @@ async def serve(
         sock.listen(1024)
         sock.setblocking(False)  # noqa: FBT003
         gateway.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        # Listening now, and nothing dispatched yet: a caller still waiting gets through.
+        _drop_abandoned(gateway, alive_before)
         shutdown = anyio.Event()
         runner = web.AppRunner(
             make_app(gateway, gateway.api_key, shutdown),
@@ -118,6 +163,7 @@ async def serve(
                 flush=True,
             )
             tg.start_soon(_signals, shutdown)
+            tg.start_soon(_heartbeat, store)
             if parent_pid:
                 tg.start_soon(_watch_parent, parent_pid, shutdown)
             try:
@@ -129,8 +175,48 @@ async def serve(
                     await runner.cleanup()
                 tg.cancel_scope.cancel()
     finally:
+        if store.is_open:
+            store.set_meta(ALIVE_KEY, repr(time.time()))
         store.close()
         remove_record(state_dir, os.getpid())
+
+
+def _drop_abandoned(gateway: Gateway, alive_before: str | None) -> None:
+    """Cancel unfinished jobs whose caller has given up on them while the daemon was down.
+
+    A `GatewayBackend` caller reconnects for ``abandonAfter`` ms from the moment it found
+    the daemon gone, and only then reports the call failed. The daemon died at or after
+    its last heartbeat, so once ``abandonAfter`` has passed since that heartbeat, the caller
+    may have reported failure: the job must not run any more.
+    """
+    if alive_before is None:
+        return
+    try:
+        down_ms = (time.time() - float(alive_before)) * 1000
+    except ValueError:
+        return
+    dropped = 0
+    for job in list(gateway.jobs.values()):
+        window = job.options.get("abandonAfter")
+        if job.terminal or not isinstance(window, int) or down_ms < window:
+            continue
+        gateway.fail(
+            job,
+            f"job {job.id} was abandoned: the daemon was down for {down_ms / 1000:.1f} s, "
+            f"longer than its caller waits to reconnect ({window / 1000:.1f} s); "
+            "the caller has reported it failed, so it does not run",
+            status="CANCELLED",
+        )
+        dropped += 1
+    if dropped:
+        log.warning("gateway.abandoned", jobs=dropped, down_s=round(down_ms / 1000, 1))
+
+
+async def _heartbeat(store: JobStore) -> None:
+    """Note in the store, every second, that the daemon is alive (see `_drop_abandoned`)."""
+    while True:
+        store.set_meta(ALIVE_KEY, repr(time.time()))
+        await anyio.sleep(HEARTBEAT_S)
 
 
 async def _signals(shutdown: anyio.Event) -> None:
@@ -167,7 +253,16 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--endpoint wants NAME=HANDLER.py, got {spec!r}")
         path, _, workers = rest.partition(":")
         handlers.append((name, str(Path(path).resolve()), int(workers or 1)))
+    try:
+        secure_state_dir(
+            Path(args.state_dir).absolute()
+        )  # before resolve(): links refused
+    except StateDirError as exc:
+        raise SystemExit(f"flash local: {exc}") from None
     state_dir = Path(args.state_dir).resolve()
+    stop = lambda: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731 (a graceful stop)
+    if args.parent_pid and not die_with_parent(args.parent_pid, stop):
+        raise SystemExit(1)  # the process that started this private gateway is gone
     anyio.run(
         lambda: serve(
             state_dir, args.port, parent_pid=args.parent_pid, handlers=handlers

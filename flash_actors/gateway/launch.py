@@ -3,16 +3,17 @@
 The launcher leads its own process group (the daemon starts it in a new session) and runs
 the handler file, unmodified, as ``python HANDLER.py`` in that group. Stock ``runpod``
 workers start helper processes of their own (a heartbeat process), so stopping a worker
-means stopping the group: on SIGTERM or SIGINT, or when the daemon that started it dies
+means stopping the group: on SIGTERM or SIGINT the launcher sends SIGTERM to the whole
+group, waits up to 3 s, then SIGKILLs what is left. When the daemon that started it dies
 (``FLASH_PARENT_PID``: Linux's parent-death signal, and a thread watching the parent on every
-platform), the launcher sends SIGTERM to the whole group, waits up to 3 s, then SIGKILLs what
-is left. When the handler exits by itself, the rest of its group goes with it.
+platform) the group is SIGKILLed at once: a job finished after that has nowhere to go, and
+the restarted daemon runs it again. When the handler exits by itself, the rest of its group
+goes with it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -22,10 +23,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flash_actors._lifeline import die_with_parent
+
 if TYPE_CHECKING:
     from types import FrameType
 
-PR_SET_PDEATHSIG = 1
 GRACE_S = 3.0
 
 
@@ -46,10 +48,18 @@ def _end_group(child: subprocess.Popen[bytes] | None, code: int) -> None:
         os._exit(code)
 
 
+def _kill_group() -> None:
+    """The daemon is gone: SIGKILL the whole group, this process included, no grace."""
+    try:
+        os.killpg(0, signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
 def _watch_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGTERM)
+    _kill_group()
 
 
 def main() -> None:
@@ -67,11 +77,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if parent:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(
-                PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0
-            )
-        if os.getppid() != parent:
+        if not die_with_parent(parent, _kill_group):
             sys.exit(1)  # the daemon is already gone
         threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     child = subprocess.Popen([sys.executable, str(handler)], cwd=handler.parent)  # noqa: S603

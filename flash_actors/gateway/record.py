@@ -11,15 +11,23 @@ Setting ``FLASH_LOCAL=0`` makes scripts ignore any daemon and use the embedded p
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flash_actors._private import open_private, private_dir
+from flash_actors.errors import FlashRuntimeError
+
 __all__ = [
+    "ALREADY_RUNNING",
+    "LOCK_NAME",
     "RECORD_NAME",
     "DaemonRecord",
+    "DaemonRunningError",
     "find_daemon",
+    "lock_state_dir",
     "pid_alive",
     "read_record",
     "remove_record",
@@ -27,6 +35,49 @@ __all__ = [
 ]
 
 RECORD_NAME = "local.json"
+LOCK_NAME = "daemon.lock"
+ALREADY_RUNNING = 3
+"""The daemon's exit code when another daemon holds the state folder's lock."""
+
+
+class DaemonRunningError(FlashRuntimeError):
+    """Another daemon holds the state folder's lock; ``pid`` is its process id (0: unknown)."""
+
+    def __init__(self, state_dir: Path, pid: int) -> None:
+        holder = f"pid {pid}" if pid else "another process"
+        super().__init__(
+            f"flash local is already running in {state_dir} ({holder} holds "
+            f"{state_dir / LOCK_NAME}); one state folder, one daemon"
+        )
+        self.pid = pid
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the state folder's exclusive lock; held until this process exits.
+
+    One folder, one daemon: two daemons on one SQLite queue would run every job twice. The
+    lock (``flock`` on ``daemon.lock``, taken before the store is opened) is released by the
+    kernel when the daemon dies however it dies, so a stale lock cannot outlive it. The file
+    then holds the daemon's pid, for the message the next one gives. The descriptor is not
+    inherited by the processes the daemon starts.
+
+    Raises:
+        DaemonRunningError: another process holds the lock (its pid in the message).
+    """
+    private_dir(state_dir)
+    fd = open_private(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = int(os.pread(fd, 32, 0).decode(errors="replace").strip() or 0)
+        except ValueError:
+            holder = 0
+        os.close(fd)
+        raise DaemonRunningError(state_dir, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +121,10 @@ def pid_alive(pid: int) -> bool:
 
 def write_record(state_dir: Path, record: DaemonRecord) -> Path:
     """Write the record atomically (temporary file, then rename), mode 0600."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     path = state_dir / RECORD_NAME
     tmp = state_dir / f".{RECORD_NAME}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     with os.fdopen(fd, "w") as out:
         json.dump(asdict(record), out)
         out.flush()

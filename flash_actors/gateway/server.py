@@ -104,9 +104,14 @@ def make_app(gateway: Gateway, api_key: str, shutdown: anyio.Event) -> web.Appli
         if raw_input in {b"null", b""}:
             raise GatewayError(400, "invalid request: input is required")
         options: dict[str, Any] = dict(parsed.policy or {})
-        unknown = set(options) - {"executionTimeout", "lowPriority", "ttl"}
+        unknown = set(options) - {
+            "abandonAfter",
+            "executionTimeout",
+            "lowPriority",
+            "ttl",
+        }
         if unknown:
-            msg = f"unknown policy field(s) {sorted(unknown)}; known: executionTimeout, lowPriority, ttl"
+            msg = f"unknown policy field(s) {sorted(unknown)}; known: abandonAfter, executionTimeout, lowPriority, ttl"
             raise GatewayError(400, msg)
         options["webhook"] = parsed.webhook
         options["stream"] = parsed.stream

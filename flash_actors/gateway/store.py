@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from flash_actors._private import private_dir, private_file
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
@@ -76,6 +78,11 @@ class JobStore:
         self._db: sqlite3.Connection | None = None
 
     @property
+    def is_open(self) -> bool:
+        """True between `open` and `close`."""
+        return self._db is not None
+
+    @property
     def db(self) -> sqlite3.Connection:
         """The open connection."""
         if self._db is None:
@@ -85,7 +92,13 @@ class JobStore:
 
     def open(self) -> list[JobRecord]:
         """Open (creating it if needed); requeue jobs left running. Returns the requeued ones."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        # 0600 before SQLite opens it: SQLite gives its -wal and -shm files the database
+        # file's mode, and all three hold the API key, the secret and every job's data.
+        private_file(self.path)
+        for sidecar in self._sidecars():  # left by an older version: tighten them too
+            if sidecar.exists():
+                private_file(sidecar)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
@@ -102,6 +115,12 @@ class JobStore:
             )
         recovered = {row[0] for row in rows}
         return [job for job in self.jobs() if job.id in recovered]
+
+    def _sidecars(self) -> tuple[Path, Path]:
+        return (
+            self.path.with_name(self.path.name + "-wal"),
+            self.path.with_name(self.path.name + "-shm"),
+        )
 
     def close(self) -> None:
         """Checkpoint and close the file."""

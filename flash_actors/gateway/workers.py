@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from flash_actors._logging import get_logger
+from flash_actors._private import open_private, private_dir
 from flash_actors.gateway import launch
 from flash_actors.gateway.core import HandlerWorker
 from flash_actors.providers.local._processes import stop_process
@@ -68,8 +69,8 @@ async def _start(gateway: Gateway, endpoint: Endpoint) -> None:
     assert handler is not None  # noqa: S101 (handler endpoints only)
     worker_id = f"{endpoint.name}-{secrets.token_hex(4)}"
     log_dir = gateway.state_dir / "logs" / endpoint.name
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with (log_dir / f"{worker_id}.log").open("ab") as out:
+    private_dir(log_dir)
+    with os.fdopen(open_private(log_dir / f"{worker_id}.log"), "ab") as out:
         process = await anyio.open_process(
             [sys.executable, "-m", "flash_actors.gateway.launch", handler],
             env=worker_env(gateway, endpoint, worker_id),

@@ -42,12 +42,15 @@ import socket
 import struct
 import sys
 import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
 from aiohttp import web
 
+from flash_actors._lifeline import die_with_parent
+from flash_actors._private import open_private
 from flash_actors.messages import FunctionRequest, FunctionResponse, Route
 from flash_actors.serialization import verify_request
 from flash_actors.worker import _capture
@@ -436,13 +439,18 @@ def _alive(pid: int) -> bool:
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:
-    """Stop when the process that started us is gone (no orphan workers)."""
+    """Exit at once when the process that started us is gone (no orphan workers).
+
+    The fallback where there is no parent-death signal (`flash_actors._lifeline`): nobody is
+    left to take our results, so running jobs are not waited for.
+    """
+    del stop
     parent = int(os.environ.get("FLASH_PARENT_PID", "0") or 0)
     if not parent:
         return
     while _alive(parent):  # noqa: ASYNC110 (polling is the portable way)
         await asyncio.sleep(0.5)
-    stop.set()
+    os._exit(1)
 
 
 def _run(sock: socket.socket, routes_path: str | None) -> None:
@@ -500,7 +508,7 @@ def forked_main(
     """
     os.environ.clear()
     os.environ.update(env)
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    log_fd = open_private(Path(log_path))  # 0600 whatever the umask
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
@@ -534,6 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--routes", help="JSON file of load-balancer routes")
     args = parser.parse_args(argv)
+    parent = int(os.environ.get("FLASH_PARENT_PID", "0") or 0)
+    if parent and not die_with_parent(parent, lambda: os._exit(1)):
+        sys.exit(1)  # the process that started us is already gone
     if args.fd is not None:
         sock = socket.socket(fileno=args.fd)
     else:

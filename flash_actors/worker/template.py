@@ -6,7 +6,8 @@ inherited from the client): each request is a JSON line with the worker's enviro
 path and routes file, carrying the worker's listening socket as an attached file descriptor.
 The template forks, answers with the child's pid, and goes on. Children are reaped by the
 kernel (SIGCHLD ignored here, restored in each child). The template exits when the control
-socket closes; its workers watch the client process and exit when it is gone.
+socket closes, which its client's death does at once; each worker dies with the template
+(parent-death signal, `flash_actors._lifeline`), so killing the client stops them all.
 
 Unlike ``multiprocessing``'s forkserver, nothing of the client's ``__main__`` is re-run.
 """
@@ -19,6 +20,7 @@ import signal
 import socket
 import sys
 
+from flash_actors._lifeline import die_with_parent
 from flash_actors.worker import server  # the point: imported once, here
 
 __all__ = ["main"]
@@ -30,8 +32,11 @@ def _serve_forks(control: socket.socket) -> None:
         if not message:
             return  # the client closed the control socket
         request = json.loads(message)
+        template = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
+            if not die_with_parent(template):
+                os._exit(1)  # the template is already gone
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             control.close()
             sock = socket.socket(fileno=fds[0])

@@ -36,6 +36,7 @@ import anyio
 import msgspec
 
 from flash_actors._logging import get_logger
+from flash_actors._private import open_private, private_dir, write_private
 from flash_actors._progress import progress
 from flash_actors.errors import (
     DeliveryError,
@@ -285,7 +286,7 @@ class WorkerPool:
             sock.bind(("127.0.0.1", 0))
             sock.listen(512)
             port = sock.getsockname()[1]
-            self.log_dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.log_dir)
             log_path = self.log_dir / f"{worker_id}.log"
             env = {
                 **os.environ,
@@ -307,7 +308,7 @@ class WorkerPool:
             routes_file: Path | None = None
             if self.routes:
                 routes_file = self.log_dir / f"{worker_id}.routes.json"
-                routes_file.write_bytes(msgspec.json.encode(self.routes))
+                write_private(routes_file, msgspec.json.encode(self.routes))
             process: WorkerProcess
             if self.template is not None:
                 process = await self.template.fork(sock, env, log_path, routes_file)
@@ -316,7 +317,7 @@ class WorkerPool:
                 command += ["--fd", str(sock.fileno())]
                 if routes_file is not None:
                     command += ["--routes", str(routes_file)]
-                handle = log_path.open("ab")
+                handle = os.fdopen(open_private(log_path), "ab")
                 self._logs[worker_id] = handle
                 process = await anyio.open_process(
                     command,
