@@ -299,11 +299,13 @@ def test_a_killed_daemon_takes_its_workers_with_it(tmp_path: Path) -> None:
         processes = [*descendants(d.pid), *workers_of(d.record.url)]
         assert len(processes) >= 4  # template, Flash worker, handler launcher + handler
         os.kill(d.pid, signal.SIGKILL)
-        started, ended = _runs(log)
-        assert set(started) - set(ended)  # jobs were running at the kill
+        ended = _runs(log)[1]
         assert wait_gone([d.pid, *processes], 10) == []
-        # nothing ran on after the kill: the jobs running then did not finish
-        assert _runs(log) == (started, ended)
+        # A job may have started in the instant between the kill and its worker's death
+        # (the kill is not atomic across processes); none finished after it.
+        started, ended_after = _runs(log)
+        assert ended_after == ended
+        assert set(started) - set(ended)  # jobs were running at the kill
         d.up()
         result = _result(script)
         assert result == {"ok": list(range(12)), "failed": {}}
