@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import anyio
-from aiohttp import web
 
 from flash_actors._logging import get_logger
 from flash_actors.gateway.core import Gateway, config_of
@@ -29,7 +28,7 @@ from flash_actors.gateway.record import (
     remove_record,
     write_record,
 )
-from flash_actors.gateway.server import make_app
+from flash_actors.gateway.server import HttpServer, make_app, max_connections_default
 from flash_actors.gateway.store import JobStore
 from flash_actors.providers.local import LocalProvider
 from flash_actors.resources import ServerlessEndpoint
@@ -95,16 +94,23 @@ async def serve(
         sock.setblocking(False)  # noqa: FBT003
         gateway.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         shutdown = anyio.Event()
-        runner = web.AppRunner(
-            make_app(gateway, gateway.api_key, shutdown),
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=5,
+        idle_s = float(os.environ.get("FLASH_LOCAL_IDLE_TIMEOUT_S", "75"))
+        owner = os.environ.pop("FLASH_LOCAL_OWNER_TOKEN", "")
+        http = HttpServer(
+            make_app(
+                gateway,
+                gateway.api_key,
+                shutdown,
+                owner_token=owner,
+                idle_timeout_s=idle_s,
+            ),
+            sock,
+            idle_timeout_s=idle_s,
+            max_connections=max_connections_default(),
         )
         async with provider, anyio.create_task_group() as tg:
             await tg.start(gateway.run)
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
+            await http.start()
             record = DaemonRecord(
                 url=gateway.base_url,
                 pid=os.getpid(),
@@ -126,7 +132,7 @@ async def serve(
                 with anyio.CancelScope(shield=True):
                     gateway.closing.set()
                     remove_record(state_dir, os.getpid())
-                    await runner.cleanup()
+                    await http.stop()
                 tg.cancel_scope.cancel()
     finally:
         store.close()
