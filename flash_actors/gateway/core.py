@@ -530,7 +530,7 @@ class Gateway:
     def submit(
         self,
         endpoint: Endpoint,
-        raw_input: bytes,
+        raw_input: bytes | memoryview,
         options: dict[str, Any],
         job_id: str | None = None,
     ) -> Job:
@@ -589,6 +589,10 @@ class Gateway:
         """The job's ``/status`` answer, its output read from the store."""
         output = self.store.output(job.id) if job.status == "COMPLETED" else None
         return job.envelope(output)
+
+    def output_size(self, job: Job) -> int:
+        """The size of the job's stored output (0 if it has none)."""
+        return self.store.output_size(job.id) if job.status == "COMPLETED" else 0
 
     def input_of(self, job: Job) -> bytes:
         """The job's input (raw JSON), read from the store."""

@@ -103,6 +103,9 @@ async def serve(
                 shutdown,
                 owner_token=owner,
                 idle_timeout_s=idle_s,
+                large_budget=int(os.environ.get("FLASH_LOCAL_LARGE_BUDGET_MB", "128"))
+                * 1024
+                * 1024,
             ),
             sock,
             idle_timeout_s=idle_s,

@@ -24,6 +24,7 @@ answering at its open-file limit.
 from __future__ import annotations
 
 import asyncio  # noqa: TID251 (the daemon runs aiohttp on its own asyncio loop)
+import contextlib
 import hmac
 import os
 import resource
@@ -40,7 +41,9 @@ from flash_actors.messages import wire_encoder
 
 if TYPE_CHECKING:
     import socket
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from flash_actors.gateway.core import Job
 
 __all__ = ["HttpServer", "make_app"]
 
@@ -54,6 +57,7 @@ DONE_LIMIT = (
 )  # a worker's job-done: the result plus RunPod's few fields
 SMALL_LIMIT = MB  # every other body (registrations, stream chunks, cancels)
 IDLE_TIMEOUT_S = 75.0  # aiohttp's and nginx's keep-alive default
+LARGE_BUDGET = 128 * MB  # large bodies and answers at once: FLASH_LOCAL_LARGE_BUDGET_MB
 
 
 class _TooLarge(Exception):
@@ -93,6 +97,44 @@ def _too_large(size: int, limit: int, what: str) -> GatewayError:
         f"payload too large: the {what} body of {size} bytes exceeds the "
         f"{limit // MB} MB limit; send large data by reference (a URL or a volume path)",
     )
+
+
+class _Budget:
+    """The bytes of large request bodies and answers (over 1 MB) the daemon holds at once.
+
+    Over ``total``, a request waits (its bytes unread) for others to finish, up to
+    ``wait_s``, then gets a 429: memory stays near ``total`` times a small factor (a body
+    is copied once more into SQLite) however many clients send at once.
+    """
+
+    def __init__(self, total: int, wait_s: float) -> None:
+        self.total = total
+        self.wait_s = wait_s
+        self.used = 0
+        self._freed = anyio.Event()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(size, self.total)
+        if size <= SMALL_LIMIT:
+            yield
+            return
+        with anyio.move_on_after(self.wait_s):
+            while self.used + size > self.total:
+                await self._freed.wait()
+        if self.used + size > self.total:
+            msg = (
+                f"too many large requests at once ({self.used // MB} MB in flight, the "
+                f"limit is {self.total // MB} MB); retry shortly"
+            )
+            raise GatewayError(429, msg)
+        self.used += size
+        try:
+            yield
+        finally:
+            self.used -= size
+            self._freed.set()
+            self._freed = anyio.Event()
 
 
 def _decode(decoder: Any, body: bytes, what: str) -> Any:
@@ -155,6 +197,7 @@ def make_app(
     *,
     owner_token: str = "",
     idle_timeout_s: float = IDLE_TIMEOUT_S,
+    large_budget: int = LARGE_BUDGET,
 ) -> web.Application:
     """The aiohttp application serving ``gateway``.
 
@@ -164,6 +207,7 @@ def make_app(
     """
     key = api_key.encode()
     owner = owner_token.encode()
+    budget = _Budget(large_budget, idle_timeout_s)
 
     @web.middleware
     async def guard(
@@ -187,45 +231,62 @@ def make_app(
         except _TooLarge as exc:
             raise _too_large(exc.size, limit, what) from None
 
+    def large(request: web.Request, limit: int, what: str) -> Any:
+        """Hold the budget for this request's body (refused at once if it says it is too big)."""
+        length = request.content_length
+        if length is not None and length > limit:
+            raise _too_large(length, limit, what)
+        return budget.hold(limit if length is None else length)
+
+    async def send_envelope(request: web.Request, job: Job) -> web.StreamResponse:
+        """The job's envelope, its output read from the store under the budget."""
+        async with budget.hold(
+            2 * gateway.output_size(job)
+        ):  # the output, then its answer
+            response = _json(gateway.envelope(job))
+            await response.prepare(request)
+            await response.write_eof()
+        return response
+
     def endpoint(request: web.Request) -> Any:
         return gateway.endpoint(request.match_info["endpoint"])
 
     async def submit(request: web.Request, limit: int) -> Any:
         ep = endpoint(request)
-        body = await read(request, limit, request.path.rsplit("/", 1)[-1])
-        parsed = _decode(_run_decoder, body, "request")
-        del body
-        raw_input = bytes(parsed.input)
-        if raw_input in {b"null", b""}:
-            raise GatewayError(400, "invalid request: input is required")
-        options: dict[str, Any] = dict(parsed.policy or {})
-        unknown = set(options) - {"executionTimeout", "lowPriority", "ttl"}
-        if unknown:
-            msg = f"unknown policy field(s) {sorted(unknown)}; known: executionTimeout, lowPriority, ttl"
-            raise GatewayError(400, msg)
-        options["webhook"] = parsed.webhook
-        options["stream"] = parsed.stream
-        return ep, gateway.submit(ep, raw_input, options, parsed.id)
+        route = request.path.rsplit("/", 1)[-1]
+        async with large(request, limit, route):
+            parsed = _decode(_run_decoder, await read(request, limit, route), "request")
+            raw_input = memoryview(parsed.input)  # the body's bytes, not a copy
+            if len(raw_input) <= 4 and bytes(raw_input) in {b"null", b""}:
+                raise GatewayError(400, "invalid request: input is required")
+            options: dict[str, Any] = dict(parsed.policy or {})
+            unknown = set(options) - {"executionTimeout", "lowPriority", "ttl"}
+            if unknown:
+                msg = f"unknown policy field(s) {sorted(unknown)}; known: executionTimeout, lowPriority, ttl"
+                raise GatewayError(400, msg)
+            options["webhook"] = parsed.webhook
+            options["stream"] = parsed.stream
+            return ep, gateway.submit(ep, raw_input, options, parsed.id)
 
     async def run(request: web.Request) -> web.Response:
         _, job = await submit(request, RUN_LIMIT)
         return _json({"id": job.id, "status": job.status})
 
-    async def runsync(request: web.Request) -> web.Response:
+    async def runsync(request: web.Request) -> web.StreamResponse:
         wait = _wait_ms(request, 90_000, 1_000, 300_000)
         _, job = await submit(request, RUNSYNC_LIMIT)
         await gateway.wait(job, wait)
         if job.terminal:
-            return _json(gateway.envelope(job))
+            return await send_envelope(request, job)
         return _json({"id": job.id, "status": job.status})
 
-    async def status(request: web.Request) -> web.Response:
+    async def status(request: web.Request) -> web.StreamResponse:
         ep = endpoint(request)
         job = gateway.job(ep, request.match_info["job"])
         wait = _wait_ms(request, 0, 0, 300_000)
         if wait:
             await gateway.wait(job, wait)
-        return _json(gateway.envelope(job))
+        return await send_envelope(request, job)
 
     async def stream(request: web.Request) -> web.Response:
         ep = endpoint(request)
@@ -293,20 +354,25 @@ def make_app(
     async def done(request: web.Request) -> web.Response:
         ep = endpoint(request)
         worker, job_id = request.match_info["worker"], request.match_info["job"]
+        length = request.content_length
         try:  # JSON, though the worker says form-encoded
-            body = await _read(request, DONE_LIMIT, idle_timeout_s)
+            if length is not None and length > DONE_LIMIT:
+                raise _TooLarge(length)
+            async with budget.hold(DONE_LIMIT if length is None else length):
+                body = await _read(request, DONE_LIMIT, idle_timeout_s)
+                gateway.done(ep, worker, job_id, body)
         except _TooLarge as exc:
             gateway.refuse_result(ep, worker, job_id, exc.size)
             raise _too_large(exc.size, DONE_LIMIT, "job-done") from None
-        gateway.done(ep, worker, job_id, body)
         return _json({})
 
     async def job_stream(request: web.Request) -> web.Response:
         ep = endpoint(request)
-        body = await read(request, DONE_LIMIT, "job-stream")
-        gateway.stream_chunk(
-            ep, request.match_info["worker"], request.match_info["job"], body
-        )
+        async with large(request, DONE_LIMIT, "job-stream"):
+            body = await read(request, DONE_LIMIT, "job-stream")
+            gateway.stream_chunk(
+                ep, request.match_info["worker"], request.match_info["job"], body
+            )
         return _json({})
 
     async def ping(request: web.Request) -> web.Response:

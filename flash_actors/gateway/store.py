@@ -186,7 +186,14 @@ class JobStore:
         ).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
 
-    def insert(self, job: JobRecord, payload: bytes) -> None:
+    def output_size(self, job_id: str) -> int:
+        """The size of a job's output in bytes (0 if it has none)."""
+        row = self.db.execute(
+            "SELECT length(output) FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def insert(self, job: JobRecord, payload: bytes | memoryview) -> None:
         """Store a new job and its input (committed when this returns)."""
         cursor = self.db.execute(
             "INSERT INTO jobs (id, endpoint, status, input, options, created, retries) "
