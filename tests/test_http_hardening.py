@@ -369,6 +369,55 @@ def test_results_over_20_mb_fail_the_job_with_the_reason(tmp_path: Path) -> None
         d.stop()
 
 
+BIG_REMOTE = """
+import json
+
+import anyio
+
+from flash_actors import CpuLiveServerless, remote
+
+cfg = CpuLiveServerless(name="gw-big")
+
+
+@remote(resource_config=cfg)
+async def big(n):
+    return "x" * n
+
+
+async def main():
+    small = await big(10)
+    try:
+        large = await big(21 * 1024 * 1024)
+        error = large.error
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({"small": small.output, "error": error}))
+
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_flash_result_over_20_mb_fails_the_call_with_the_reason(
+    daemon: Daemon, project: Path
+) -> None:
+    (project / "big.py").write_text(BIG_REMOTE)
+    done = subprocess.run(
+        [sys.executable, "big.py"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = msgspec.json.decode(done.stdout)
+    assert out["small"] == "x" * 10
+    assert "result of " in out["error"]
+    assert "exceeds the 20 MB limit" in out["error"]
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
