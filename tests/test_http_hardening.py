@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import anyio
 import httpx
 import msgspec
 import pytest
 
 from flash_actors import ServerlessEndpoint, runtime
+from flash_actors.gateway.client import GatewayProvider
 from flash_actors.gateway.core import config_of
 from flash_actors.gateway.record import read_record
 from flash_actors.providers.local import LocalProvider
@@ -540,6 +542,22 @@ def test_idle_connections_are_closed_and_do_not_block_others(project: Path) -> N
         d.stop()
 
 
+async def test_a_client_outlives_the_idle_timeout_of_its_pooled_connections(
+    project: Path,
+) -> None:
+    d = _up(project, {"FLASH_LOCAL_IDLE_TIMEOUT_S": "1"})
+    try:
+        assert d.record is not None
+        async with GatewayProvider(d.record) as provider:
+            status, _ = await provider.request("GET", "/v2/echo/health")
+            assert status == 200
+            await anyio.sleep(2)  # the scenario: the pooled connection idles past 1 s
+            status, _ = await provider.request("GET", "/v2/echo/health")
+            assert status == 200
+    finally:
+        d.stop()
+
+
 @pytest.mark.parametrize("cap", ["", "1000"], ids=["capped", "at-the-file-limit"])
 def test_the_open_file_limit_does_not_flood_the_log(project: Path, cap: str) -> None:
     # "capped": the cap (from the file limit) closes extra connections at once;
@@ -572,6 +590,7 @@ def test_the_open_file_limit_does_not_flood_the_log(project: Path, cap: str) -> 
             done = client.post("/v2/echo/runsync", json={"input": {"z": 1}}).json()
             assert done["status"] == "COMPLETED"
         assert log.stat().st_size < 50_000
+        assert "Traceback" not in log.read_text()
     finally:
         for sock in held:
             sock.close()
