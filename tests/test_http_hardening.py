@@ -161,6 +161,7 @@ def test_http_registration_runs_only_handlers_inside_the_served_folder(
     assert not marker.exists()
 
 
+@pytest.mark.slow
 async def test_the_embedded_runtime_registers_handlers_anywhere_on_its_private_gateway(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: tuple[str, object]
 ) -> None:
@@ -352,6 +353,7 @@ def test_bodies_over_the_limit_are_refused_before_they_are_read(daemon: Daemon) 
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
 
 
+@pytest.mark.slow
 def test_results_over_20_mb_fail_the_job_with_the_reason(tmp_path: Path) -> None:
     d = Daemon(tmp_path / ".flash", f"big={FILES / 'big_handler.py'}:1")
     try:
@@ -558,6 +560,7 @@ async def test_a_client_outlives_the_idle_timeout_of_its_pooled_connections(
         d.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", ["", "1000"], ids=["capped", "at-the-file-limit"])
 def test_the_open_file_limit_does_not_flood_the_log(project: Path, cap: str) -> None:
     # "capped": the cap (from the file limit) closes extra connections at once;

@@ -13,12 +13,13 @@ Every request needs the API key: ``Authorization: Bearer <key>`` or the bare key
 anything else (a non-ASCII header included) is a 401.
 
 Bounded by construction: a body over its route's limit (``/run`` 10 MB, ``/runsync`` 20 MB,
-a worker's ``job-done`` the 20 MB result limit plus 1 MB, anything else 1 MB) is refused
-from its ``Content-Length`` or as soon as the bytes read pass the limit (413); JSON nested
-too deeply is a 400. `HttpServer` closes connections idle (or sending headers or a body
-too slowly) for ``FLASH_LOCAL_IDLE_TIMEOUT_S`` and refuses connections beyond a cap, so the
-daemon's memory is about (connections x the body limit) + the jobs running, and it keeps
-answering at its open-file limit.
+a worker's ``job-done`` and ``job-stream`` the 20 MB result limit plus 1 MB, anything else
+1 MB) is refused from its ``Content-Length`` or as soon as the bytes read pass the limit
+(413); JSON nested too deeply is a 400. Bodies and answers over 1 MB share one memory
+budget (``FLASH_LOCAL_LARGE_BUDGET_MB``, 128 MB): beyond it, requests wait their turn
+unread. Nothing is read before the API key is checked. `HttpServer` closes connections idle
+(or sending their head or body too slowly) for ``FLASH_LOCAL_IDLE_TIMEOUT_S`` and refuses
+connections beyond a cap, and keeps answering at its open-file limit.
 """
 
 from __future__ import annotations
@@ -52,9 +53,8 @@ log = get_logger(__name__)
 MB = 1024 * 1024
 RUN_LIMIT = 10 * MB
 RUNSYNC_LIMIT = 20 * MB
-DONE_LIMIT = (
-    RESULT_LIMIT + MB
-)  # a worker's job-done: the result plus RunPod's few fields
+# a worker's job-done: the result plus RunPod's few fields around it
+DONE_LIMIT = RESULT_LIMIT + MB
 SMALL_LIMIT = MB  # every other body (registrations, stream chunks, cancels)
 IDLE_TIMEOUT_S = 75.0  # aiohttp's and nginx's keep-alive default
 LARGE_BUDGET = 128 * MB  # large bodies and answers at once: FLASH_LOCAL_LARGE_BUDGET_MB
