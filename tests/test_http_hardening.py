@@ -21,14 +21,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 import msgspec
 import pytest
 
-from flash_actors import ServerlessEndpoint, runtime
+from flash_actors import CpuLiveServerless, ServerlessEndpoint, runtime
 from flash_actors.gateway.client import GatewayProvider
 from flash_actors.gateway.core import config_of
 from flash_actors.gateway.record import read_record
@@ -105,11 +105,19 @@ def post(path: str, key: str, body: bytes, extra: bytes = b"") -> bytes:
 
 
 def register(
-    client: httpx.Client, name: str, handler: str, workers: int = 1
+    client: httpx.Client,
+    name: str,
+    handler: str | None,
+    workers: int = 1,
+    env: dict[str, str] | None = None,
 ) -> httpx.Response:
-    config = config_of(
-        ServerlessEndpoint(name=name, handler=handler, workersMax=workers)
-    )
+    if handler is None:
+        resource: Any = CpuLiveServerless(name=name, env=env)
+    else:
+        resource = ServerlessEndpoint(
+            name=name, handler=handler, workersMax=workers, env=env
+        )
+    config = config_of(resource)
     return client.put(
         f"/flash/v1/endpoints/{name}", content=msgspec.json.encode(config)
     )
@@ -158,6 +166,24 @@ def test_http_registration_runs_only_handlers_inside_the_served_folder(
             "x": 1
         }
         assert client.get("/v2/evil/health").status_code == 404
+        # nor may the config's env make its workers load code from elsewhere
+        for env in (
+            {"PYTHONPATH": str(outside)},
+            {"LD_PRELOAD": str(evil)},
+            {"HOME": str(outside)},
+        ):
+            for handler in ("handler.py", None):
+                refused = register(client, "env", handler, env=env)
+                assert refused.status_code == 403, refused.text
+                assert refused.json()["error"].startswith(
+                    f"endpoint 'env': env {next(iter(env))} "
+                )
+        assert (
+            register(
+                client, "env", "handler.py", env={"MODEL": "x", "PATHS": "y"}
+            ).status_code
+            == 200
+        )
     assert not marker.exists()
 
 

@@ -65,6 +65,13 @@ RESULT_LIMIT = 20 * 1024 * 1024
 """The largest result a job may have (its output as JSON): RunPod's ``/runsync`` limit, so
 whatever a job returns can also be handed back in one ``/runsync`` answer."""
 
+UNSAFE_ENV = re.compile(
+    r"(LD_|DYLD_|PYTHON|FLASH_|RUNPOD_|PERL5|RUBY|NODE_|GCONV_).*|"
+    r"PATH|BASH_ENV|ENV|SHELLOPTS|PS4|HOME|MALLOC_.*"
+)
+"""Worker ``env`` names an HTTP registration may not set: they make a process (or Python,
+the dynamic linker, a shell) load code from elsewhere, or redirect our own workers."""
+
 _request_decoder = msgspec.json.Decoder(FunctionRequest)
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
@@ -324,7 +331,7 @@ class Gateway:
         take_wait_s: how long job-take and job-stop polls are held open.
         max_queue: most queued jobs per endpoint; more are refused with 429.
         served_dir: the folder the daemon serves (default: its working directory): handler
-            files registered over HTTP must lie inside it (see `check_handler`).
+            files registered over HTTP must lie inside it (see `check_config`).
     """
 
     def __init__(
@@ -461,27 +468,40 @@ class Gateway:
         log.info("gateway.endpoint", endpoint=name, kind=endpoint.kind)
         return endpoint
 
-    def check_handler(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
-        """A config registered over HTTP, its handler file checked (and its path resolved).
+    def check_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """A config registered over HTTP, checked (its handler's path resolved).
 
-        Registering a handler runs that file, so over HTTP (where the API key is all a
-        caller shows) only an existing regular ``.py`` file inside `served_dir` may be
-        named, after resolving symlinks and ``..``; the local user names any file on the
-        daemon's command line (``flash local up --endpoint``). A config identical to the
-        registered one is accepted as it is (nothing new runs).
+        Registering an endpoint starts processes, so over HTTP (where the API key is all a
+        caller shows) the config may not choose what code they load: a handler must be an
+        existing regular ``.py`` file inside `served_dir` (after resolving symlinks and
+        ``..``), and ``env`` may not set variables that make a process load other code
+        (`UNSAFE_ENV`). The local user names any handler on the daemon's command line
+        (``flash local up --endpoint``). A config identical to the registered one is
+        accepted as it is (nothing new runs).
 
         Raises:
-            GatewayError: 403 for a handler outside the served folder, 400 for one that is
-                not an existing ``.py`` file.
+            GatewayError: 403 for a handler outside the served folder or an unsafe ``env``
+                variable, 400 for a handler that is not an existing ``.py`` file.
         """
-        resource = config.get("resource")
-        if not isinstance(resource, dict) or not resource.get("handler"):
-            return config
-        handler = resource["handler"]
         known = self.endpoints.get(name)
         if known is not None and known.config == config:
             return config
-        path = Path(self.served_dir, str(handler))
+        try:
+            resource = resource_from_config(config)
+        except ConfigurationError as exc:
+            raise GatewayError(400, str(exc)) from exc
+        unsafe = sorted(k for k in resource.worker_env() if UNSAFE_ENV.fullmatch(k))
+        if unsafe:
+            msg = (
+                f"endpoint {name!r}: env {', '.join(unsafe)} would change the code its "
+                "workers load; over HTTP such variables cannot be set. Set them in the "
+                "environment of `flash local up` instead"
+            )
+            raise GatewayError(403, msg)
+        fields = config.get("resource")
+        if resource.handler is None or not isinstance(fields, dict):
+            return config
+        path = Path(self.served_dir, resource.handler)
         try:
             real = path.resolve(strict=True)
         except (OSError, RuntimeError) as exc:
@@ -500,7 +520,7 @@ class Gateway:
         if real.suffix != ".py" or not real.is_file():
             msg = f"endpoint {name!r}: handler {str(real)!r} is not a regular .py file"
             raise GatewayError(400, msg)
-        return {**config, "resource": {**resource, "handler": str(real)}}
+        return {**config, "resource": {**fields, "handler": str(real)}}
 
     def endpoint(self, name: str) -> Endpoint:
         """A registered endpoint.

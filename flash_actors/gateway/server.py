@@ -200,7 +200,7 @@ def make_app(
 
     ``owner_token`` (the private gateway's, known only to the process that started it; sent
     as ``?owner=``) lets a registration name a handler file outside the served folder; see
-    `Gateway.check_handler`.
+    `Gateway.check_config`.
     """
     key = api_key.encode()
     owner = owner_token.encode()
@@ -397,7 +397,7 @@ def make_app(
         name = request.match_info["name"]
         presented = _token(request.query.get("owner", ""))
         if not (owner and hmac.compare_digest(presented, owner)):
-            config = gateway.check_handler(name, config)
+            config = gateway.check_config(name, config)
         ep = await gateway.register(name, config)
         return _json({"name": ep.name, "kind": ep.kind})
 
