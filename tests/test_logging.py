@@ -370,11 +370,10 @@ async def test_jobs_left_running_by_a_dead_daemon_are_logged_as_requeued(
         id="job-left-running",
         endpoint="log-gone",
         status="IN_PROGRESS",
-        input=b"{}",
         options="{}",
         created=time.time(),
     )
-    store.insert(record)
+    store.insert(record, b"{}")
     store.db.close()  # as if the daemon died: no checkpoint, no close()
     reopened = JobStore(tmp_path / "gateway.sqlite3")
     handler = _Lines()

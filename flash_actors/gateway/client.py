@@ -144,6 +144,8 @@ class GatewayProvider:
         rediscover: where to look for the daemon again while it cannot be reached (it may
             come back on another port); default: the record in ``.flash`` (as found at
             construction) for a daemon, nothing for a private gateway.
+        owner_token: the private gateway's owner token: lets this process register handler
+            files outside the folder the gateway serves (only it knows the token).
     """
 
     name = "local"
@@ -156,8 +158,10 @@ class GatewayProvider:
         state_dir: Path | None = None,
         reconnect_s: float | None = None,
         rediscover: Callable[[], DaemonRecord | None] | None = None,
+        owner_token: str = "",
     ) -> None:
         self.record = record
+        self.owner_token = owner_token
         self.process = process
         self.state_dir = state_dir
         if reconnect_s is None:
@@ -193,13 +197,22 @@ class GatewayProvider:
             DeliveryError: the gateway cannot be reached.
         """
         async with self._limit:
+            reused = bool(self._idle)
             conn = (
                 self._idle.pop()
                 if self._idle
                 else Connection(self.record.port, self.record.api_key)
             )
             try:
-                response = await conn.request(method, path, body)
+                try:
+                    response = await conn.request(method, path, body)
+                except DeliveryError:
+                    if not reused:
+                        raise
+                    # The gateway closes keep-alive connections idle past its timeout (it
+                    # never closes one with a request in flight): send again on a new one.
+                    await conn.aclose()
+                    response = await conn.request(method, path, body)
                 data = await response.read()
             except DeliveryError as exc:
                 await conn.aclose()
@@ -293,9 +306,12 @@ class GatewayProvider:
                 raise ConfigurationError(msg)
             config["resource"]["handler"] = str(handler)
         body = wire_encoder.encode(config)
+        path = f"/flash/v1/endpoints/{resource.name}"
+        if self.owner_token:  # our own private gateway: the token rides in the query
+            path += f"?owner={self.owner_token}"
         status, data = await self.reconnecting(
             f"endpoint {resource.name}",
-            lambda: self.request("PUT", f"/flash/v1/endpoints/{resource.name}", body),
+            lambda: self.request("PUT", path, body),
         )
         if status != 200:
             msg = f"the local gateway refused endpoint {resource.name!r}: {_error_text(data)}"
@@ -534,6 +550,7 @@ async def start_private_gateway(log_dir: Path) -> GatewayProvider:
     env = dict(os.environ)
     env["FLASH_LOCAL_API_KEY"] = f"fl-{secrets.token_hex(16)}"
     env["FLASH_SECRET"] = master_secret().hex()
+    owner = env["FLASH_LOCAL_OWNER_TOKEN"] = secrets.token_hex(16)
     with os.fdopen(open_private(log_path), "ab") as out:
         process = await anyio.open_process(
             [
@@ -554,7 +571,9 @@ async def start_private_gateway(log_dir: Path) -> GatewayProvider:
         while process.returncode is None:
             record = read_record(state_dir)
             if record is not None and record.pid == process.pid:
-                return GatewayProvider(record, process=process, state_dir=state_dir)
+                return GatewayProvider(
+                    record, process=process, state_dir=state_dir, owner_token=owner
+                )
             await anyio.sleep(0.02)
     with anyio.CancelScope(shield=True):
         await stop_process(process, 10)

@@ -24,7 +24,9 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -45,8 +47,6 @@ from flash_actors.providers.local.pool import LocalBackend
 from flash_actors.serialization import endpoint_key
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from anyio.abc import Process, TaskGroup
 
     from flash_actors.providers.local import LocalProvider
@@ -61,6 +61,16 @@ MAX_POLICY_MS = 7 * 86_400_000
 MAX_ATTEMPTS = (
     3  # a job whose worker dies is queued again, at most this many runs in all
 )
+RESULT_LIMIT = 20 * 1024 * 1024
+"""The largest result a job may have (its output as JSON): RunPod's ``/runsync`` limit, so
+whatever a job returns can also be handed back in one ``/runsync`` answer."""
+
+UNSAFE_ENV = re.compile(
+    r"(LD_|DYLD_|PYTHON|FLASH_|RUNPOD_|PERL5|RUBY|NODE_|GCONV_).*|"
+    r"PATH|BASH_ENV|ENV|SHELLOPTS|PS4|HOME|MALLOC_.*"
+)
+"""Worker ``env`` names an HTTP registration may not set: they make a process (or Python,
+the dynamic linker, a shell) load code from elsewhere, or redirect our own workers."""
 
 _request_decoder = msgspec.json.Decoder(FunctionRequest)
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -117,8 +127,8 @@ class Job:
         self.changed.set()
         self.changed = anyio.Event()
 
-    def envelope(self) -> dict[str, Any]:
-        """The ``/status`` answer (PROTOCOL.md section 1)."""
+    def envelope(self, output: bytes | None = None) -> dict[str, Any]:
+        """The ``/status`` answer (PROTOCOL.md section 1), with ``output`` read from the store."""
         record = self.record
         out: dict[str, Any] = {"id": record.id, "status": record.status}
         if record.started is not None:
@@ -127,8 +137,8 @@ class Job:
                 out["executionTime"] = int((record.finished - record.started) * 1000)
         elif record.finished is not None:
             out["delayTime"] = int((record.finished - record.created) * 1000)
-        if record.status == "COMPLETED" and record.output is not None:
-            out["output"] = msgspec.Raw(record.output)
+        if record.status == "COMPLETED" and output is not None:
+            out["output"] = msgspec.Raw(output)
         elif record.status in TERMINAL and record.error is not None:
             out["error"] = record.error
         elif record.status == "IN_PROGRESS" and self.progress is not None:
@@ -268,6 +278,34 @@ def config_of(resource: resources.ServerlessResource) -> dict[str, Any]:
     return {"class": type(resource).__name__, "resource": msgspec.to_builtins(resource)}
 
 
+def check_webhook(url: str) -> str:
+    """The webhook URL if it is one we can POST to: ``http`` or ``https``, a host, a valid port.
+
+    Raises:
+        GatewayError: 400 naming the webhook, for anything else.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        msg = f"webhook {url!r} is not a valid URL: {exc}"
+        raise GatewayError(400, msg) from exc
+    if parts.scheme not in {"http", "https"} or not parts.hostname or port == 0:
+        msg = f"webhook {url!r} must be an http:// or https:// URL with a host"
+        raise GatewayError(400, msg)
+    return url
+
+
+def result_too_large(size: int) -> str:
+    """The error of a job whose result is over `RESULT_LIMIT`."""
+    return (
+        f"result of {size / 1048576:.1f} MB exceeds the {RESULT_LIMIT // 1048576} MB limit "
+        "of the local gateway; return a smaller value, or write the data to a volume (or "
+        "other storage) and return where it is"
+    )
+
+
 def _policy_ms(options: dict[str, Any], name: str) -> int | None:
     value = options.get(name)
     if value is None:
@@ -292,6 +330,8 @@ class Gateway:
         retention_s: how long finished jobs stay readable.
         take_wait_s: how long job-take and job-stop polls are held open.
         max_queue: most queued jobs per endpoint; more are refused with 429.
+        served_dir: the folder the daemon serves (default: its working directory): handler
+            files registered over HTTP must lie inside it (see `check_config`).
     """
 
     def __init__(
@@ -304,8 +344,10 @@ class Gateway:
         retention_s: float = 1800.0,
         take_wait_s: float = 30.0,
         max_queue: int = 100_000,
+        served_dir: Path | None = None,
     ) -> None:
         self.store = store
+        self.served_dir = (served_dir or Path.cwd()).resolve()
         self.provider = provider
         self.state_dir = state_dir
         self.api_key = api_key
@@ -432,6 +474,60 @@ class Gateway:
         log.info("gateway.endpoint", endpoint=name, kind=endpoint.kind)
         return endpoint
 
+    def check_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """A config registered over HTTP, checked (its handler's path resolved).
+
+        Registering an endpoint starts processes, so over HTTP (where the API key is all a
+        caller shows) the config may not choose what code they load: a handler must be an
+        existing regular ``.py`` file inside `served_dir` (after resolving symlinks and
+        ``..``), and ``env`` may not set variables that make a process load other code
+        (`UNSAFE_ENV`). The local user names any handler on the daemon's command line
+        (``flash local up --endpoint``). A config identical to the registered one is
+        accepted as it is (nothing new runs).
+
+        Raises:
+            GatewayError: 403 for a handler outside the served folder or an unsafe ``env``
+                variable, 400 for a handler that is not an existing ``.py`` file.
+        """
+        known = self.endpoints.get(name)
+        if known is not None and known.config == config:
+            return config
+        try:
+            resource = resource_from_config(config)
+        except ConfigurationError as exc:
+            raise GatewayError(400, str(exc)) from exc
+        unsafe = sorted(k for k in resource.worker_env() if UNSAFE_ENV.fullmatch(k))
+        if unsafe:
+            msg = (
+                f"endpoint {name!r}: env {', '.join(unsafe)} would change the code its "
+                "workers load; over HTTP such variables cannot be set. Set them in the "
+                "environment of `flash local up` instead"
+            )
+            raise GatewayError(403, msg)
+        fields = config.get("resource")
+        if resource.handler is None or not isinstance(fields, dict):
+            return config
+        path = Path(self.served_dir, resource.handler)
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            msg = (
+                f"endpoint {name!r}: handler file {str(path)!r} does not exist ({exc})"
+            )
+            raise GatewayError(400, msg) from exc
+        if not real.is_relative_to(self.served_dir):
+            msg = (
+                f"endpoint {name!r}: handler file {str(real)!r} is outside the folder this "
+                f"gateway serves ({str(self.served_dir)!r}); over HTTP only handlers inside "
+                "it can be registered. Move the file there, or name it on the daemon's "
+                "command line: flash local up --endpoint NAME=PATH.py"
+            )
+            raise GatewayError(403, msg)
+        if real.suffix != ".py" or not real.is_file():
+            msg = f"endpoint {name!r}: handler {str(real)!r} is not a regular .py file"
+            raise GatewayError(400, msg)
+        return {**config, "resource": {**fields, "handler": str(real)}}
+
     def endpoint(self, name: str) -> Endpoint:
         """A registered endpoint.
 
@@ -460,7 +556,7 @@ class Gateway:
     def submit(
         self,
         endpoint: Endpoint,
-        raw_input: bytes,
+        raw_input: bytes | memoryview,
         options: dict[str, Any],
         job_id: str | None = None,
     ) -> Job:
@@ -492,29 +588,41 @@ class Gateway:
             if value is not None:
                 clean[name] = value
         if options.get("webhook"):
-            clean["webhook"] = str(options["webhook"])
+            clean["webhook"] = check_webhook(str(options["webhook"]))
         if options.get("stream"):
             clean["stream"] = True
         if endpoint.kind == "flash":
             try:
                 _request_decoder.decode(raw_input)
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, RecursionError) as exc:
                 msg = f"input is not a Flash FunctionRequest: {exc}"
                 raise GatewayError(400, msg) from exc
         record = JobRecord(
             id=job_id or f"{secrets.token_hex(4)}-{secrets.token_hex(8)}",
             endpoint=endpoint.name,
             status="IN_QUEUE",
-            input=raw_input,
             options=json.dumps(clean),
             created=time.time(),
         )
-        self.store.insert(record)
+        self.store.insert(record, raw_input)
         job = Job(record, clean)
         self.jobs[job.id] = job
         endpoint.jobs[job.id] = job
         endpoint.push(job)
         return job
+
+    def envelope(self, job: Job) -> dict[str, Any]:
+        """The job's ``/status`` answer, its output read from the store."""
+        output = self.store.output(job.id) if job.status == "COMPLETED" else None
+        return job.envelope(output)
+
+    def output_size(self, job: Job) -> int:
+        """The size of the job's stored output (0 if it has none)."""
+        return self.store.output_size(job.id) if job.status == "COMPLETED" else 0
+
+    def input_of(self, job: Job) -> bytes:
+        """The job's input (raw JSON), read from the store."""
+        return self.store.input(job.id)
 
     async def wait(self, job: Job, seconds: float) -> None:
         """Until the job ends or ``seconds`` pass."""
@@ -555,14 +663,13 @@ class Gateway:
         record = job.record
         record.status = "IN_QUEUE"
         record.started = record.finished = None
-        record.output = None
         record.error = None
         record.retries += 1
         record.created = time.time()
         job.worker = None
         job.progress = None
         job.chunks = []
-        self.store.update(record)
+        self.store.update(record, output=None)
         endpoint.retried += 1
         endpoint.push(job)
         job.notify()
@@ -623,10 +730,9 @@ class Gateway:
         record = job.record
         record.status = status
         record.finished = time.time()
-        record.output = output
         record.error = error
         job.progress = None
-        self.store.update(record)
+        self.store.update(record, output=output)
         job.notify()
         if status == "CANCELLED":
             log.info("job.cancelled", job_id=job.id, endpoint=record.endpoint)
@@ -643,7 +749,10 @@ class Gateway:
             self._tg.start_soon(self._webhook, job)
 
     def complete(self, job: Job, output: bytes | None) -> None:
-        """The job finished with ``output`` (raw JSON)."""
+        """The job finished with ``output`` (raw JSON); one over `RESULT_LIMIT` fails it."""
+        if output is not None and len(output) > RESULT_LIMIT:
+            self.fail(job, result_too_large(len(output)))
+            return
         self._finish(job, "COMPLETED", output=output)
 
     def fail(self, job: Job, error: str, *, status: str = "FAILED") -> None:
@@ -680,26 +789,31 @@ class Gateway:
         job.notify()
 
     async def _webhook(self, job: Job) -> None:
-        """POST the final envelope, plus ``input`` and ``webhook``, to the job's webhook.
+        """POST the final ``/status`` envelope (never the job's input) to the job's webhook.
 
-        Three tries with backoff; a webhook that keeps failing is logged, never fatal.
+        Three tries with backoff. Whatever goes wrong (a refused connection, a bad URL
+        stored by an older version, a bug) is logged: a webhook never stops the daemon.
         """
         if self._http is None:
             return
-        url = job.options["webhook"]
-        body = envelope_json(
-            {**job.envelope(), "input": msgspec.Raw(job.record.input), "webhook": url}
-        )
+        url = str(job.options["webhook"])
         headers = {"Content-Type": "application/json"}
         for attempt in range(3):
             try:
+                body = envelope_json(self.envelope(job))
                 response = await self._http.post(url, content=body, headers=headers)
                 if response.status_code < 500:
                     return
                 error = f"HTTP {response.status_code}"
-            except (httpx.HTTPError, ValueError) as exc:
-                error = str(exc)
-            log.warning("webhook.failed", job_id=job.id, url=url, error=error)
+            except Exception as exc:  # noqa: BLE001 (a webhook must never stop the daemon)
+                error = f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "webhook.failed",
+                job_id=job.id,
+                url=url,
+                error=error,
+                attempt=attempt + 1,
+            )
             await anyio.sleep(2**attempt)
 
     async def _janitor(self) -> None:
@@ -802,7 +916,7 @@ class Gateway:
         self, endpoint: Endpoint, backend: LocalBackend, job: Job, room: anyio.Semaphore
     ) -> None:
         try:
-            request = _request_decoder.decode(job.record.input)
+            request = _request_decoder.decode(self.input_of(job))
             call = Call(
                 endpoint=endpoint.name,
                 function=request.function_name or request.class_name or "?",
@@ -931,7 +1045,7 @@ class Gateway:
             return
         try:
             message = msgspec.json.decode(body, type=_Done)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise GatewayError(
                 400, f"job-done body is not the JSON RunPod sends: {exc}"
             ) from exc
@@ -959,6 +1073,18 @@ class Gateway:
         else:
             self.complete(job, output)
 
+    def refuse_result(
+        self, endpoint: Endpoint, worker_id: str, job_id: str, size: int
+    ) -> None:
+        """A worker's job-done too large to read (``size`` bytes): the job fails with why."""
+        worker = self.worker(endpoint, worker_id)
+        worker.jobs.discard(job_id)
+        if not worker.jobs:
+            worker.state = "idle"
+        job = endpoint.jobs.get(job_id)
+        if job is not None and not job.terminal:
+            self.fail(job, result_too_large(size))
+
     def stream_chunk(
         self, endpoint: Endpoint, worker_id: str, job_id: str, body: bytes
     ) -> None:
@@ -969,7 +1095,7 @@ class Gateway:
             return
         try:
             msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise GatewayError(400, f"job-stream body is not JSON: {exc}") from exc
         job.chunks.append(body)
         job.notify()

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import anyio
-from aiohttp import web
 
 from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger, log_to_stderr
@@ -43,7 +42,7 @@ from flash_actors.gateway.record import (
     remove_record,
     write_record,
 )
-from flash_actors.gateway.server import make_app
+from flash_actors.gateway.server import HttpServer, make_app, max_connections_default
 from flash_actors.gateway.store import JobStore
 from flash_actors.providers.local import LocalProvider
 from flash_actors.resources import ServerlessEndpoint
@@ -140,16 +139,26 @@ async def _serve_locked(
         # Listening now, and nothing dispatched yet: a caller still waiting gets through.
         _drop_abandoned(gateway, alive_before)
         shutdown = anyio.Event()
-        runner = web.AppRunner(
-            make_app(gateway, gateway.api_key, shutdown),
-            handle_signals=False,
-            access_log=None,
-            shutdown_timeout=5,
+        idle_s = float(os.environ.get("FLASH_LOCAL_IDLE_TIMEOUT_S", "75"))
+        owner = os.environ.pop("FLASH_LOCAL_OWNER_TOKEN", "")
+        http = HttpServer(
+            make_app(
+                gateway,
+                gateway.api_key,
+                shutdown,
+                owner_token=owner,
+                idle_timeout_s=idle_s,
+                large_budget=int(os.environ.get("FLASH_LOCAL_LARGE_BUDGET_MB", "128"))
+                * 1024
+                * 1024,
+            ),
+            sock,
+            idle_timeout_s=idle_s,
+            max_connections=max_connections_default(),
         )
         async with provider, anyio.create_task_group() as tg:
             await tg.start(gateway.run)
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
+            await http.start()
             record = DaemonRecord(
                 url=gateway.base_url,
                 pid=os.getpid(),
@@ -172,7 +181,7 @@ async def _serve_locked(
                 with anyio.CancelScope(shield=True):
                     gateway.closing.set()
                     remove_record(state_dir, os.getpid())
-                    await runner.cleanup()
+                    await http.stop()
                 tg.cancel_scope.cancel()
     finally:
         if store.is_open:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
 
-__all__ = ["TERMINAL", "JobRecord", "JobStore"]
+__all__ = ["KEEP", "TERMINAL", "JobRecord", "JobStore"]
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 
@@ -48,23 +48,31 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 """
 
 
+class _Keep:
+    """The type of `KEEP`."""
+
+
+KEEP = _Keep()
+"""`JobStore.update`'s default ``output``: leave the stored output as it is."""
+
+
 @dataclass(slots=True, eq=False)
 class JobRecord:
-    """One job as stored. ``input``/``output`` are raw JSON; ``options`` is JSON too.
+    """One job's metadata as stored; ``options`` is JSON.
 
     ``options`` holds what the submitter asked for: ``executionTimeout`` and ``ttl`` (ms),
-    ``webhook``, ``stream``.
+    ``webhook``, ``stream``. The job's input and output (raw JSON, up to tens of MB each)
+    are not held here: they stay in the file, read with `JobStore.input` and
+    `JobStore.output` when needed, so the daemon's memory does not grow with its queue.
     """
 
     id: str
     endpoint: str
     status: str
-    input: bytes
     options: str
     created: float
     started: float | None = None
     finished: float | None = None
-    output: bytes | None = None
     error: str | None = None
     retries: int = 0
     seq: int = field(default=0)
@@ -162,31 +170,50 @@ class JobStore:
     # -- jobs -----------------------------------------------------------------------------
 
     def jobs(self) -> list[JobRecord]:
-        """Every stored job, oldest first."""
+        """Every stored job's metadata, oldest first (inputs and outputs stay in the file)."""
         cursor = self.db.execute(
-            "SELECT id, endpoint, status, input, options, created, started, finished, "
-            "output, error, retries, seq FROM jobs ORDER BY seq"
+            "SELECT id, endpoint, status, options, created, started, finished, "
+            "error, retries, seq FROM jobs ORDER BY seq"
         )
         return [
             JobRecord(
                 id=row[0],
                 endpoint=row[1],
                 status=row[2],
-                input=bytes(row[3]),
-                options=row[4],
-                created=row[5],
-                started=row[6],
-                finished=row[7],
-                output=None if row[8] is None else bytes(row[8]),
-                error=row[9],
-                retries=row[10],
-                seq=row[11],
+                options=row[3],
+                created=row[4],
+                started=row[5],
+                finished=row[6],
+                error=row[7],
+                retries=row[8],
+                seq=row[9],
             )
             for row in cursor
         ]
 
-    def insert(self, job: JobRecord) -> None:
-        """Store a new job (committed when this returns)."""
+    def input(self, job_id: str) -> bytes:
+        """A job's input (raw JSON); empty if the job is gone."""
+        row = self.db.execute(
+            "SELECT input FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return b"" if row is None else bytes(row[0])
+
+    def output(self, job_id: str) -> bytes | None:
+        """A job's output (raw JSON), if it has one."""
+        row = self.db.execute(
+            "SELECT output FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def output_size(self, job_id: str) -> int:
+        """The size of a job's output in bytes (0 if it has none)."""
+        row = self.db.execute(
+            "SELECT length(output) FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return 0 if row is None or row[0] is None else int(row[0])
+
+    def insert(self, job: JobRecord, payload: bytes | memoryview) -> None:
+        """Store a new job and its input (committed when this returns)."""
         cursor = self.db.execute(
             "INSERT INTO jobs (id, endpoint, status, input, options, created, retries) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -194,7 +221,7 @@ class JobStore:
                 job.id,
                 job.endpoint,
                 job.status,
-                job.input,
+                payload,
                 job.options,
                 job.created,
                 job.retries,
@@ -202,21 +229,21 @@ class JobStore:
         )
         job.seq = cursor.lastrowid or 0
 
-    def update(self, job: JobRecord) -> None:
-        """Store a job's new state (committed when this returns)."""
-        self.db.execute(
-            "UPDATE jobs SET status = ?, started = ?, finished = ?, output = ?, error = ?, "
-            "retries = ? WHERE id = ?",
-            (
-                job.status,
-                job.started,
-                job.finished,
-                job.output,
-                job.error,
-                job.retries,
-                job.id,
-            ),
-        )
+    def update(self, job: JobRecord, *, output: bytes | _Keep | None = KEEP) -> None:
+        """Store a job's new state, and its ``output`` if given (committed when this returns)."""
+        values = (job.status, job.started, job.finished, job.error, job.retries)
+        if isinstance(output, _Keep):
+            self.db.execute(
+                "UPDATE jobs SET status = ?, started = ?, finished = ?, error = ?, "
+                "retries = ? WHERE id = ?",
+                (*values, job.id),
+            )
+        else:
+            self.db.execute(
+                "UPDATE jobs SET status = ?, started = ?, finished = ?, error = ?, "
+                "retries = ?, output = ? WHERE id = ?",
+                (*values, output, job.id),
+            )
 
     def delete(self, ids: Iterable[str]) -> None:
         """Forget jobs (expired results)."""

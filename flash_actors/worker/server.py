@@ -113,7 +113,14 @@ class _Running:
 _CANCELLED = FunctionResponse(success=False, error="cancelled", error_type="cancelled")
 
 
+class Cancel(msgspec.Struct, frozen=True):
+    """The body of ``/cancel``."""
+
+    ids: list[str] = []
+
+
 _batch_json = msgspec.json.Decoder(Batch)
+_cancel_json = msgspec.json.Decoder(Cancel)
 _batch_msgpack = msgspec.msgpack.Decoder(Batch)
 _json = msgspec.json.Encoder()
 _msgpack = msgspec.msgpack.Encoder()
@@ -159,8 +166,11 @@ class WorkerApp:
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
-        presented = header.removeprefix("Bearer ").strip()
-        return hmac.compare_digest(presented.encode(), self.token.encode())
+        try:  # a non-ASCII header is no token of ours (and must not be a 500)
+            presented = header.removeprefix("Bearer ").strip().encode("ascii")
+        except UnicodeEncodeError:
+            return False
+        return hmac.compare_digest(presented, self.token.encode())
 
     @web.middleware
     async def auth(
@@ -168,12 +178,20 @@ class WorkerApp:
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
-        """Refuse every request but ``/ping`` without the bearer token."""
+        """Refuse every request but ``/ping`` without the bearer token.
+
+        JSON (or msgpack) nested too deeply for the decoder is a 400, wherever it is decoded.
+        """
         if request.path != "/ping" and not self._authorized(request):
             return web.json_response(
                 {"error": "missing or wrong bearer token"}, status=401
             )
-        return await handler(request)
+        try:
+            return await handler(request)
+        except RecursionError:
+            return web.json_response(
+                {"error": "the request body is nested too deeply"}, status=400
+            )
 
     async def ping(self, request: web.Request) -> web.Response:
         """Liveness."""
@@ -188,6 +206,10 @@ class WorkerApp:
             batch = (_batch_msgpack if packed else _batch_json).decode(body)
         except msgspec.DecodeError as exc:
             return web.json_response({"error": f"invalid batch: {exc}"}, status=400)
+        except RecursionError:
+            return web.json_response(
+                {"error": "invalid batch: nested too deeply"}, status=400
+            )
         frame = _msgpack_frame if packed else _json_line
         content_type = (
             "application/x-flash-frames" if packed else "application/x-ndjson"
@@ -308,9 +330,12 @@ class WorkerApp:
 
     async def cancel(self, request: web.Request) -> web.Response:
         """Cancel jobs by id; say which are stuck in code that cannot be interrupted."""
-        body = json.loads(await request.read() or b"{}")
+        try:
+            body = _cancel_json.decode(await request.read() or b"{}")
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return web.json_response({"error": f"invalid cancel: {exc}"}, status=400)
         entries: dict[str, _Running] = {}
-        for job_id in body.get("ids", []):
+        for job_id in body.ids:
             found = self.running.get(job_id)
             if found is not None:
                 entries[job_id] = found
@@ -337,9 +362,12 @@ class WorkerApp:
 
     async def withdraw(self, request: web.Request) -> web.Response:
         """Take back jobs that have not started; they are answered ``withdrawn``."""
-        body = json.loads(await request.read() or b"{}")
+        try:
+            body = _cancel_json.decode(await request.read() or b"{}")
+        except (msgspec.DecodeError, RecursionError) as exc:
+            return web.json_response({"error": f"invalid withdraw: {exc}"}, status=400)
         withdrawn = []
-        for job_id in body.get("ids", []):
+        for job_id in body.ids:
             entry = self.running.get(job_id)
             if entry is not None and not entry.started and not entry.withdrawn:
                 entry.withdrawn = True
@@ -362,9 +390,13 @@ class WorkerApp:
                 raw = await request.read()
                 try:
                     kwargs = json.loads(raw) if raw else {}
-                except json.JSONDecodeError as exc:
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     return web.json_response(
                         {"error": f"body is not JSON: {exc}"}, status=400
+                    )
+                except RecursionError:
+                    return web.json_response(
+                        {"error": "body is JSON nested too deeply"}, status=400
                     )
                 if not isinstance(kwargs, dict):
                     return web.json_response(
