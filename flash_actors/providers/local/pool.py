@@ -235,9 +235,8 @@ class WorkerPool:
         self.start_failures = 0
         self.start_error: str | None = None
         self._start_after = 0.0
-        self._failed_logs: list[
-            Path
-        ] = []  # reused by the next start: one file per chain
+        # the log of the last failed start, reused by the next start: one file per chain
+        self._failed_logs: list[Path] = []
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -338,9 +337,7 @@ class WorkerPool:
         try:
             process, port = await self._spawn(worker_id, token, log_path)
         except ProcessLookupError:  # a fork that was gone before we could follow it
-            await self._start_failed(
-                worker_id, "exited as soon as it started", log_path
-            )
+            await self._start_failed(worker_id, "exited before it answered", log_path)
             return
         except Exception as exc:  # noqa: BLE001 (one endpoint's failure stays here)
             await self._start_failed(
@@ -464,9 +461,8 @@ class WorkerPool:
             self.start_backoff_max_s,
             self.start_backoff_s * 2 ** min(self.start_failures - 1, 30),
         )
-        self._start_after = (
-            anyio.current_time() + delay
-        )  # before any await: no racing start
+        # set before any await, so that no other start slips in meanwhile
+        self._start_after = anyio.current_time() + delay
         self.start_error = f"worker {worker_id} {what} (log: {log_path})"
         if self._tg is not None and not self._closed:
             self._tg.start_soon(self._wake_after, delay)
@@ -730,7 +726,10 @@ class WorkerPool:
             for job in pending.values():
                 job.finish(None, error)
         finally:
-            # Jobs still pending here failed above, or their callers were cancelled.
+            # Jobs still pending here failed above, or their callers were cancelled; else
+            # the pool itself stops around them (or failed): they are retried, not lost.
+            for job in pending.values():
+                job.finish(None, DeliveryError(f"worker {worker.id}'s pool stopped"))
             worker.free += len(pending)
             if reusable and worker.alive:
                 worker.connections.append(conn)
