@@ -223,6 +223,7 @@ class WorkerPool:
         self._tg: TaskGroup | None = None
         self._closed = False
         self.serving = False  # True once `run` has started
+        self.failure: str | None = None  # why `run` failed, until it runs again
         self._logs: dict[str, IO[bytes]] = {}
         self._provisioned: set[tuple[str, ...]] = set()
         # worker start-up failures in a row, the last one's cause, no new start before this
@@ -255,6 +256,7 @@ class WorkerPool:
                 tg.start_soon(self._reaper)
                 task_status.started()
                 self.serving = True
+                self.failure = None
                 await self._dispatch_forever()
         finally:
             with anyio.CancelScope(shield=True):
@@ -563,6 +565,8 @@ class WorkerPool:
         """
         if self._closed:
             msg = f"endpoint {self.resource.name!r} is stopped"
+            if self.failure is not None:
+                msg += f" after a failure ({self.failure}); it starts again shortly"
             raise DeliveryError(msg)
         blocked = self._start_blocked()
         if blocked is not None:

@@ -172,6 +172,7 @@ class LocalProvider:
                         )
                         if not pool.serving:
                             raise  # failed while starting: the caller gets the error
+                        pool.failure = repr(exc)
                         task_status = anyio.TASK_STATUS_IGNORED
                         await anyio.sleep(delay)
 
