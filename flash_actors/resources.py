@@ -283,7 +283,8 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
     """Base of every endpoint config; use one of the eight concrete classes.
 
     Attributes:
-        name: the endpoint's name, unique per program; also its id on the local provider.
+        name: the endpoint's name, unique per program; also its id on the local provider
+            (1-183 letters, digits, '-' and '_': see `check_endpoint_name`).
         gpus: acceptable GPU pools, in order of preference.
         gpuCount: GPUs per worker.
         instanceIds: CPU instance types; setting them makes the endpoint a CPU endpoint.

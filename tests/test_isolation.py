@@ -150,8 +150,7 @@ def test_bad_names_are_refused_on_the_http_api(tmp_path: Path) -> None:
             unknown = client.post("/v2/no-such-endpoint/run", json={"input": {}})
             assert unknown.status_code == 404
             assert pid_alive(d.pid)
-            job = run_job(client, "echo", {"x": 1})
-            assert wait_for(client, "echo", job, {"COMPLETED"})["status"] == "COMPLETED"
+            assert client.get("/v2/echo/health").status_code == 200  # still serving
         assert (
             d.state_dir / "logs" / "gateway.log"
         ).is_file()  # still the daemon's own

@@ -64,7 +64,7 @@ class _Starts:
     logs: dict[str, Path] = field(default_factory=dict)  # worker id -> its log file
     reuse_log: Path | None = None
 
-    def failed(self, worker_id: str, code: int) -> None:
+    def failed(self, endpoint: str, worker_id: str, code: int) -> None:
         self.failures += 1
         delay = min(
             default_start_backoff_max_s(),
@@ -82,6 +82,7 @@ class _Starts:
             self.reuse_log = log_path
         log.warning(
             "worker.start_failed",
+            endpoint=endpoint,
             worker=worker_id,
             code=code,
             failures=self.failures,
@@ -205,7 +206,7 @@ async def _tick(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
                 code=process.returncode,
             )
             if worker.state == "initializing" and worker.id in starts.logs:
-                starts.failed(worker.id, process.returncode)
+                starts.failed(endpoint.name, worker.id, process.returncode)
             starts.logs.pop(worker.id, None)
             _reap(
                 gateway,
