@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from flash_actors.jobs import JobOutput
 
 __all__ = [
+    "ENDPOINT_NAME_MAX",
     "CpuInstanceType",
     "CpuLiveLoadBalancer",
     "CpuLiveServerless",
@@ -49,6 +50,7 @@ __all__ = [
     "ServerlessEndpoint",
     "ServerlessResource",
     "ServerlessScalerType",
+    "check_endpoint_name",
 ]
 
 
@@ -189,6 +191,40 @@ def _enum_list(
     return out
 
 
+ENDPOINT_NAME_MAX = 183
+"""Longest endpoint name: RunPod's 191 characters less Flash's ``live-`` and ``-fb``."""
+
+_ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_endpoint_name(name: str, owner: str = "endpoint") -> None:
+    """Refuse an endpoint name that RunPod or this machine's files cannot take.
+
+    The rule: 1 to `ENDPOINT_NAME_MAX` (183) characters, letters, digits, ``-`` and ``_``,
+    starting with a letter or digit. RunPod caps a name at 191 characters and Flash deploys it
+    as ``live-<name>-fb``; locally the name is also the endpoint id in URLs and names the
+    endpoint's folders and files (``.flash/logs/<name>/<name>-<id>.log``), so it holds no path
+    separator, no dot (nothing can clash with the daemon's own ``gateway.log`` and friends)
+    and stays far below the 255-byte limit of a file name.
+
+    Raises:
+        ConfigurationError: naming ``owner``, the rule and the fix.
+    """
+    if len(name) <= ENDPOINT_NAME_MAX and _ENDPOINT_NAME.fullmatch(name):
+        return
+    shown = name if len(name) <= 60 else f"{name[:40]}...({len(name)} characters)"
+    if len(name) > ENDPOINT_NAME_MAX:
+        problem = f"is {len(name)} characters long; the limit is {ENDPOINT_NAME_MAX}"
+    else:
+        problem = "may hold only letters, digits, '-' and '_', starting with a letter or digit"
+    msg = (
+        f"{owner}(name={shown!r}): the endpoint name {problem} (RunPod's endpoint name "
+        "rules; the name is also the endpoint id in URLs and names its log folder): "
+        "choose a shorter, plain name such as 'my-endpoint'"
+    )
+    raise ConfigurationError(msg)
+
+
 class PodTemplate(msgspec.Struct, kw_only=True):
     """Pod-level settings of an endpoint's workers.
 
@@ -247,7 +283,8 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
     """Base of every endpoint config; use one of the eight concrete classes.
 
     Attributes:
-        name: the endpoint's name, unique per program; also its id on the local provider.
+        name: the endpoint's name, unique per program; also its id on the local provider
+            (1-183 letters, digits, '-' and '_': see `check_endpoint_name`).
         gpus: acceptable GPU pools, in order of preference.
         gpuCount: GPUs per worker.
         instanceIds: CPU instance types; setting them makes the endpoint a CPU endpoint.
@@ -323,12 +360,7 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
         if not isinstance(name, str) or not name.strip():
             msg = f"{type(self).__name__}: name must be a non-empty string, got {self.name!r}"
             raise ConfigurationError(msg)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            msg = (
-                f"{owner}: name may hold only letters, digits, '-', '_' and '.', and must "
-                "start with a letter or digit (it becomes the endpoint id in URLs)"
-            )
-            raise ConfigurationError(msg)
+        check_endpoint_name(self.name, type(self).__name__)
         self.gpus = _enum_list(owner, "gpus", self.gpus, GpuGroup)
         self.instanceIds = _enum_list(
             owner, "instanceIds", self.instanceIds, CpuInstanceType

@@ -76,6 +76,11 @@ _request_decoder = msgspec.json.Decoder(FunctionRequest)
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
+def _backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` failures in a row: 0.5 s doubling, at most 30 s."""
+    return float(min(30.0, 0.5 * 2 ** min(failures - 1, 10)))
+
+
 class GatewayError(Exception):
     """A request the gateway refuses: HTTP ``status`` and the message for ``{"error": ...}``."""
 
@@ -447,9 +452,10 @@ class Gateway:
         """Register an endpoint, or replace its config (its workers restart).
 
         Raises:
-            GatewayError: 400 for an invalid config.
+            GatewayError: 400 for an invalid config or name (`resources.check_endpoint_name`).
         """
         try:
+            resources.check_endpoint_name(name)
             endpoint = Endpoint(name, config)
         except ConfigurationError as exc:
             raise GatewayError(400, str(exc)) from exc
@@ -532,10 +538,15 @@ class Gateway:
         """A registered endpoint.
 
         Raises:
-            GatewayError: 404 when there is none of that name.
+            GatewayError: 404 when there is none of that name; 400 when no endpoint can
+                have it.
         """
         endpoint = self.endpoints.get(name)
         if endpoint is None:
+            try:
+                resources.check_endpoint_name(name)
+            except ConfigurationError as exc:
+                raise GatewayError(400, str(exc)) from exc
             msg = f"endpoint {name!r} not found (register it first, or check the name)"
             raise GatewayError(404, msg)
         return endpoint
@@ -870,8 +881,12 @@ class Gateway:
     # -- flash endpoints ----------------------------------------------------------------------
 
     async def _open_pool(self, endpoint: Endpoint) -> LocalBackend:
-        """The endpoint's worker pool; while it cannot start, its queued jobs fail with why."""
+        """The endpoint's worker pool; while it cannot start, its queued jobs fail with why.
+
+        Tries again when a job is queued, at most every so often (exponential backoff).
+        """
         resource = endpoint.resource
+        failures = 0
         while True:
             try:
                 backend = await self.provider.open_endpoint(
@@ -880,12 +895,14 @@ class Gateway:
             except (
                 Exception
             ) as exc:  # the daemon outlives one endpoint that cannot start
+                failures += 1
                 log.exception("gateway.endpoint_failed", endpoint=endpoint.name)
                 for waiting in list(endpoint.queue):
                     if waiting.status == "IN_QUEUE":
                         self.fail(
                             waiting, f"endpoint {endpoint.name!r} cannot start: {exc}"
                         )
+                await anyio.sleep(_backoff(failures))
                 await endpoint.wait_available()
                 continue
             if not isinstance(
@@ -937,6 +954,7 @@ class Gateway:
                 )
                 return
             if not job.terminal:
+                job.worker = response.worker_id
                 self.complete(job, wire_encoder.encode(response))
                 if not response.success:
                     log.warning(

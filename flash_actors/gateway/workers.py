@@ -9,6 +9,14 @@ The pool keeps ``workersMin`` workers, starts more (up to ``workersMax``) while 
 no worker is free to take them, stops workers idle for ``idleTimeout`` seconds, recycles a
 worker that asked for it (``stopPod``), and puts the jobs of a worker that died back in the
 queue.
+
+A worker that exits before it has asked for a job (a missing handler file, one that raises
+at import) is a start failure: the next start waits for an exponential backoff (0.5 s,
+doubled per failure in a row, at most ``FLASH_LOCAL_START_BACKOFF_MAX_S``, 30 s by default)
+and appends to the same log file, and after `START_TRIES` failures in a row the queued jobs
+fail with the cause (the exit code and the end of the worker's log), as do jobs queued while
+the backoff lasts. The first job queued after it starts a worker again; the first worker that
+asks for a job ends the failure streak.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
@@ -29,8 +38,11 @@ from flash_actors._private import open_private, private_dir
 from flash_actors.gateway import launch
 from flash_actors.gateway.core import HandlerWorker
 from flash_actors.providers.local._processes import stop_process
+from flash_actors.providers.local.pool import default_start_backoff_max_s, log_tail
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from flash_actors.gateway.core import Endpoint, Gateway
 
 __all__ = ["run_handler_pool", "stop_workers", "worker_env"]
@@ -38,6 +50,54 @@ __all__ = ["run_handler_pool", "stop_workers", "worker_env"]
 log = get_logger(__name__)
 
 TICK_S = 0.1
+START_TRIES = 3
+"""Failed starts in a row after which the endpoint's queued jobs fail with the cause."""
+START_BACKOFF_S = 0.5
+
+
+@dataclass
+class _Starts:
+    """The start-up record of one handler endpoint's workers (see the module docstring)."""
+
+    failures: int = 0
+    cause: str = ""
+    next_start: float = 0.0
+    logs: dict[str, Path] = field(default_factory=dict)  # worker id -> its log file
+    reuse_log: Path | None = None
+
+    def failed(self, endpoint: str, worker_id: str, code: int) -> None:
+        self.failures += 1
+        delay = min(
+            default_start_backoff_max_s(),
+            START_BACKOFF_S * 2 ** min(self.failures - 1, 30),
+        )
+        self.next_start = time.monotonic() + delay
+        log_path = self.logs.get(worker_id)
+        tail = log_tail(log_path) if log_path is not None else None
+        self.cause = (
+            f"handler worker {worker_id} exited with code {code} before it took a job"
+        )
+        if tail:
+            self.cause += f"; its log {log_path} ends with:\n{tail}"
+        if tail is not None:
+            self.reuse_log = log_path
+        log.warning(
+            "worker.start_failed",
+            endpoint=endpoint,
+            worker=worker_id,
+            code=code,
+            failures=self.failures,
+            retry_in_s=round(delay, 3),
+        )
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self.cause = ""
+        self.next_start = 0.0
+        self.reuse_log = None
+
+    def backing_off(self) -> bool:
+        return time.monotonic() < self.next_start
 
 
 def worker_env(gateway: Gateway, endpoint: Endpoint, worker_id: str) -> dict[str, str]:
@@ -64,13 +124,15 @@ def worker_env(gateway: Gateway, endpoint: Endpoint, worker_id: str) -> dict[str
     return env
 
 
-async def _start(gateway: Gateway, endpoint: Endpoint) -> None:
+async def _start(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
     handler = endpoint.resource.handler
     assert handler is not None  # noqa: S101 (handler endpoints only)
     worker_id = f"{endpoint.name}-{secrets.token_hex(4)}"
     log_dir = gateway.state_dir / "logs" / endpoint.name
     private_dir(log_dir)
-    with os.fdopen(open_private(log_dir / f"{worker_id}.log"), "ab") as out:
+    log_path, starts.reuse_log = starts.reuse_log or log_dir / f"{worker_id}.log", None
+    starts.logs[worker_id] = log_path
+    with os.fdopen(open_private(log_path), "ab") as out:
         process = await anyio.open_process(
             [sys.executable, "-m", "flash_actors.gateway.launch", handler],
             env=worker_env(gateway, endpoint, worker_id),
@@ -116,22 +178,27 @@ def _reap(
 
 async def run_handler_pool(gateway: Gateway, endpoint: Endpoint) -> None:
     """Keep the endpoint's workers matched to its queue until cancelled."""
+    starts = _Starts()
     with endpoint.scope:
         while True:
             try:
-                await _tick(gateway, endpoint)
+                await _tick(gateway, endpoint, starts)
             except Exception:  # the daemon outlives one failing pool; try again
                 log.exception("worker.pool_failed", endpoint=endpoint.name)
                 await anyio.sleep(1)
             await anyio.sleep(TICK_S)
 
 
-async def _tick(gateway: Gateway, endpoint: Endpoint) -> None:
+async def _tick(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
     """Reap dead workers, start the ones the queue needs, stop idle ones."""
     resource = endpoint.resource
     now = time.monotonic()
     for worker in list(endpoint.workers.values()):
         process = worker.process
+        if process is not None and worker.state != "initializing":
+            starts.logs.pop(worker.id, None)
+            if starts.failures:
+                starts.succeeded()  # it asked for a job: the handler starts again
         if process is not None and process.returncode is not None:
             log.warning(
                 "worker.exited",
@@ -139,6 +206,9 @@ async def _tick(gateway: Gateway, endpoint: Endpoint) -> None:
                 worker=worker.id,
                 code=process.returncode,
             )
+            if worker.state == "initializing" and worker.id in starts.logs:
+                starts.failed(endpoint.name, worker.id, process.returncode)
+            starts.logs.pop(worker.id, None)
             _reap(
                 gateway,
                 endpoint,
@@ -152,11 +222,23 @@ async def _tick(gateway: Gateway, endpoint: Endpoint) -> None:
             _reap(gateway, endpoint, worker, "was recycled (stopPod)")
             await _terminate(worker)
     own = [w for w in endpoint.workers.values() if w.process is not None]
+    if starts.failures >= START_TRIES and not own and starts.backing_off():
+        # the handler cannot start: its jobs fail with why, until the backoff has passed
+        for job in list(endpoint.queue):
+            if job.status == "IN_QUEUE":
+                gateway.fail(
+                    job,
+                    f"endpoint {endpoint.name!r} cannot start its handler workers "
+                    f"({starts.failures} failed starts in a row): {starts.cause}",
+                )
     waiting = sum(1 for job in endpoint.queue if job.status == "IN_QUEUE")
     free = sum(1 for w in own if w.state in {"initializing", "idle"})
     want = max(resource.workersMin, min(resource.workersMax, len(own) - free + waiting))
+    if starts.failures:  # while it fails: one start at a time, spaced out
+        trying = starts.backing_off() or any(w.state == "initializing" for w in own)
+        want = min(want, len(own) + (0 if trying else 1))
     for _ in range(max(0, want - len(own))):
-        await _start(gateway, endpoint)
+        await _start(gateway, endpoint, starts)
     spare = len(own) - resource.workersMin
     for worker in own:
         if spare <= 0:

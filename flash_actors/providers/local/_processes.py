@@ -3,7 +3,7 @@
 A fresh ``python -m flash_actors.worker`` spends ~0.4 s importing aiohttp and the runtime.
 The template (`flash_actors.worker.template`) imports all that once; every later worker is a
 fork of it that serves within milliseconds. The template starts with the first worker and
-stops with the provider. Forked workers are not our children (the kernel reaps them for the
+stops with the provider; a template that died (killed, say) is started again at the next fork. Forked workers are not our children (the kernel reaps them for the
 template), so they are followed through a pidfd, which becomes readable when they exit.
 Both kinds are driven through the same small `WorkerProcess` interface.
 """
@@ -22,12 +22,16 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 import anyio.to_thread
 
+from flash_actors._logging import get_logger
+
 if TYPE_CHECKING:
     from pathlib import Path
 
     from anyio.abc import Process
 
 __all__ = ["PidfdProcess", "Template", "WorkerProcess", "template_supported"]
+
+log = get_logger(__name__)
 
 
 def template_supported() -> bool:
@@ -171,7 +175,15 @@ class Template:
         log_path: Path,
         routes: Path | None,
     ) -> PidfdProcess:
-        """A new worker serving on ``sock`` (the template gets a duplicate of it)."""
+        """A new worker serving on ``sock`` (the template gets a duplicate of it).
+
+        A template that has died is started again once, here.
+
+        Raises:
+            OSError: the template could not be started or did not answer (the caller may
+                start the worker as a fresh interpreter instead).
+            ProcessLookupError: the worker was gone before it could be followed.
+        """
         request = json.dumps(
             {
                 "env": env,
@@ -180,11 +192,37 @@ class Template:
             }
         ).encode()
         async with self._lock:
-            control = self._control or await self._start()
-            reply = await anyio.to_thread.run_sync(
-                _exchange, control, request, sock.fileno()
-            )
-        return PidfdProcess(json.loads(reply)["pid"])
+            for attempt in (1, 2):
+                control = self._control or await self._start()
+                try:
+                    reply = await anyio.to_thread.run_sync(
+                        _exchange, control, request, sock.fileno()
+                    )
+                except OSError as exc:
+                    code = await self._discard()
+                    log.warning(
+                        "template.lost",
+                        returncode=code,
+                        error=repr(exc),
+                        retry=attempt == 1,
+                    )
+                    if attempt == 2:
+                        raise
+                    continue
+                return PidfdProcess(json.loads(reply)["pid"])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _discard(self) -> int | None:
+        """Forget a template that stopped answering (killed if it still runs), reaped."""
+        control, self._control = self._control, None
+        process, self._process = self._process, None
+        if control is not None:
+            control.close()
+        if process is None:
+            return None
+        with anyio.CancelScope(shield=True):
+            await stop_process(process, 1.0)
+        return process.returncode
 
     async def aclose(self) -> None:
         """Stop the template (its workers are stopped by the pool)."""

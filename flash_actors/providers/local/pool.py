@@ -17,6 +17,13 @@ mid-job fails that job with `DeliveryError`, which the Endpoint actor retries by
 it had not started yet go back to the queue. A cancelled or timed-out job is cancelled on its
 worker; if it cannot be interrupted (a sync function in a thread), the worker is recycled, and
 its slot counts as busy until the process is gone.
+
+A worker that cannot start (it exits before it answers, or cannot be spawned at all) is a
+start failure: the next start waits for an exponential backoff (``start_backoff_s``, doubled
+per failure in a row, capped at ``start_backoff_max_s``), and after `START_TRIES` failures in a
+row the queued jobs fail with `DeliveryError` naming the cause (the end of the worker's log),
+as do new jobs until the backoff has passed; then a new job tries again. The first worker that
+answers ends it. Nothing that goes wrong in one pool reaches the task group it runs in.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from contextlib import aclosing, nullcontext
 from typing import IO, TYPE_CHECKING, Any
 
 import anyio
+import anyio.to_thread
 import msgspec
 
 from flash_actors._logging import get_logger
@@ -46,7 +54,7 @@ from flash_actors.errors import (
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse, Route
 from flash_actors.policies import expired_error, timeout_error
 from flash_actors.providers.local._http import Connection
-from flash_actors.providers.local._processes import stop_process
+from flash_actors.providers.local._processes import PidfdProcess, stop_process
 from flash_actors.serialization import verify_request
 from flash_actors.worker.installer import (
     cache_root,
@@ -63,9 +71,32 @@ if TYPE_CHECKING:
     from flash_actors.providers.local._processes import Template, WorkerProcess
     from flash_actors.resources import ServerlessResource
 
-__all__ = ["LocalBackend", "WorkerPool"]
+__all__ = [
+    "START_TRIES",
+    "LocalBackend",
+    "WorkerPool",
+    "default_start_backoff_max_s",
+    "log_tail",
+]
 
 log = get_logger(__name__)
+
+START_TRIES = 3
+"""Failed worker starts in a row after which the queued jobs fail with the cause."""
+_LOG_TAIL_BYTES = 2000
+
+
+def default_start_backoff_max_s() -> float:
+    """The longest wait between starts of a worker that keeps failing to start.
+
+    ``FLASH_LOCAL_START_BACKOFF_MAX_S`` (seconds), 30 by default; also used by the daemon's
+    handler workers.
+    """
+    try:
+        return max(0.0, float(os.environ.get("FLASH_LOCAL_START_BACKOFF_MAX_S", "30")))
+    except ValueError:
+        return 30.0
+
 
 _encoder = msgspec.json.Encoder()
 
@@ -162,6 +193,7 @@ class Worker:
         self.ready = False
         self.alive = True
         self.terminated = False
+        self.died = False  # exited without being stopped by the pool
         self.idle_since = anyio.current_time()
         self.connections: list[Connection] = []
 
@@ -198,6 +230,10 @@ class WorkerPool:
         log_dir: where each worker's log file goes.
         batch_size: most jobs in one request to a worker, and most jobs handed to a busy
             worker to start next (only while every worker is busy and no more can start).
+        template: fork workers from this template process (else fresh interpreters).
+        start_backoff_s: wait before the next start after a worker failed to start (doubled
+            per failure in a row).
+        start_backoff_max_s: the longest such wait (default: `default_start_backoff_max_s`).
     """
 
     def __init__(
@@ -209,6 +245,8 @@ class WorkerPool:
         batch_size: int = 8,
         routes: list[Route] | None = None,
         template: Template | None = None,
+        start_backoff_s: float = 0.5,
+        start_backoff_max_s: float | None = None,
     ) -> None:
         self.resource = resource
         self.template = template
@@ -228,8 +266,22 @@ class WorkerPool:
         self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
         self._tg: TaskGroup | None = None
         self._closed = False
+        self.serving = False  # True once `run` has started
+        self.failure: str | None = None  # why `run` failed, until it runs again
         self._logs: dict[str, IO[bytes]] = {}
         self._provisioned: set[tuple[str, ...]] = set()
+        # worker start-up failures in a row, the last one's cause, no new start before this
+        self.start_backoff_s = start_backoff_s
+        self.start_backoff_max_s = (
+            default_start_backoff_max_s()
+            if start_backoff_max_s is None
+            else start_backoff_max_s
+        )
+        self.start_failures = 0
+        self.start_error: str | None = None
+        self._start_after = 0.0
+        # the log of the last failed start, reused by the next start: one file per chain
+        self._failed_logs: list[Path] = []
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -239,6 +291,7 @@ class WorkerPool:
         """Run the dispatcher and the reaper until cancelled; stop every worker on the way out."""
         self._event_class = type(anyio.Event())
         self._scope_class = type(anyio.CancelScope())
+        self._closed = False  # run again by the provider after a crash
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -246,6 +299,8 @@ class WorkerPool:
                     self._start_worker()
                 tg.start_soon(self._reaper)
                 task_status.started()
+                self.serving = True
+                self.failure = None
                 await self._dispatch_forever()
         finally:
             with anyio.CancelScope(shield=True):
@@ -254,16 +309,20 @@ class WorkerPool:
     async def stop_all(self) -> None:
         """Stop every worker: SIGTERM, then SIGKILL after 3 s; fail the jobs still queued."""
         self._closed = True
-        for job in self.queue:
-            job.finish(
-                None, DeliveryError("the endpoint was stopped before the job ran")
-            )
-        self.queue.clear()
+        self._fail_queued(DeliveryError("the endpoint was stopped before the job ran"))
         workers = list(self.workers.values())
         self.workers.clear()
         for worker in workers:
             await _terminate(worker)
             self._close_worker_log(worker.id)
+
+    def _fail_queued(self, error: DeliveryError) -> None:
+        """Fail every queued job with ``error`` (their callers wake up and raise it)."""
+        for job in self.queue:
+            job.finish(None, error)
+            if job.started is not None:
+                job.started.set()
+        self.queue.clear()
 
     def _close_worker_log(self, worker_id: str) -> None:
         handle = self._logs.pop(worker_id, None)
@@ -277,62 +336,61 @@ class WorkerPool:
         self.starting += 1
         self._tg.start_soon(self._run_worker)
 
+    def _may_start(self) -> bool:
+        """False while the pool is closed or backing off after failed starts."""
+        return not self._closed and not (
+            self._start_after and anyio.current_time() < self._start_after
+        )
+
+    def _start_min(self) -> None:
+        """Start the workers ``workersMin`` calls for, unless backing off."""
+        if self._may_start():
+            while len(self.workers) + self.starting < self.resource.workersMin:
+                self._start_worker()
+
+    def _start_blocked(self) -> DeliveryError | None:
+        """The error new jobs get while the endpoint's workers cannot start, else ``None``."""
+        if self.start_failures < START_TRIES or self.start_error is None:
+            return None
+        if any(w.ready for w in self.workers.values()):
+            return None
+        wait = self._start_after - anyio.current_time()
+        if wait <= 0:
+            return None  # backed off long enough: this job tries again
+        msg = (
+            f"endpoint {self.resource.name!r} cannot start its workers ({self.start_failures} "
+            f"failed starts in a row; next try in {wait:.1f} s): {self.start_error}"
+        )
+        return DeliveryError(msg)
+
     async def _run_worker(self) -> None:
-        """Start one worker, wait until it answers, then watch it until it exits."""
+        """Start one worker, wait until it answers, then watch it until it exits.
+
+        Never raises (but for cancellation): a worker that cannot start or exits before it
+        answers is a start failure (`_start_failed`), which backs off further starts.
+        """
         worker_id = f"{self.resource.name}-{secrets.token_hex(3)}"
         token = secrets.token_urlsafe(24)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        log_path = (
+            self._failed_logs.pop()
+            if self._failed_logs
+            else self.log_dir / f"{worker_id}.log"
+        )
+        started = anyio.current_time()
         try:
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(512)
-            port = sock.getsockname()[1]
-            private_dir(self.log_dir)
-            log_path = self.log_dir / f"{worker_id}.log"
-            env = {
-                **os.environ,
-                **self.resource.worker_env(),
-                "FLASH_ENDPOINT_KEY": self.key.hex(),
-                "FLASH_WORKER_TOKEN": token,
-                "FLASH_WORKER_ID": worker_id,
-                "FLASH_PARENT_PID": str(os.getpid()),
-                "FLASH_CACHE_DIR": str(cache_root()),
-                "PYTHONUNBUFFERED": "1",
-                "MALLOC_MMAP_THRESHOLD_": "67108864",
-                "MALLOC_TRIM_THRESHOLD_": "268435456",
-            }
-            env.pop("FLASH_SECRET", None)  # workers hold their endpoint's key only
-            started = anyio.current_time()
-            log.info(
-                "worker.start", endpoint=self.resource.name, worker=worker_id, port=port
+            process, port = await self._spawn(worker_id, token, log_path)
+        except ProcessLookupError:  # a fork that was gone before we could follow it
+            await self._start_failed(worker_id, "exited before it answered", log_path)
+            return
+        except Exception as exc:  # noqa: BLE001 (one endpoint's failure stays here)
+            await self._start_failed(
+                worker_id, f"could not be started: {exc!r}", log_path
             )
-            routes_file: Path | None = None
-            if self.routes:
-                routes_file = self.log_dir / f"{worker_id}.routes.json"
-                write_private(routes_file, msgspec.json.encode(self.routes))
-            process: WorkerProcess
-            if self.template is not None:
-                process = await self.template.fork(sock, env, log_path, routes_file)
-            else:
-                command = [sys.executable, "-m", "flash_actors.worker"]
-                command += ["--fd", str(sock.fileno())]
-                if routes_file is not None:
-                    command += ["--routes", str(routes_file)]
-                handle = os.fdopen(open_private(log_path), "ab")
-                self._logs[worker_id] = handle
-                process = await anyio.open_process(
-                    command,
-                    pass_fds=[sock.fileno()],
-                    stdin=subprocess.DEVNULL,
-                    stdout=handle,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
-        finally:
-            sock.close()
-            self.starting -= 1
+            return
         worker = Worker(worker_id, port, token, process, self.slots)
         self.workers[worker_id] = worker
         self.started_total += 1
+        ready = False
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch, worker, tg.cancel_scope)
@@ -347,6 +405,9 @@ class WorkerPool:
                     self.start_seconds.append(anyio.current_time() - started)
                     worker.ready = True
                     worker.idle_since = anyio.current_time()
+                    self.start_failures = 0
+                    self.start_error = None
+                    self._start_after = 0.0
                     log.info(
                         "worker.ready",
                         endpoint=self.resource.name,
@@ -361,6 +422,115 @@ class WorkerPool:
                 self.workers.pop(worker_id, None)
                 self._close_worker_log(worker_id)
                 self._wake.set()
+        if not ready and not self._closed and worker.died:
+            code = worker.process.returncode
+            what = "exited before it answered"
+            if code is not None and not isinstance(worker.process, PidfdProcess):
+                what += f" (exit code {code})"
+            await self._start_failed(worker_id, what, log_path)
+
+    async def _spawn(
+        self, worker_id: str, token: str, log_path: Path
+    ) -> tuple[WorkerProcess, int]:
+        """Start the worker process (a fork of the template, or a fresh interpreter)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(512)
+            port = sock.getsockname()[1]
+            private_dir(self.log_dir)
+            env = {
+                **os.environ,
+                **self.resource.worker_env(),
+                "FLASH_ENDPOINT_KEY": self.key.hex(),
+                "FLASH_WORKER_TOKEN": token,
+                "FLASH_WORKER_ID": worker_id,
+                "FLASH_PARENT_PID": str(os.getpid()),
+                "FLASH_CACHE_DIR": str(cache_root()),
+                "PYTHONUNBUFFERED": "1",
+                "MALLOC_MMAP_THRESHOLD_": "67108864",
+                "MALLOC_TRIM_THRESHOLD_": "268435456",
+            }
+            env.pop("FLASH_SECRET", None)  # workers hold their endpoint's key only
+            log.info(
+                "worker.start", endpoint=self.resource.name, worker=worker_id, port=port
+            )
+            routes_file: Path | None = None
+            if self.routes:
+                routes_file = self.log_dir / f"{worker_id}.routes.json"
+                write_private(routes_file, msgspec.json.encode(self.routes))
+            if self.template is not None:
+                try:
+                    return await self.template.fork(
+                        sock, env, log_path, routes_file
+                    ), port
+                except ProcessLookupError:
+                    raise
+                except OSError as exc:
+                    # The template is gone and could not be started again: this worker
+                    # starts as a fresh interpreter instead.
+                    log.warning(
+                        "worker.template_failed",
+                        endpoint=self.resource.name,
+                        worker=worker_id,
+                        error=repr(exc),
+                    )
+            command = [sys.executable, "-m", "flash_actors.worker"]
+            command += ["--fd", str(sock.fileno())]
+            if routes_file is not None:
+                command += ["--routes", str(routes_file)]
+            handle = os.fdopen(open_private(log_path), "ab")
+            self._logs[worker_id] = handle
+            process = await anyio.open_process(
+                command,
+                pass_fds=[sock.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+            return process, port
+        except BaseException:
+            self._close_worker_log(worker_id)
+            raise
+        finally:
+            sock.close()
+            self.starting -= 1
+
+    async def _start_failed(self, worker_id: str, what: str, log_path: Path) -> None:
+        """Count a failed start, back off the next one; fail the queue after a few."""
+        self.start_failures += 1
+        delay = min(
+            self.start_backoff_max_s,
+            self.start_backoff_s * 2 ** min(self.start_failures - 1, 30),
+        )
+        # set before any await, so that no other start slips in meanwhile
+        self._start_after = anyio.current_time() + delay
+        self.start_error = f"worker {worker_id} {what} (log: {log_path})"
+        if self._tg is not None and not self._closed:
+            self._tg.start_soon(self._wake_after, delay)
+        tail = await anyio.to_thread.run_sync(log_tail, log_path)
+        if tail:
+            self.start_error = (
+                f"worker {worker_id} {what}; its log {log_path} ends with:\n{tail}"
+            )
+        if tail is not None:  # the next start appends to it: one log file per chain
+            self._failed_logs = [log_path]
+        log.warning(
+            "worker.start_failed",
+            endpoint=self.resource.name,
+            worker=worker_id,
+            failures=self.start_failures,
+            retry_in_s=round(delay, 3),
+            cause=self.start_error,
+        )
+        error = self._start_blocked()
+        if error is not None:
+            self._fail_queued(error)
+
+    async def _wake_after(self, delay: float) -> None:
+        await anyio.sleep(delay)
+        self._wake.set()
 
     async def _wait_ready(self, worker: Worker) -> bool:
         conn = Connection(worker.port, worker.token)
@@ -383,7 +553,8 @@ class WorkerPool:
     async def _watch(self, worker: Worker, scope: anyio.CancelScope) -> None:
         code = await worker.process.wait()
         worker.alive = False
-        if not self._closed:
+        worker.died = not worker.terminated
+        if not self._closed and worker.died:
             log.warning(
                 "worker.exited",
                 endpoint=self.resource.name,
@@ -391,9 +562,7 @@ class WorkerPool:
                 pid=worker.pid,
                 returncode=code,
             )
-            if len(self.workers) - 1 + self.starting < self.resource.workersMin:
-                self._start_worker()
-        scope.cancel()
+        scope.cancel()  # `_run_worker` cleans up; the dispatcher starts what is wanted
 
     async def _reaper(self) -> None:
         """Stop workers idle longer than ``idleTimeout``, keeping ``workersMin``."""
@@ -438,11 +607,17 @@ class WorkerPool:
 
         Raises:
             ExecutionTimeoutError: the job expired in the queue or ran past its timeout.
-            DeliveryError: the worker died or could not be reached (retryable).
+            DeliveryError: the worker died or could not be reached, or the endpoint's workers
+                cannot start (retryable; see the module docstring).
         """
         if self._closed:
             msg = f"endpoint {self.resource.name!r} is stopped"
+            if self.failure is not None:
+                msg += f" after a failure ({self.failure}); it starts again shortly"
             raise DeliveryError(msg)
+        blocked = self._start_blocked()
+        if blocked is not None:
+            raise blocked
         await self._provision(call.request)
         job = _Job(job_id, call.request, chunks, self._event_class)
         self.queue.append(job)
@@ -562,6 +737,7 @@ class WorkerPool:
 
     def _dispatch(self) -> None:
         """Hand queued jobs to workers (see the module docstring for the rule)."""
+        self._start_min()
         ready = [w for w in self.workers.values() if w.ready and w.alive]
         # 1. Jobs a worker can start now, to the worker with the most free slots.
         while self.queue:
@@ -578,9 +754,10 @@ class WorkerPool:
         )
         room = self.resource.workersMax - len(self.workers) - self.starting
         if room > 0:
-            wanted = -(-len(self.queue) // self.slots) - coming
-            for _ in range(min(room, wanted)):
-                self._start_worker()
+            if self._may_start():
+                wanted = -(-len(self.queue) // self.slots) - coming
+                for _ in range(min(room, wanted)):
+                    self._start_worker()
             return
         if coming:
             return
@@ -766,8 +943,10 @@ class WorkerPool:
             pending.clear()
             self._requeue(unstarted)  # they never ran: they go to another worker
         finally:
-            # Jobs still pending here have callers that were cancelled.
+            # Jobs still pending here failed above, or their callers were cancelled; else
+            # the pool itself stops around them (or failed): they are retried, not lost.
             for job in pending.values():
+                job.finish(None, DeliveryError(f"worker {worker.id}'s pool stopped"))
                 self._answered(worker, job)
             if reusable and worker.alive:
                 worker.connections.append(conn)
@@ -795,6 +974,19 @@ class WorkerPool:
                 len(w.jobs) - w.running for w in self.workers.values()
             ),
         }
+
+
+def log_tail(path: Path) -> str | None:
+    """The last lines of a log file (a few KB at most); ``None`` when there is none."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return None
+    lines = data.decode(errors="replace").strip().splitlines()
+    return "\n".join(lines[-15:])
 
 
 async def _terminate(worker: Worker) -> None:

@@ -1,8 +1,14 @@
 """The local provider: each endpoint a `WorkerPool` of worker processes on this machine.
 
 No account, no Docker: ``await f(x)`` runs in a real ``python -m flash_actors.worker``
-process on 127.0.0.1. Worker logs go to ``.flash/logs/<endpoint>/<worker>.log``. Leaving the
-runtime (normal exit, exception, Ctrl-C) stops every worker the provider started.
+process on 127.0.0.1. Worker logs go to ``.flash/logs/<endpoint>/<worker>.log`` (endpoint
+names are checked by `flash_actors.resources.check_endpoint_name`, so these paths are safe).
+Leaving the runtime (normal exit, exception, Ctrl-C) stops every worker the provider started.
+
+Endpoints are isolated from each other: a pool whose workers cannot start fails its own jobs
+(see `flash_actors.providers.local.pool`), and a pool that fails outright is logged, its jobs
+fail with `DeliveryError`, and it is run again after a backoff; neither reaches the other
+endpoints or the runtime.
 """
 
 from __future__ import annotations
@@ -12,10 +18,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from flash_actors._logging import get_logger
 from flash_actors.errors import RuntimeNotRunningError
 from flash_actors.messages import Route
 from flash_actors.providers.local._processes import Template, template_supported
-from flash_actors.providers.local.pool import LocalBackend, WorkerPool
+from flash_actors.providers.local.pool import (
+    LocalBackend,
+    WorkerPool,
+    default_start_backoff_max_s,
+)
 from flash_actors.registry import REGISTRY, Registry
 from flash_actors.serialization import RequestSigner
 
@@ -29,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["LocalProvider"]
 
+log = get_logger(__name__)
+
 
 class LocalProvider:
     """Worker processes on this machine.
@@ -40,6 +53,9 @@ class LocalProvider:
         registry: where load-balancer routes are found (default: the process-wide one).
         fast_start: fork workers from a pre-started template process (milliseconds each)
             instead of starting fresh interpreters (~0.4 s each).
+        start_backoff_max_s: longest wait between two starts of a worker that keeps failing
+            to start (the wait doubles from 0.5 s); default ``FLASH_LOCAL_START_BACKOFF_MAX_S``
+            or 30.
     """
 
     name = "local"
@@ -51,8 +67,14 @@ class LocalProvider:
         batch_size: int = 8,
         registry: Registry | None = None,
         fast_start: bool = True,
+        start_backoff_max_s: float | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.start_backoff_max_s = (
+            default_start_backoff_max_s()
+            if start_backoff_max_s is None
+            else start_backoff_max_s
+        )
         self.template = Template() if fast_start and template_supported() else None
         self.registry = registry or REGISTRY
         self.batch_size = batch_size
@@ -118,13 +140,38 @@ class LocalProvider:
             template=self.template,
             log_dir=self.state_dir / "logs" / resource.name,
             batch_size=self.batch_size,
+            start_backoff_max_s=self.start_backoff_max_s,
         )
         self.pools[resource.name] = pool
         scope = anyio.CancelScope()
 
         async def run(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            # A pool that fails (a bug) must not take the provider's other pools, or the
+            # runtime, down with it: log it, and run it again after a backoff (its queued
+            # jobs failed with DeliveryError when it stopped, and are retried by policy).
+            crashes = 0
             with scope:
-                await pool.run(task_status=task_status)
+                while True:
+                    try:
+                        await pool.run(task_status=task_status)
+                        return
+                    except Exception as exc:  # isolation is the point
+                        crashes += 1
+                        delay = min(
+                            self.start_backoff_max_s, 0.5 * 2 ** min(crashes, 10)
+                        )
+                        log.error(
+                            "pool.failed",
+                            endpoint=resource.name,
+                            crashes=crashes,
+                            retry_in_s=delay,
+                            exc_info=exc,
+                        )
+                        if not pool.serving:
+                            raise  # failed while starting: the caller gets the error
+                        pool.failure = repr(exc)
+                        task_status = anyio.TASK_STATUS_IGNORED
+                        await anyio.sleep(delay)
 
         await self._tg.start(run)
         return LocalBackend(pool, scope)
