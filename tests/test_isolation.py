@@ -258,11 +258,17 @@ async def test_the_daemon_outlives_an_endpoint_whose_workers_exit_at_once(
     monkeypatch.setenv(
         "FLASH_SECRET", master_secret().hex()
     )  # this process calls it too
+    # The poison (FLASH_DEPLOYED_MODULES in the config's env) may only be registered by
+    # the daemon's owner: this test starts the daemon with an owner token, as the embedded
+    # runtime does for its private gateway.
+    monkeypatch.setenv("FLASH_LOCAL_OWNER_TOKEN", "iso-owner")
     d = Daemon(tmp_path / ".flash")
     try:
         request = {"function_name": "f", "function_code": "def f():\n    return 1\n"}
         with d.client() as client:
-            answer = client.put("/flash/v1/endpoints/iso-pill", json=config_of(PILL))
+            answer = client.put(
+                "/flash/v1/endpoints/iso-pill?owner=iso-owner", json=config_of(PILL)
+            )
             assert answer.status_code == 200, answer.text
             pending = run_job(client, "iso-pill", request)
         # SIGKILL while the job waits for a worker that cannot start (then `down` with one
