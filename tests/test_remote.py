@@ -329,7 +329,7 @@ async def test_cancelling_the_caller_cancels_the_job(tmp_path: Path) -> None:
             raise
 
     async with runtime() as rt:
-        with anyio.move_on_after(5) as scope:
+        with anyio.move_on_after(30) as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(slow, str(tmp_path))
                 while not (tmp_path / "started").exists():
@@ -337,12 +337,13 @@ async def test_cancelling_the_caller_cancels_the_job(tmp_path: Path) -> None:
                 tg.cancel_scope.cancel()
         assert not scope.cancelled_caught
         with anyio.fail_after(
-            5
+            30
         ):  # the job is cancelled soon after its caller, not left running
             while not (tmp_path / "cancelled").exists():
                 await anyio.sleep(0.005)
-        await anyio.wait_all_tasks_blocked()
-        assert rt.endpoint("calls-cancel").statistics().in_flight == 0
+            # the caller's side lets go of the job once the worker says it stopped
+            while rt.endpoint("calls-cancel").statistics().in_flight:
+                await anyio.sleep(0.005)
 
 
 async def test_execution_timeout_queue_and_load_balancer() -> None:
