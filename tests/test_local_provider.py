@@ -411,8 +411,9 @@ def test_ctrl_c_stops_every_worker(tmp_path: Path, backend: str) -> None:
     script = tmp_path / "interrupted.py"
     runner = "asyncio.run(main())" if backend == "asyncio" else "trio.run(main)"
     script.write_text(
-        "import asyncio, trio\n"
+        "import asyncio, faulthandler, signal, trio\n"
         "from flash_actors import CpuLiveServerless, remote\n"
+        "faulthandler.register(signal.SIGUSR1, all_threads=True)\n"
         "cfg = CpuLiveServerless(name='ctrl-c', workersMax=2)\n"
         "@remote(cfg)\n"
         "async def pid():\n"
@@ -427,18 +428,27 @@ def test_ctrl_c_stops_every_worker(tmp_path: Path, backend: str) -> None:
         "    await forever()\n"
         f"{runner}\n"
     )
-    with subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-    ) as proc:
+    errors = tmp_path / "stderr.txt"
+    with (
+        errors.open("wb") as stderr,
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            cwd=tmp_path,
+        ) as proc,
+    ):
         try:
             assert proc.stdout is not None
             worker = int(proc.stdout.readline())
             time.sleep(0.3)  # the long call is on its way
             proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)  # its stacks, for the report
+                time.sleep(1)
+                pytest.fail(f"Ctrl-C did not stop the script:\n{errors.read_text()}")
         finally:
             if proc.poll() is None:
                 proc.kill()
