@@ -220,7 +220,10 @@ class Executor:
                         )
                 finally:
                     stdout = printed.getvalue() if printed is not None else ""
-        except Exception as exc:  # noqa: BLE001 (the function's failure is the answer)
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # noqa: BLE001
+            # The function's failure is the answer, ``sys.exit()`` included: raised out of
+            # the job's task it would stop the worker, and the retried job would stop the
+            # next one (our own signals reach the worker's loop, never the function).
             return FunctionResponse(
                 success=False,
                 error=_user_traceback(exc),

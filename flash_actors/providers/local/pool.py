@@ -641,11 +641,14 @@ class WorkerPool:
                 job.finish(None, timeout_error(call, job_id))
                 await self._stop_job(job)
         except BaseException:
-            if job.state == "IN_QUEUE":
-                self._dequeue(job)
-            elif not job.done.is_set():
-                await self._stop_job(job)
+            queued, sent = job.state == "IN_QUEUE", not job.done.is_set()
+            # Finished first: a job its worker gives back meanwhile (withdrawn, or the
+            # worker recycled) is not requeued, so a cancelled job never starts elsewhere.
             job.finish(None, None)
+            if queued:
+                self._dequeue(job)
+            elif sent:
+                await self._stop_job(job)
             raise
         if job.error is not None:
             raise job.error

@@ -1,0 +1,223 @@
+"""The embedded local provider tried as a hostile and a clumsy user would (review of issue 9).
+
+Real worker processes, real signals (SIGSTOP, SIGKILL), real files: a frozen fork template, a
+worker frozen while it holds a job its caller cancels, functions that raise `SystemExit`.
+Every call ends, a cancelled job never runs, and no process outlives the runtime.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from flash_actors import CpuLiveServerless, JobStatus, RetryPolicy, remote, runtime
+from flash_actors.errors import RemoteExecutionError
+from flash_actors.providers.local import LocalProvider
+from tests._daemon import descendants
+
+
+def left_running(pids: list[int]) -> list[int]:
+    """Our descendants, and those of ``pids`` still running (not zombies)."""
+    alive = set(descendants(os.getpid()))
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z":
+                alive.add(pid)
+    return sorted(alive)
+
+
+FIRST = CpuLiveServerless(name="hostile-first")
+SECOND = CpuLiveServerless(name="hostile-second")
+
+
+@remote(FIRST)
+async def on_first(x: int) -> int:
+    return x + 1
+
+
+@remote(SECOND)
+async def on_second(x: int) -> int:
+    return x + 2
+
+
+@pytest.mark.timeout(60)
+async def test_a_frozen_fork_template_is_replaced(tmp_path: Path) -> None:
+    """SIGSTOP of the template froze every later worker start, and the runtime's exit."""
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    assert provider.template is not None
+    provider.template.fork_timeout_s = 1.0
+    pids: list[int] = []
+    try:
+        with anyio.fail_after(40):
+            async with runtime(provider=provider):
+                assert (await on_first(1)).output == 2
+                frozen = provider.template._process
+                assert frozen is not None
+                pids.append(frozen.pid)
+                os.kill(frozen.pid, signal.SIGSTOP)
+                # a new endpoint needs a new worker: it starts anyway
+                assert (await on_second(1)).output == 3
+                assert (await on_first(2)).output == 3
+                pids += [
+                    w.pid for p in provider.pools.values() for w in p.workers.values()
+                ]
+        assert left_running(pids) == []
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+HOLD = CpuLiveServerless(
+    name="hostile-hold",
+    workersMax=2,
+    retryPolicy=RetryPolicy(attempts=3, backoff_s=0.01),
+)
+
+
+@remote(HOLD)
+async def mark(folder: str, name: str, release: str) -> str:
+    import asyncio
+    import pathlib
+
+    (pathlib.Path(folder) / f"{name}.started").touch()
+    while release and not (pathlib.Path(folder) / release).exists():
+        await asyncio.sleep(0.02)
+    return name
+
+
+async def wait_until(check: object, seconds: float = 20) -> None:
+    with anyio.fail_after(seconds):
+        while not check():  # type: ignore[operator]
+            await anyio.sleep(0.02)
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:``port`` (accepted or not), from /proc."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            count += 1
+    return count
+
+
+@pytest.mark.timeout(60)
+async def test_a_job_withdrawn_as_its_caller_cancels_never_runs(
+    tmp_path: Path,
+) -> None:
+    """A withdrawal answered while the caller was cancelling requeued the job: it ran."""
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    pids: list[int] = []
+    try:
+        async with runtime(provider=provider):
+            async with anyio.create_task_group() as tg:
+                for name in ("one", "two"):
+                    tg.start_soon(mark, str(tmp_path), name, f"{name}.release")
+                await wait_until(
+                    lambda: all(
+                        (tmp_path / f"{n}.started").exists() for n in ("one", "two")
+                    )
+                )
+                pool = provider.pools["hostile-hold"]
+                pids += [w.pid for w in pool.workers.values()]
+                scope = anyio.CancelScope()
+
+                async def held() -> None:
+                    with scope:
+                        await mark(str(tmp_path), "cancelled", "")
+
+                tg.start_soon(held)
+                # both workers busy, none can start: the job waits on one of them
+                await wait_until(lambda: pool.statistics()["waiting_on_workers"] == 1)
+                holder = next(
+                    w for w in pool.workers.values() if len(w.jobs) > w.running
+                )
+                (job,) = [j for j in holder.jobs.values() if not j.running]
+                await wait_until(lambda: job.delivered)  # the holder has it
+                other = next(w for w in pool.workers.values() if w is not holder)
+                (running,) = other.jobs.values()
+                name = (
+                    "one"
+                    if b"one" in base64.b64decode(running.request.args[1])
+                    else "two"
+                )
+                os.kill(holder.pid, signal.SIGSTOP)
+                # the other worker frees up and asks for the job back: the frozen
+                # holder takes the request (and then the caller's /cancel) into its backlog
+                (tmp_path / f"{name}.release").touch()
+                await wait_until(lambda: job.withdrawing)
+                await wait_until(lambda: connections_to(holder.port) >= 3)
+                scope.cancel()
+                await wait_until(lambda: connections_to(holder.port) >= 4)
+                os.kill(holder.pid, signal.SIGCONT)
+                await wait_until(lambda: scope.cancelled_caught, 10)
+                tg.cancel_scope.cancel()  # the other held call
+            await wait_until(
+                lambda: (
+                    not pool.queue and all(not w.jobs for w in pool.workers.values())
+                )
+            )
+            assert (await on_first(0)).output == 1
+            assert not (tmp_path / "cancelled.started").exists()
+        assert left_running(pids) == []
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+EXITS = CpuLiveServerless(
+    name="hostile-exits", retryPolicy=RetryPolicy(attempts=3, backoff_s=0.01)
+)
+
+
+@remote(EXITS)
+async def exits_async(folder: str, kind: str) -> int:
+    import pathlib
+    import sys
+
+    with (pathlib.Path(folder) / "runs").open("a") as f:
+        f.write(kind + "\n")
+    if kind == "exit":
+        sys.exit(3)
+    raise KeyboardInterrupt
+
+
+@remote(EXITS)
+def exits_sync(folder: str, kind: str) -> int:
+    import pathlib
+    import sys
+
+    with (pathlib.Path(folder) / "runs").open("a") as f:
+        f.write(kind + "\n")
+    if kind == "exit":
+        sys.exit(3)
+    raise KeyboardInterrupt
+
+
+async def test_system_exit_in_a_function_is_its_error_and_runs_once(
+    tmp_path: Path,
+) -> None:
+    """`sys.exit()` in a function stopped its worker; the job ran 3 times, then 'closed'."""
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        for function in (exits_async, exits_sync):
+            for kind, error_type in (
+                ("exit", "SystemExit: 3"),
+                ("interrupt", "KeyboardInterrupt"),
+            ):
+                job = await function(str(tmp_path), kind)
+                assert job.status == JobStatus.FAILED
+                assert isinstance(job.exception, RemoteExecutionError)
+                assert job.error is not None
+                assert job.error.rstrip().splitlines()[-1].startswith(error_type)
+        assert provider.pools["hostile-exits"].started_total == 1  # never stopped
+    assert (tmp_path / "runs").read_text().split() == ["exit", "interrupt"] * 2
