@@ -221,3 +221,70 @@ async def test_system_exit_in_a_function_is_its_error_and_runs_once(
                 assert job.error.rstrip().splitlines()[-1].startswith(error_type)
         assert provider.pools["hostile-exits"].started_total == 1  # never stopped
     assert (tmp_path / "runs").read_text().split() == ["exit", "interrupt"] * 2
+
+
+PAIR = CpuLiveServerless(
+    name="hostile-pair",
+    workersMax=1,
+    max_concurrency=2,
+    retryPolicy=RetryPolicy(attempts=3, backoff_s=0.01),
+)
+
+
+@remote(PAIR)
+def never_returns(folder: str) -> None:
+    import pathlib
+    import time
+
+    (pathlib.Path(folder) / "stuck.started").touch()
+    while True:
+        time.sleep(0.05)
+
+
+@remote(PAIR)
+async def waits_for_release(folder: str) -> str:
+    import asyncio
+    import os
+    import pathlib
+
+    with (pathlib.Path(folder) / "runs").open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    while not (pathlib.Path(folder) / "release").exists():
+        await asyncio.sleep(0.02)
+    return "done"
+
+
+async def test_a_job_sharing_a_recycled_worker_is_retried_not_cancelled(
+    tmp_path: Path,
+) -> None:
+    """Recycling a worker for another job's sake answered this job 'cancelled': FAILED."""
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    runs = tmp_path / "runs"
+    async with runtime(provider=provider):
+        results = []
+
+        async def healthy() -> None:
+            results.append(await waits_for_release(str(tmp_path)))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def stuck() -> None:
+                    with scope:
+                        await never_returns(str(tmp_path))
+
+                tg.start_soon(healthy)
+                tg.start_soon(stuck)
+                await wait_until(
+                    lambda: (tmp_path / "stuck.started").exists() and runs.exists()
+                )
+                # cancel the stuck call: its worker is recycled, the healthy job with it
+                scope.cancel()
+                first = int(runs.read_text().split()[0])
+                await wait_until(lambda: results or len(runs.read_text().split()) == 2)
+                (tmp_path / "release").touch()
+    (job,) = results
+    assert job.status == JobStatus.COMPLETED, job.error
+    assert job.output == "done"
+    assert int(runs.read_text().split()[1]) != first  # again, on the new worker

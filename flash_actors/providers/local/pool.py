@@ -924,6 +924,17 @@ class WorkerPool:
                             PayloadSignatureError if signature else SerializationError
                         )
                         job.finish(None, kind(refused))
+                    elif _stopped_by_worker(done.response) and not job.done.is_set():
+                        # Its caller did not cancel it (that finishes the job first): the
+                        # worker stopped it on its way out (recycled for another job's sake,
+                        # or SIGTERM). The worker died mid-job: retried, not "cancelled".
+                        job.finish(
+                            None,
+                            DeliveryError(
+                                f"worker {worker.id} (pid {worker.pid}) was stopped "
+                                "during the job"
+                            ),
+                        )
                     else:
                         job.finish(done.response, None)
                     self._wake.set()
@@ -977,6 +988,11 @@ class WorkerPool:
                 len(w.jobs) - w.running for w in self.workers.values()
             ),
         }
+
+
+def _stopped_by_worker(response: FunctionResponse | None) -> bool:
+    """The worker's own answer for a job it cancelled (see `flash_actors.worker.server`)."""
+    return response is not None and response.error_type == "cancelled"
 
 
 def log_tail(path: Path) -> str | None:
