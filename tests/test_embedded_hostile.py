@@ -288,3 +288,64 @@ async def test_a_job_sharing_a_recycled_worker_is_retried_not_cancelled(
     assert job.status == JobStatus.COMPLETED, job.error
     assert job.output == "done"
     assert int(runs.read_text().split()[1]) != first  # again, on the new worker
+
+
+IDLE = CpuLiveServerless(
+    name="hostile-idle",
+    workersMax=2,
+    idleTimeout=1,
+    retryPolicy=RetryPolicy(attempts=3, backoff_s=0.01),
+)
+
+
+@remote(IDLE)
+async def idle_job(folder: str, name: str) -> str:
+    import asyncio
+    import os
+    import pathlib
+
+    with (pathlib.Path(folder) / f"{name}.runs").open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    while not (pathlib.Path(folder) / f"{name}.release").exists():
+        await asyncio.sleep(0.02)
+    return name
+
+
+@pytest.mark.timeout(60)
+async def test_the_idle_reaper_does_not_stop_a_worker_that_took_a_job(
+    tmp_path: Path,
+) -> None:
+    """Stopping idle workers one by one, the reaper stopped one that took a job meanwhile."""
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    pids: list[int] = []
+    try:
+        async with runtime(provider=provider):
+            with anyio.fail_after(40):
+                async with anyio.create_task_group() as tg:  # two workers, then idle
+                    for name in ("a", "b"):
+                        tg.start_soon(idle_job, str(tmp_path), name)
+                    await wait_until(
+                        lambda: all((tmp_path / f"{n}.runs").exists() for n in "ab")
+                    )
+                    for name in ("a", "b"):
+                        (tmp_path / f"{name}.release").touch()
+                pool = provider.pools["hostile-idle"]
+                await wait_until(lambda: len(pool.workers) == 2)
+                first, second = pool.workers.values()
+                pids += [first.pid, second.pid]
+                # the first idle worker takes its time to stop (3 s, then SIGKILL) ...
+                os.kill(first.pid, signal.SIGSTOP)
+                await wait_until(lambda: not first.alive)
+                # ... and meanwhile the second takes a job
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(idle_job, str(tmp_path), "c")
+                    await wait_until(lambda: (tmp_path / "c.runs").exists())
+                    await wait_until(lambda: first.id not in pool.workers)
+                    (tmp_path / "c.release").touch()
+        runs = (tmp_path / "c.runs").read_text().split()
+        assert runs == [str(second.pid)]  # ran once, where it started
+        assert left_running(pids) == []
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)

@@ -578,6 +578,8 @@ class WorkerPool:
             ]
             spare = len(self.workers) - self.resource.workersMin
             for worker in idle[: max(0, spare)]:
+                if worker.jobs or not worker.ready:
+                    continue  # it took a job while the one before was stopping
                 log.info(
                     "worker.idle_stop", endpoint=self.resource.name, worker=worker.id
                 )
