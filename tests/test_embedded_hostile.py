@@ -52,12 +52,12 @@ async def test_a_frozen_fork_template_is_replaced(tmp_path: Path) -> None:
     """SIGSTOP of the template froze every later worker start, and the runtime's exit."""
     provider = LocalProvider(state_dir=tmp_path / ".flash")
     assert provider.template is not None
-    provider.template.fork_timeout_s = 1.0
     pids: list[int] = []
     try:
         with anyio.fail_after(40):
             async with runtime(provider=provider):
                 assert (await on_first(1)).output == 2
+                provider.template.fork_timeout_s = 1.0  # it runs: forks take ms
                 frozen = provider.template._process
                 assert frozen is not None
                 pids.append(frozen.pid)
@@ -312,6 +312,9 @@ async def idle_job(folder: str, name: str) -> str:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(  # the pool's own logic, slow by design (3 s grace): one backend
+    "anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")]
+)
 async def test_the_idle_reaper_does_not_stop_a_worker_that_took_a_job(
     tmp_path: Path,
 ) -> None:
