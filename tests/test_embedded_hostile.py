@@ -19,6 +19,7 @@ import pytest
 from flash_actors import CpuLiveServerless, JobStatus, RetryPolicy, remote, runtime
 from flash_actors.errors import RemoteExecutionError
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.pool import START_TRIES
 from tests._daemon import descendants
 
 
@@ -352,3 +353,41 @@ async def test_the_idle_reaper_does_not_stop_a_worker_that_took_a_job(
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+DIES_SOON = CpuLiveServerless(
+    name="hostile-dies-soon",
+    workersMin=1,
+    env={"FLASH_DEPLOYED_MODULES": "hostile_dies_soon"},
+    retryPolicy=RetryPolicy(attempts=2, backoff_s=0.01),
+)
+
+
+@remote(DIES_SOON)
+async def on_dies_soon(x: int) -> int:
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(  # the pool's own logic: one backend
+    "anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")]
+)
+async def test_a_worker_that_dies_right_after_it_answers_backs_off(
+    tmp_path: Path,
+) -> None:
+    """workersMin=1 and a module that ends the process: restarted at once, a log each."""
+    # the fork template and fresh workers import from the folder they start in (tmp_path)
+    (tmp_path / "hostile_dies_soon.py").write_text(
+        "import os, threading\nthreading.Timer(0.2, os._exit, (1,)).start()\n"
+    )
+    provider = LocalProvider(state_dir=tmp_path / ".flash", start_backoff_max_s=1.0)
+    async with runtime(provider=provider) as rt:
+        assert (await on_first(1)).output == 2
+        rt.endpoint(DIES_SOON.name)  # workersMin starts its worker; no job is sent
+        await wait_until(lambda: DIES_SOON.name in provider.pools)
+        pool = provider.pools[DIES_SOON.name]
+        await wait_until(lambda: pool.start_failures >= START_TRIES, 30)
+        assert "exited right after it started" in (pool.start_error or "")
+        logs = tmp_path / ".flash" / "logs" / DIES_SOON.name
+        assert len(list(logs.glob("*.log"))) == 1  # one log for the chain
+        assert (await on_first(2)).output == 3

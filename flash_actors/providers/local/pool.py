@@ -83,6 +83,9 @@ log = get_logger(__name__)
 
 START_TRIES = 3
 """Failed worker starts in a row after which the queued jobs fail with the cause."""
+EARLY_EXIT_S = 1.0
+"""A worker that dies this soon after it answered, before any job reached it, failed to
+start (a deployed module that ends the process, say): it backs off like one."""
 _LOG_TAIL_BYTES = 2000
 
 
@@ -196,6 +199,8 @@ class Worker:
         self.died = False  # exited without being stopped by the pool
         self.idle_since = anyio.current_time()
         self.connections: list[Connection] = []
+        self.served = False  # a job was sent to it
+        self.prior_failures = 0  # the pool's failed starts in a row when it answered
 
     @property
     def pid(self) -> int:
@@ -405,6 +410,7 @@ class WorkerPool:
                     self.start_seconds.append(anyio.current_time() - started)
                     worker.ready = True
                     worker.idle_since = anyio.current_time()
+                    worker.prior_failures = self.start_failures
                     self.start_failures = 0
                     self.start_error = None
                     self._start_after = 0.0
@@ -422,11 +428,22 @@ class WorkerPool:
                 self.workers.pop(worker_id, None)
                 self._close_worker_log(worker_id)
                 self._wake.set()
-        if not ready and not self._closed and worker.died:
+        early = (
+            ready
+            and not worker.served
+            and anyio.current_time() - worker.idle_since < EARLY_EXIT_S
+        )
+        if (early or not ready) and not self._closed and worker.died:
             code = worker.process.returncode
-            what = "exited before it answered"
+            what = (
+                "exited right after it started"
+                if early
+                else "exited before it answered"
+            )
             if code is not None and not isinstance(worker.process, PidfdProcess):
                 what += f" (exit code {code})"
+            if early:  # the chain of failed starts goes on
+                self.start_failures = max(self.start_failures, worker.prior_failures)
             await self._start_failed(worker_id, what, log_path)
 
     async def _spawn(
@@ -789,6 +806,7 @@ class WorkerPool:
                 break  # a stream travels alone: its reader must not hold up others
             job = self.queue.popleft()
             job.worker = worker
+            worker.served = True
             job.delivered = job.withdrawing = False
             worker.jobs[job.id] = job
             if ahead:
