@@ -3,8 +3,10 @@
 A fresh ``python -m flash_actors.worker`` spends ~0.4 s importing aiohttp and the runtime.
 The template (`flash_actors.worker.template`) imports all that once; every later worker is a
 fork of it that serves within milliseconds. The template starts with the first worker and
-stops with the provider; a template that died (killed, say) is started again at the next fork. Forked workers are not our children (the kernel reaps them for the
-template), so they are followed through a pidfd, which becomes readable when they exit.
+stops with the provider; a template that died (killed, say) or does not answer a fork within
+``fork_timeout_s`` (stopped, say) is replaced at the next fork. Forked workers are not our
+children (the kernel reaps them for the template), so they are followed through a pidfd,
+which becomes readable when they exit.
 Both kinds are driven through the same small `WorkerProcess` interface.
 """
 
