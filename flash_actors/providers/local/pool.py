@@ -18,10 +18,11 @@ it had not started yet go back to the queue. A cancelled or timed-out job is can
 worker; if it cannot be interrupted (a sync function in a thread), the worker is recycled, and
 its slot counts as busy until the process is gone.
 
-A worker that cannot start (it exits before it answers, or within `EARLY_EXIT_S` of answering
-before any job reached it, or cannot be spawned at all) is a start failure: the next start waits for an exponential backoff (``start_backoff_s``, doubled
-per failure in a row, capped at ``start_backoff_max_s``), and after `START_TRIES` failures in a
-row the queued jobs fail with `DeliveryError` naming the cause (the end of the worker's log),
+A worker that cannot start (it exits before it answers, or within `EARLY_EXIT_S` of
+answering before any job reached it, or cannot be spawned at all) is a start failure: the
+next start waits for an exponential backoff (``start_backoff_s``, doubled per failure in a
+row, capped at ``start_backoff_max_s``), and after `START_TRIES` failures in a row the
+queued jobs fail with `DeliveryError` naming the cause (the end of the worker's log),
 as do new jobs until the backoff has passed; then a new job tries again. The first worker that
 answers ends it. Nothing that goes wrong in one pool reaches the task group it runs in.
 """
