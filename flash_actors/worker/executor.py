@@ -108,6 +108,15 @@ class Executor:
     ) -> None:
         self._key = key
         self._capture = capture_stdout
+        # What a function may raise and still get an answer. ``sys.exit()`` raised out of
+        # the job's task would stop a worker (and the retried job the next one). In a
+        # worker (``capture_stdout``) no signal raises KeyboardInterrupt (its loop handles
+        # SIGINT), so only the function can; in-process it may be the user's Ctrl-C.
+        self._failures: tuple[type[BaseException], ...] = (
+            (Exception, SystemExit, KeyboardInterrupt)
+            if capture_stdout
+            else (Exception, SystemExit)
+        )
         self._deployed = dict(deployed or {})
         self._code_cache: dict[tuple[str, str], Any] = {}
         self._instances: dict[str, Any] = {}
@@ -220,7 +229,7 @@ class Executor:
                         )
                 finally:
                     stdout = printed.getvalue() if printed is not None else ""
-        except Exception as exc:  # noqa: BLE001 (the function's failure is the answer)
+        except self._failures as exc:  # the function's failure is the answer
             return FunctionResponse(
                 success=False,
                 error=_user_traceback(exc),

@@ -3,8 +3,10 @@
 A fresh ``python -m flash_actors.worker`` spends ~0.4 s importing aiohttp and the runtime.
 The template (`flash_actors.worker.template`) imports all that once; every later worker is a
 fork of it that serves within milliseconds. The template starts with the first worker and
-stops with the provider; a template that died (killed, say) is started again at the next fork. Forked workers are not our children (the kernel reaps them for the
-template), so they are followed through a pidfd, which becomes readable when they exit.
+stops with the provider; a template that died (killed, say) or does not answer a fork within
+``fork_timeout_s`` (stopped, say) is replaced at the next fork. Forked workers are not our
+children (the kernel reaps them for the template), so they are followed through a pidfd,
+which becomes readable when they exit.
 Both kinds are driven through the same small `WorkerProcess` interface.
 """
 
@@ -140,9 +142,16 @@ class PidfdProcess:
 
 
 class Template:
-    """The template process of one provider: started on first use, stopped by `aclose`."""
+    """The template process of one provider: started on first use, stopped by `aclose`.
 
-    def __init__(self) -> None:
+    Args:
+        fork_timeout_s: how long a fork may take to be answered; a template that does not
+            answer by then (stopped with SIGSTOP, say) is killed and replaced, so that one
+            frozen process cannot hold up every worker start, or the provider's exit.
+    """
+
+    def __init__(self, fork_timeout_s: float = 10.0) -> None:
+        self.fork_timeout_s = fork_timeout_s
         self._lock = anyio.Lock()
         self._process: Process | None = None
         self._control: socket.socket | None = None
@@ -180,8 +189,9 @@ class Template:
         A template that has died is started again once, here.
 
         Raises:
-            OSError: the template could not be started or did not answer (the caller may
-                start the worker as a fresh interpreter instead).
+            OSError: the template could not be started or did not answer within
+                ``fork_timeout_s`` (the caller may start the worker as a fresh interpreter
+                instead).
             ProcessLookupError: the worker was gone before it could be followed.
         """
         request = json.dumps(
@@ -196,7 +206,11 @@ class Template:
                 control = self._control or await self._start()
                 try:
                     reply = await anyio.to_thread.run_sync(
-                        _exchange, control, request, sock.fileno()
+                        _exchange,
+                        control,
+                        request,
+                        sock.fileno(),
+                        self.fork_timeout_s,
                     )
                 except OSError as exc:
                     code = await self._discard()
@@ -240,7 +254,8 @@ class Template:
                 await process.aclose()
 
 
-def _exchange(control: socket.socket, request: bytes, fd: int) -> bytes:
+def _exchange(control: socket.socket, request: bytes, fd: int, timeout: float) -> bytes:
+    control.settimeout(timeout)  # a TimeoutError (an OSError) when it does not answer
     socket.send_fds(control, [request], [fd])
     reply = control.recv(4096)
     if not reply:

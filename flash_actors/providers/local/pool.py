@@ -18,10 +18,11 @@ it had not started yet go back to the queue. A cancelled or timed-out job is can
 worker; if it cannot be interrupted (a sync function in a thread), the worker is recycled, and
 its slot counts as busy until the process is gone.
 
-A worker that cannot start (it exits before it answers, or cannot be spawned at all) is a
-start failure: the next start waits for an exponential backoff (``start_backoff_s``, doubled
-per failure in a row, capped at ``start_backoff_max_s``), and after `START_TRIES` failures in a
-row the queued jobs fail with `DeliveryError` naming the cause (the end of the worker's log),
+A worker that cannot start (it exits before it answers, or within `EARLY_EXIT_S` of
+answering before any job reached it, or cannot be spawned at all) is a start failure: the
+next start waits for an exponential backoff (``start_backoff_s``, doubled per failure in a
+row, capped at ``start_backoff_max_s``), and after `START_TRIES` failures in a row the
+queued jobs fail with `DeliveryError` naming the cause (the end of the worker's log),
 as do new jobs until the backoff has passed; then a new job tries again. The first worker that
 answers ends it. Nothing that goes wrong in one pool reaches the task group it runs in.
 """
@@ -83,6 +84,9 @@ log = get_logger(__name__)
 
 START_TRIES = 3
 """Failed worker starts in a row after which the queued jobs fail with the cause."""
+EARLY_EXIT_S = 1.0
+"""A worker that dies this soon after it answered, before any job reached it, failed to
+start (a deployed module that ends the process, say): it backs off like one."""
 _LOG_TAIL_BYTES = 2000
 
 
@@ -196,6 +200,8 @@ class Worker:
         self.died = False  # exited without being stopped by the pool
         self.idle_since = anyio.current_time()
         self.connections: list[Connection] = []
+        self.served = False  # a job was sent to it
+        self.prior_failures = 0  # the pool's failed starts in a row when it answered
 
     @property
     def pid(self) -> int:
@@ -405,6 +411,7 @@ class WorkerPool:
                     self.start_seconds.append(anyio.current_time() - started)
                     worker.ready = True
                     worker.idle_since = anyio.current_time()
+                    worker.prior_failures = self.start_failures
                     self.start_failures = 0
                     self.start_error = None
                     self._start_after = 0.0
@@ -422,11 +429,22 @@ class WorkerPool:
                 self.workers.pop(worker_id, None)
                 self._close_worker_log(worker_id)
                 self._wake.set()
-        if not ready and not self._closed and worker.died:
+        early = (
+            ready
+            and not worker.served
+            and anyio.current_time() - worker.idle_since < EARLY_EXIT_S
+        )
+        if (early or not ready) and not self._closed and worker.died:
             code = worker.process.returncode
-            what = "exited before it answered"
+            what = (
+                "exited right after it started"
+                if early
+                else "exited before it answered"
+            )
             if code is not None and not isinstance(worker.process, PidfdProcess):
                 what += f" (exit code {code})"
+            if early:  # the chain of failed starts goes on
+                self.start_failures = max(self.start_failures, worker.prior_failures)
             await self._start_failed(worker_id, what, log_path)
 
     async def _spawn(
@@ -578,6 +596,8 @@ class WorkerPool:
             ]
             spare = len(self.workers) - self.resource.workersMin
             for worker in idle[: max(0, spare)]:
+                if worker.jobs or not worker.ready:
+                    continue  # it took a job while the one before was stopping
                 log.info(
                     "worker.idle_stop", endpoint=self.resource.name, worker=worker.id
                 )
@@ -641,11 +661,14 @@ class WorkerPool:
                 job.finish(None, timeout_error(call, job_id))
                 await self._stop_job(job)
         except BaseException:
-            if job.state == "IN_QUEUE":
-                self._dequeue(job)
-            elif not job.done.is_set():
-                await self._stop_job(job)
+            queued, sent = job.state == "IN_QUEUE", not job.done.is_set()
+            # Finished first: a job its worker gives back meanwhile (withdrawn, or the
+            # worker recycled) is not requeued, so a cancelled job never starts elsewhere.
             job.finish(None, None)
+            if queued:
+                self._dequeue(job)
+            elif sent:
+                await self._stop_job(job)
             raise
         if job.error is not None:
             raise job.error
@@ -784,6 +807,7 @@ class WorkerPool:
                 break  # a stream travels alone: its reader must not hold up others
             job = self.queue.popleft()
             job.worker = worker
+            worker.served = True
             job.delivered = job.withdrawing = False
             worker.jobs[job.id] = job
             if ahead:
@@ -921,6 +945,17 @@ class WorkerPool:
                             PayloadSignatureError if signature else SerializationError
                         )
                         job.finish(None, kind(refused))
+                    elif _stopped_by_worker(done.response) and not job.done.is_set():
+                        # Its caller did not cancel it (that finishes the job first): the
+                        # worker stopped it on its way out (recycled for another job's sake,
+                        # or SIGTERM). The worker died mid-job: retried, not "cancelled".
+                        job.finish(
+                            None,
+                            DeliveryError(
+                                f"worker {worker.id} (pid {worker.pid}) was stopped "
+                                "during the job"
+                            ),
+                        )
                     else:
                         job.finish(done.response, None)
                     self._wake.set()
@@ -974,6 +1009,11 @@ class WorkerPool:
                 len(w.jobs) - w.running for w in self.workers.values()
             ),
         }
+
+
+def _stopped_by_worker(response: FunctionResponse | None) -> bool:
+    """The worker's own answer for a job it cancelled (see `flash_actors.worker.server`)."""
+    return response is not None and response.error_type == "cancelled"
 
 
 def log_tail(path: Path) -> str | None:
