@@ -1,0 +1,171 @@
+"""A `flash local` daemon used as a hostile or clumsy user would (issue 9 review).
+
+Each test is a defect found by trying: the daemon must go on serving, answer a clear 4xx,
+run nothing it must refuse, lose no job and run none twice, and leave no process behind.
+Real daemons (the ``flash`` CLI) and real workers on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from flash_actors.gateway.core import config_of
+from flash_actors.resources import ServerlessEndpoint
+from tests._daemon import ECHO, Daemon, run_job, wait_for, workers_of
+
+
+def children(pid: int) -> set[int]:
+    """The processes ``pid`` started itself (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if entry.name.isdigit():
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+    return found
+
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import httpx
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    folder = tmp_path / "project"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def daemon(project: Path) -> Iterator[Daemon]:
+    d = Daemon(project / ".flash", f"manual={ECHO}:0")
+    yield d
+    d.stop()
+
+
+def _take(client: httpx.Client, endpoint: str, worker: str) -> str:
+    answer = client.get(f"/v2/{endpoint}/job-take/{worker}")
+    assert answer.status_code == 200, answer.text
+    job_id: str = answer.json()["id"]
+    return job_id
+
+
+def test_a_worker_cannot_end_a_job_it_does_not_hold(daemon: Daemon) -> None:
+    """A stray or late job-done (or job-stream) for a job another worker runs is a 409."""
+    with daemon.client() as client:
+        job_id = run_job(client, "manual", {"n": 1})
+        assert _take(client, "manual", "w1") == job_id
+        for body in (
+            {"output": {"forged": True}},
+            {"status": "IN_PROGRESS", "output": 1},
+        ):
+            stray = client.post(f"/v2/manual/job-done/w2/{job_id}", json=body)
+            assert stray.status_code == 409, stray.text
+            assert stray.json()["error"].startswith(f"job {job_id} is not held by")
+        chunk = client.post(f"/v2/manual/job-stream/w2/{job_id}", json={"output": 1})
+        assert chunk.status_code == 409, chunk.text
+        status = client.get(f"/v2/manual/status/{job_id}").json()
+        assert status["status"] == "IN_PROGRESS"
+        assert "output" not in status
+        # a job still queued cannot be ended by anyone either
+        queued = run_job(client, "manual", {"n": 2})
+        early = client.post(f"/v2/manual/job-done/w1/{queued}", json={"output": 0})
+        assert early.status_code == 409, early.text
+        # the worker that holds it ends it
+        done = client.post(f"/v2/manual/job-done/w1/{job_id}", json={"output": "ok"})
+        assert done.status_code == 200, done.text
+        assert wait_for(client, "manual", job_id, {"COMPLETED"})["output"] == "ok"
+        assert _take(client, "manual", "w1") == queued
+
+
+PURGE_SCRIPT = """
+import json, sys
+import anyio
+from flash_actors import CpuLiveServerless, remote
+
+@remote(resource_config=CpuLiveServerless(name="gw-purge"))
+async def double(x):
+    return 2 * x
+
+async def main():
+    with anyio.fail_after(float(sys.argv[2])):
+        job = await double(int(sys.argv[1]))
+    print(json.dumps(job.output))
+
+anyio.run(main)
+"""
+
+
+def test_purging_an_idle_flash_endpoint_keeps_it_serving(
+    daemon: Daemon, project: Path
+) -> None:
+    """purge-queue on an idle Flash endpoint used to strand its dispatcher: no job ran again."""
+    script = project / "purge_script.py"
+    script.write_text(textwrap.dedent(PURGE_SCRIPT))
+
+    def call(x: int, within_s: float) -> Any:
+        done = subprocess.run(
+            [sys.executable, str(script), str(x), str(within_s)],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout)
+
+    assert call(1, 60) == 2
+    with daemon.client() as client:
+        purged = client.post("/v2/gw-purge/purge-queue")
+        assert purged.json() == {"removed": 0, "status": "completed"}
+    assert call(21, 20) == 42  # it waited forever
+
+
+def test_concurrent_config_changes_leave_one_set_of_workers(
+    daemon: Daemon, project: Path
+) -> None:
+    """Two registrations replacing one endpoint at once: the loser's workers do not linger."""
+    handler = project / "echo_handler.py"
+    shutil.copy(ECHO, handler)
+
+    def config(tag: str) -> dict[str, Any]:
+        resource = ServerlessEndpoint(
+            name="churn", handler=str(handler), workersMin=1, env={"TAG": tag}
+        )
+        return config_of(resource)
+
+    assert daemon.record is not None
+    url = daemon.record.url
+    with daemon.client() as client:
+
+        def put(tag: str) -> int:
+            answer = client.put("/flash/v1/endpoints/churn", json=config(tag))
+            return answer.status_code
+
+        assert put("a") == 200
+        job_id = run_job(client, "churn", {"n": 1})
+        assert wait_for(client, "churn", job_id, {"COMPLETED"})["status"] == "COMPLETED"
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(put, ["b", "c", "d", "e"])) == [200] * 4
+        job_id = run_job(client, "churn", {"n": 2})
+        assert wait_for(client, "churn", job_id, {"COMPLETED"})["status"] == "COMPLETED"
+        # every replaced config's worker was started at once; only the last one's runs
+        started = children(daemon.pid)
+        launched = [p for p in workers_of(url) if p in started]
+        assert len(launched) == 1
+        health = client.get("/v2/churn/health").json()["workers"]
+        assert health["idle"] + health["running"] + health["initializing"] == 1
