@@ -32,6 +32,7 @@ from flash_actors.gateway.record import (
     ALREADY_RUNNING,
     RECORD_NAME,
     DaemonRecord,
+    is_gateway,
     pid_alive,
     read_record,
 )
@@ -88,7 +89,9 @@ def _live(state_dir: Path) -> DaemonRecord | None:
     record = read_record(state_dir)
     if record is None:
         return None
-    if not pid_alive(record.pid):
+    # a hard-killed daemon (or a reboot) leaves its record, and its pid may be another
+    # program's now: `down` must not signal that, nor `up` take it for a daemon
+    if not (pid_alive(record.pid) and is_gateway(record.pid)):
         (state_dir / RECORD_NAME).unlink(missing_ok=True)  # stale: its daemon died
         return None
     return record

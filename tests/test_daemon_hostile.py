@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from flash_actors.gateway.core import config_of
+from flash_actors.gateway.record import DaemonRecord, write_record
 from flash_actors.resources import ServerlessEndpoint
-from tests._daemon import ECHO, Daemon, run_job, wait_for, workers_of
+from tests._daemon import ECHO, Daemon, flash, run_job, wait_for, workers_of
 
 
 def children(pid: int) -> set[int]:
@@ -169,3 +170,37 @@ def test_concurrent_config_changes_leave_one_set_of_workers(
         assert len(launched) == 1
         health = client.get("/v2/churn/health").json()["workers"]
         assert health["idle"] + health["running"] + health["initializing"] == 1
+
+
+def test_a_stale_record_naming_another_process_is_not_a_daemon(project: Path) -> None:
+    """After a crash (or a reboot) the record's pid may be another program's: `down` must
+    not signal it, and `up` must start a daemon rather than say one runs."""
+    state_dir = project / ".flash"
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    d: Daemon | None = None
+    try:
+        state_dir.mkdir(mode=0o700)
+        write_record(
+            state_dir,
+            DaemonRecord(
+                url="http://127.0.0.1:9", pid=bystander.pid, api_key="k", secret=""
+            ),
+        )
+        down = flash("local", "down", cwd=project, timeout=90)
+        assert down.returncode == 0, down.stderr
+        assert down.stdout == "flash local is not running\n"
+        assert bystander.poll() is None  # not signalled
+        write_record(
+            state_dir,
+            DaemonRecord(
+                url="http://127.0.0.1:9", pid=bystander.pid, api_key="k", secret=""
+            ),
+        )
+        d = Daemon(state_dir)  # asserts that it started and prints its own URL
+        assert d.pid != bystander.pid
+        assert bystander.poll() is None
+    finally:
+        if d is not None:
+            d.stop()
+        bystander.kill()
+        bystander.wait()
