@@ -304,7 +304,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
     state_dir = Path(args.state_dir).resolve()
     if args.local_command == "up":
-        return _up(args, state_dir)
+        try:
+            return _up(args, state_dir)
+        except OSError as exc:  # e.g. its logs/ is a file: say so, not a traceback
+            print(f"flash local: cannot use {state_dir}: {exc}", file=sys.stderr)
+            return 1
     if args.local_command == "status":
         return _status(state_dir)
     return _down(state_dir)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import DaemonRecord, write_record
+from flash_actors.gateway.record import DaemonRecord, read_record, write_record
 from flash_actors.resources import ServerlessEndpoint
 from tests._daemon import ECHO, Daemon, flash, run_job, wait_for, workers_of
 
@@ -204,3 +204,25 @@ def test_a_stale_record_naming_another_process_is_not_a_daemon(project: Path) ->
             d.stop()
         bystander.kill()
         bystander.wait()
+
+
+@pytest.mark.parametrize("damage", ["logs-file", "lock-folder", "store-garbage"])
+def test_a_damaged_state_folder_gets_a_clear_error(project: Path, damage: str) -> None:
+    """`up` in a state folder with odd contents says what is wrong, not a traceback."""
+    state_dir = project / ".flash"
+    state_dir.mkdir(mode=0o700)
+    if damage == "logs-file":
+        (state_dir / "logs").write_text("")
+        where = "logs"
+    elif damage == "lock-folder":
+        (state_dir / "daemon.lock").mkdir(mode=0o700)
+        where = "daemon.lock"
+    else:
+        (state_dir / "gateway.sqlite3").write_text("not a database\n")
+        where = "gateway.sqlite3"
+    done = flash("local", "up", cwd=project)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr + done.stdout
+    assert f"{state_dir / where}" in done.stderr
+    assert read_record(state_dir) is None
+    assert flash("local", "status", cwd=project).returncode == 1
