@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -226,3 +227,35 @@ def test_a_damaged_state_folder_gets_a_clear_error(project: Path, damage: str) -
     assert f"{state_dir / where}" in done.stderr
     assert read_record(state_dir) is None
     assert flash("local", "status", cwd=project).returncode == 1
+
+
+def test_down_answers_the_requests_waiting_on_a_job(daemon: Daemon) -> None:
+    """`down` while clients wait (runsync, status?wait): they get the job's state, not a
+    dropped connection, and the job is still there after `up`."""
+    answers: dict[str, Any] = {}
+    with daemon.client() as client:
+        job_id = run_job(client, "manual", {"n": 1})
+
+        def runsync() -> None:
+            answers["runsync"] = client.post(
+                "/v2/manual/runsync", json={"input": {"n": 2}}
+            )
+
+        def status() -> None:
+            answers["status"] = client.get(f"/v2/manual/status/{job_id}?wait=60000")
+
+        with ThreadPoolExecutor(2) as pool:
+            waits = [pool.submit(runsync), pool.submit(status)]
+            deadline = time.monotonic() + 20
+            while client.get("/v2/manual/health").json()["jobs"]["inQueue"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            daemon.down()
+            for wait in waits:
+                wait.result()
+    for name in ("runsync", "status"):
+        assert answers[name].status_code == 200, answers[name].text
+        assert answers[name].json()["status"] == "IN_QUEUE"
+    daemon.up()
+    with daemon.client() as client:
+        assert client.get(f"/v2/manual/status/{job_id}").json()["status"] == "IN_QUEUE"

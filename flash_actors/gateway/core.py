@@ -421,6 +421,12 @@ class Gateway:
                         await self._stop_endpoint(endpoint)
                 tg.cancel_scope.cancel()
 
+    def close(self) -> None:
+        """The daemon stops: long polls (runsync, status and stream waits) answer now."""
+        self.closing.set()
+        for job in self.jobs.values():
+            job.notify()
+
     def _start_endpoint(self, endpoint: Endpoint) -> None:
         assert self._tg is not None  # noqa: S101 (run() set it)
         if endpoint.kind == "flash":

@@ -189,7 +189,7 @@ async def _serve_locked(
                 await shutdown.wait()
             finally:
                 with anyio.CancelScope(shield=True):
-                    gateway.closing.set()
+                    gateway.close()  # waiting requests answer before the server stops
                     remove_record(state_dir, os.getpid())
                     await http.stop()
                 tg.cancel_scope.cancel()
