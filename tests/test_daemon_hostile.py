@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     import httpx
+
+MB = 1024 * 1024
 
 
 @pytest.fixture
@@ -259,3 +263,48 @@ def test_down_answers_the_requests_waiting_on_a_job(daemon: Daemon) -> None:
     daemon.up()
     with daemon.client() as client:
         assert client.get(f"/v2/manual/status/{job_id}").json()["status"] == "IN_QUEUE"
+
+
+def test_a_webhook_that_answers_without_end_is_not_read(daemon: Daemon) -> None:
+    """A webhook server answering with an endless body must not fill the daemon's memory:
+    the daemon reads the status line and hangs up."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(30)
+    limit = 256 * MB
+    sent: list[int] = []
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                    b"Content-Length: 100000000000\r\n\r\n"
+                )
+                chunk = b"x" * MB
+                total = 0
+                with contextlib.suppress(OSError):
+                    while total < limit:
+                        conn.sendall(chunk)
+                        total += len(chunk)
+                sent.append(total)
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        with daemon.client() as client:
+            hook = f"http://127.0.0.1:{server.getsockname()[1]}/hook"
+            job_id = run_job(client, "manual", {"n": 1}, webhook=hook)
+            assert _take(client, "manual", "w1") == job_id
+            done = client.post(f"/v2/manual/job-done/w1/{job_id}", json={"output": 1})
+            assert done.status_code == 200, done.text
+            thread.join(60)
+            assert not thread.is_alive()
+            assert sent, "the daemon never called its webhook"
+            assert sent[0] < limit  # it hung up instead of reading on
+            assert client.get("/v2/manual/health").status_code == 200
+    finally:
+        server.close()

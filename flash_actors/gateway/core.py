@@ -813,20 +813,26 @@ class Gateway:
     async def _webhook(self, job: Job) -> None:
         """POST the final ``/status`` envelope (never the job's input) to the job's webhook.
 
-        Three tries with backoff. Whatever goes wrong (a refused connection, a bad URL
-        stored by an older version, a bug) is logged: a webhook never stops the daemon.
+        Three tries with backoff, each with 10 s for the answer's status line; the answer's
+        body is never read (an endless one cannot fill memory). Whatever goes wrong (a
+        refused connection, a bad URL stored by an older version, a bug) is logged: a
+        webhook never stops the daemon.
         """
         if self._http is None:
             return
         url = str(job.options["webhook"])
         headers = {"Content-Type": "application/json"}
         for attempt in range(3):
+            error = "no answer within 10 s"
             try:
                 body = envelope_json(self.envelope(job))
-                response = await self._http.post(url, content=body, headers=headers)
-                if response.status_code < 500:
-                    return
-                error = f"HTTP {response.status_code}"
+                with anyio.move_on_after(10):
+                    async with self._http.stream(
+                        "POST", url, content=body, headers=headers
+                    ) as response:
+                        if response.status_code < 500:
+                            return
+                        error = f"HTTP {response.status_code}"
             except Exception as exc:  # noqa: BLE001 (a webhook must never stop the daemon)
                 error = f"{type(exc).__name__}: {exc}"
             log.warning(
