@@ -308,3 +308,14 @@ def test_a_webhook_that_answers_without_end_is_not_read(daemon: Daemon) -> None:
             assert client.get("/v2/manual/health").status_code == 200
     finally:
         server.close()
+
+
+def test_head_requests_take_no_job(daemon: Daemon) -> None:
+    """A HEAD (a probe, `curl -I`) on job-take would hand out a job nobody receives."""
+    with daemon.client() as client:
+        job_id = run_job(client, "manual", {"n": 1})
+        for route in ("job-take/w1", "job-take-batch/w1?batch_size=5", "job-stop/w1"):
+            assert client.head(f"/v2/manual/{route}").status_code == 405, route
+        assert client.get(f"/v2/manual/status/{job_id}").json()["status"] == "IN_QUEUE"
+        assert client.head("/v2/manual/health").status_code == 200
+        assert _take(client, "manual", "w1") == job_id
