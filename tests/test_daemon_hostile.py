@@ -319,3 +319,20 @@ def test_head_requests_take_no_job(daemon: Daemon) -> None:
         assert client.get(f"/v2/manual/status/{job_id}").json()["status"] == "IN_QUEUE"
         assert client.head("/v2/manual/health").status_code == 200
         assert _take(client, "manual", "w1") == job_id
+
+
+def test_env_no_process_can_have_is_refused(daemon: Daemon, project: Path) -> None:
+    """An env name with '=' or a NUL in a name or value cannot start any worker: it used to
+    be accepted, and then its pool failed every second with a traceback, its jobs queued."""
+    handler = project / "echo_handler.py"
+    shutil.copy(ECHO, handler)
+    with daemon.client() as client:
+        for env in ({"A=B": "1"}, {"A": "x\x00y"}, {"A\x00": "1"}, {"": "1"}):
+            resource = ServerlessEndpoint(name="envx", handler=str(handler), env=env)
+            answer = client.put("/flash/v1/endpoints/envx", json=config_of(resource))
+            assert answer.status_code == 400, env
+            assert answer.json()["error"].startswith("endpoint 'envx': env "), env
+        good = ServerlessEndpoint(name="envx", handler=str(handler), env={"A": "1"})
+        assert client.put("/flash/v1/endpoints/envx", json=config_of(good)).is_success
+        job_id = run_job(client, "envx", {"n": 1})
+        assert wait_for(client, "envx", job_id, {"COMPLETED"})["status"] == "COMPLETED"

@@ -469,6 +469,17 @@ class Gateway:
         if endpoint.resource.name != name:
             msg = f"the config is named {endpoint.resource.name!r}, not {name!r}"
             raise GatewayError(400, msg)
+        bad = sorted(
+            key
+            for key, value in endpoint.resource.worker_env().items()
+            if not key or "=" in key or "\0" in key or "\0" in value
+        )
+        if bad:  # no process can be started with these: refuse them now
+            msg = (
+                f"endpoint {name!r}: env {bad!r} cannot be given to a process: names "
+                "must be non-empty without '=' or NUL, values without NUL"
+            )
+            raise GatewayError(400, msg)
         # One registration at a time: two replacing the same endpoint at once would both
         # stop the old one and both start theirs, leaving one running unseen.
         async with self._registering:
