@@ -28,6 +28,7 @@ from flash_actors._private import (
     private_dir,
     secure_state_dir,
 )
+from flash_actors.errors import ConfigurationError
 from flash_actors.gateway.record import (
     ALREADY_RUNNING,
     RECORD_NAME,
@@ -36,6 +37,7 @@ from flash_actors.gateway.record import (
     pid_alive,
     read_record,
 )
+from flash_actors.resources import ServerlessEndpoint
 
 if TYPE_CHECKING:
     import argparse
@@ -135,6 +137,12 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
                 f"--endpoint {name}: handler file {path!r} does not exist",
                 file=sys.stderr,
             )
+            return 2
+        workers = rest.partition(":")[2] or "1"
+        try:  # the daemon's own checks, before it starts (a clear line, not its traceback)
+            ServerlessEndpoint(name=name, handler=path, workersMax=int(workers))
+        except (ConfigurationError, ValueError) as exc:
+            print(f"--endpoint {spec!r}: {exc}", file=sys.stderr)
             return 2
         command += ["--endpoint", spec]
     log_path = private_dir(state_dir / "logs") / "gateway.log"

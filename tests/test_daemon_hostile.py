@@ -336,3 +336,24 @@ def test_env_no_process_can_have_is_refused(daemon: Daemon, project: Path) -> No
         assert client.put("/flash/v1/endpoints/envx", json=config_of(good)).is_success
         job_id = run_job(client, "envx", {"n": 1})
         assert wait_for(client, "envx", job_id, {"COMPLETED"})["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ("a/b=h.py", "endpoint name may hold only"),
+        ("x=h.py:abc", "invalid literal for int()"),
+        ("x=h.py:-3", "workersMax must be a non-negative integer"),
+    ],
+)
+def test_up_checks_endpoint_specs_before_starting(
+    project: Path, spec: str, error: str
+) -> None:
+    """A bad --endpoint name or worker count: one clear line, no daemon, no traceback."""
+    shutil.copy(ECHO, project / "h.py")
+    done = flash("local", "up", "--endpoint", spec, cwd=project)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"--endpoint {spec!r}: ")
+    assert error in done.stderr
+    assert "Traceback" not in done.stderr
+    assert read_record(project / ".flash") is None
