@@ -141,6 +141,7 @@ def test_purging_an_idle_flash_endpoint_keeps_it_serving(
     assert call(21, 20) == 42  # it waited forever
 
 
+@pytest.mark.slow  # a worker started, stopped and started again: ~10 s
 def test_concurrent_config_changes_leave_one_set_of_workers(
     daemon: Daemon, project: Path
 ) -> None:
@@ -165,8 +166,8 @@ def test_concurrent_config_changes_leave_one_set_of_workers(
         assert put("a") == 200
         job_id = run_job(client, "churn", {"n": 1})
         assert wait_for(client, "churn", job_id, {"COMPLETED"})["status"] == "COMPLETED"
-        with ThreadPoolExecutor(4) as pool:
-            assert list(pool.map(put, ["b", "c", "d", "e"])) == [200] * 4
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(put, ["b", "c"])) == [200] * 2
         job_id = run_job(client, "churn", {"n": 2})
         assert wait_for(client, "churn", job_id, {"COMPLETED"})["status"] == "COMPLETED"
         # every replaced config's worker was started at once; only the last one's runs
