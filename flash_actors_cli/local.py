@@ -28,13 +28,16 @@ from flash_actors._private import (
     private_dir,
     secure_state_dir,
 )
+from flash_actors.errors import ConfigurationError
 from flash_actors.gateway.record import (
     ALREADY_RUNNING,
     RECORD_NAME,
     DaemonRecord,
+    is_gateway,
     pid_alive,
     read_record,
 )
+from flash_actors.resources import ServerlessEndpoint
 
 if TYPE_CHECKING:
     import argparse
@@ -88,7 +91,9 @@ def _live(state_dir: Path) -> DaemonRecord | None:
     record = read_record(state_dir)
     if record is None:
         return None
-    if not pid_alive(record.pid):
+    # a hard-killed daemon (or a reboot) leaves its record, and its pid may be another
+    # program's now: `down` must not signal that, nor `up` take it for a daemon
+    if not (pid_alive(record.pid) and is_gateway(record.pid)):
         (state_dir / RECORD_NAME).unlink(missing_ok=True)  # stale: its daemon died
         return None
     return record
@@ -132,6 +137,12 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
                 f"--endpoint {name}: handler file {path!r} does not exist",
                 file=sys.stderr,
             )
+            return 2
+        workers = rest.partition(":")[2] or "1"
+        try:  # the daemon's own checks, before it starts (a clear line, not its traceback)
+            ServerlessEndpoint(name=name, handler=path, workersMax=int(workers))
+        except (ConfigurationError, ValueError) as exc:
+            print(f"--endpoint {spec!r}: {exc}", file=sys.stderr)
             return 2
         command += ["--endpoint", spec]
     log_path = private_dir(state_dir / "logs") / "gateway.log"
@@ -301,7 +312,11 @@ def run(args: argparse.Namespace) -> int:
             return 1
     state_dir = Path(args.state_dir).resolve()
     if args.local_command == "up":
-        return _up(args, state_dir)
+        try:
+            return _up(args, state_dir)
+        except OSError as exc:  # e.g. its logs/ is a file: say so, not a traceback
+            print(f"flash local: cannot use {state_dir}: {exc}", file=sys.stderr)
+            return 1
     if args.local_command == "status":
         return _status(state_dir)
     return _down(state_dir)

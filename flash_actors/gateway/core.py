@@ -363,6 +363,7 @@ class Gateway:
         self.endpoints: dict[str, Endpoint] = {}
         self.jobs: dict[str, Job] = {}
         self.closing = anyio.Event()
+        self._registering = anyio.Lock()
         self.started = time.time()
         self._tg: TaskGroup | None = None
         self._http: httpx.AsyncClient | None = None
@@ -420,6 +421,12 @@ class Gateway:
                         await self._stop_endpoint(endpoint)
                 tg.cancel_scope.cancel()
 
+    def close(self) -> None:
+        """The daemon stops: long polls (runsync, status and stream waits) answer now."""
+        self.closing.set()
+        for job in self.jobs.values():
+            job.notify()
+
     def _start_endpoint(self, endpoint: Endpoint) -> None:
         assert self._tg is not None  # noqa: S101 (run() set it)
         if endpoint.kind == "flash":
@@ -462,21 +469,35 @@ class Gateway:
         if endpoint.resource.name != name:
             msg = f"the config is named {endpoint.resource.name!r}, not {name!r}"
             raise GatewayError(400, msg)
-        known = self.endpoints.get(name)
-        if known is not None:
-            if known.resource.same_config(endpoint.resource):
-                return known
-            log.info("gateway.endpoint_replaced", endpoint=name)
-            await self._stop_endpoint(known)
-            endpoint.jobs = known.jobs
-            endpoint.retried = known.retried
-            for job in sorted(known.jobs.values(), key=lambda j: j.record.seq):
-                if job.status == "IN_QUEUE":
-                    endpoint.push(job)
-        self.store.put_endpoint(name, json.dumps(config))
-        self.endpoints[name] = endpoint
-        if self._tg is not None:
-            self._start_endpoint(endpoint)
+        bad = sorted(
+            key
+            for key, value in endpoint.resource.worker_env().items()
+            if not key or "=" in key or "\0" in key or "\0" in value
+        )
+        if bad:  # no process can be started with these: refuse them now
+            msg = (
+                f"endpoint {name!r}: env {bad!r} cannot be given to a process: names "
+                "must be non-empty without '=' or NUL, values without NUL"
+            )
+            raise GatewayError(400, msg)
+        # One registration at a time: two replacing the same endpoint at once would both
+        # stop the old one and both start theirs, leaving one running unseen.
+        async with self._registering:
+            known = self.endpoints.get(name)
+            if known is not None:
+                if known.resource.same_config(endpoint.resource):
+                    return known
+                log.info("gateway.endpoint_replaced", endpoint=name)
+                await self._stop_endpoint(known)
+                endpoint.jobs = known.jobs
+                endpoint.retried = known.retried
+                for job in sorted(known.jobs.values(), key=lambda j: j.record.seq):
+                    if job.status == "IN_QUEUE":
+                        endpoint.push(job)
+            self.store.put_endpoint(name, json.dumps(config))
+            self.endpoints[name] = endpoint
+            if self._tg is not None:
+                self._start_endpoint(endpoint)
         log.info("gateway.endpoint", endpoint=name, kind=endpoint.kind)
         return endpoint
 
@@ -693,7 +714,8 @@ class Gateway:
                 self._finish(job, "CANCELLED", error="removed by purge-queue")
                 removed += 1
         endpoint.queue.clear()
-        endpoint.available = anyio.Event()
+        if endpoint.available.is_set():  # never replace an event someone may wait on
+            endpoint.available = anyio.Event()
         return removed
 
     def health(self, endpoint: Endpoint) -> dict[str, Any]:
@@ -802,20 +824,26 @@ class Gateway:
     async def _webhook(self, job: Job) -> None:
         """POST the final ``/status`` envelope (never the job's input) to the job's webhook.
 
-        Three tries with backoff. Whatever goes wrong (a refused connection, a bad URL
-        stored by an older version, a bug) is logged: a webhook never stops the daemon.
+        Three tries with backoff, each with 10 s for the answer's status line; the answer's
+        body is never read (an endless one cannot fill memory). Whatever goes wrong (a
+        refused connection, a bad URL stored by an older version, a bug) is logged: a
+        webhook never stops the daemon.
         """
         if self._http is None:
             return
         url = str(job.options["webhook"])
         headers = {"Content-Type": "application/json"}
         for attempt in range(3):
+            error = "no answer within 10 s"
             try:
                 body = envelope_json(self.envelope(job))
-                response = await self._http.post(url, content=body, headers=headers)
-                if response.status_code < 500:
-                    return
-                error = f"HTTP {response.status_code}"
+                with anyio.move_on_after(10):
+                    async with self._http.stream(
+                        "POST", url, content=body, headers=headers
+                    ) as response:
+                        if response.status_code < 500:
+                            return
+                        error = f"HTTP {response.status_code}"
             except Exception as exc:  # noqa: BLE001 (a webhook must never stop the daemon)
                 error = f"{type(exc).__name__}: {exc}"
             log.warning(
@@ -1061,6 +1089,7 @@ class Gateway:
         if job is None or job.terminal:
             worker.jobs.discard(job_id)
             return
+        self._check_holder(endpoint, job, worker_id)
         try:
             message = msgspec.json.decode(body, type=_Done)
         except (msgspec.DecodeError, RecursionError) as exc:
@@ -1091,6 +1120,19 @@ class Gateway:
         else:
             self.complete(job, output)
 
+    @staticmethod
+    def _check_holder(endpoint: Endpoint, job: Job, worker_id: str) -> None:
+        """Refuse a worker's post about a running job that it does not hold.
+
+        Raises:
+            GatewayError: 409 for a job queued, held by another worker, or run by Flash
+                workers (a late or stray post must not end a job that runs elsewhere).
+        """
+        if endpoint.kind == "handler" and job.worker == worker_id:
+            return
+        msg = f"job {job.id} is not held by worker {worker_id!r}; nothing was changed"
+        raise GatewayError(409, msg)
+
     def refuse_result(
         self, endpoint: Endpoint, worker_id: str, job_id: str, size: int
     ) -> None:
@@ -1101,6 +1143,7 @@ class Gateway:
             worker.state = "idle"
         job = endpoint.jobs.get(job_id)
         if job is not None and not job.terminal:
+            self._check_holder(endpoint, job, worker_id)
             self.fail(job, result_too_large(size))
 
     def stream_chunk(
@@ -1111,6 +1154,7 @@ class Gateway:
         job = endpoint.jobs.get(job_id)
         if job is None or job.terminal:
             return
+        self._check_holder(endpoint, job, worker_id)
         try:
             msgspec.json.decode(body)
         except (msgspec.DecodeError, RecursionError) as exc:

@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,8 @@ async def serve(
         lock = lock_state_dir(state_dir)  # held (fd open) until the process exits
     except StateDirError as exc:
         raise SystemExit(f"flash local: {exc}") from None
+    except OSError as exc:  # e.g. its daemon.lock is a folder
+        raise SystemExit(f"flash local: cannot use {state_dir}: {exc}") from None
     except DaemonRunningError as exc:
         print(exc, file=sys.stderr, flush=True)  # noqa: T201
         raise SystemExit(ALREADY_RUNNING) from None
@@ -108,7 +111,14 @@ async def _serve_locked(
         retention_s=retention,
         max_queue=int(os.environ.get("FLASH_LOCAL_MAX_QUEUE", "100000")),
     )
-    gateway.load()
+    try:
+        gateway.load()
+    except sqlite3.DatabaseError as exc:
+        msg = (
+            f"flash local: the job store {store.path} cannot be read ({exc}); move it "
+            "away to start with an empty queue"
+        )
+        raise SystemExit(msg) from None
     alive_before = store.meta(ALIVE_KEY)
     try:
         gateway.api_key = _setting(
@@ -179,7 +189,7 @@ async def _serve_locked(
                 await shutdown.wait()
             finally:
                 with anyio.CancelScope(shield=True):
-                    gateway.closing.set()
+                    gateway.close()  # waiting requests answer before the server stops
                     remove_record(state_dir, os.getpid())
                     await http.stop()
                 tg.cancel_scope.cancel()

@@ -27,6 +27,7 @@ __all__ = [
     "DaemonRecord",
     "DaemonRunningError",
     "find_daemon",
+    "is_gateway",
     "lock_state_dir",
     "pid_alive",
     "read_record",
@@ -170,12 +171,12 @@ def find_daemon(state_dir: Path | str = ".flash") -> DaemonRecord | None:
             "RUNPOD_API_KEY", ""
         )
         return DaemonRecord(url=url, pid=0, api_key=key, secret="")
-    if record is not None and pid_alive(record.pid) and _is_gateway(record.pid):
+    if record is not None and pid_alive(record.pid) and is_gateway(record.pid):
         return record
     return None
 
 
-def _is_gateway(pid: int) -> bool:
+def is_gateway(pid: int) -> bool:
     """False when the PID was reused by another program (the daemon died uncleanly)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
