@@ -31,7 +31,8 @@ typecheck: $(STAMP)
 PYTEST_WORKERS ?= 4
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 test: lint typecheck pytest
 
