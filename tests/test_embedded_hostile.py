@@ -347,7 +347,10 @@ async def test_the_idle_reaper_does_not_stop_a_worker_that_took_a_job(
                     await wait_until(lambda: first.id not in pool.workers)
                     (tmp_path / "c.release").touch()
         runs = (tmp_path / "c.runs").read_text().split()
-        assert runs == [str(second.pid)]  # ran once, where it started
+        # Ran once (the bug killed it and ran it again). Usually on `second`; on a busy
+        # machine the reaper may have stopped `second` too before "c" came, and then "c"
+        # ran once on a new worker, which is just as right.
+        assert len(runs) == 1, runs
         assert left_running(pids) == []
     finally:
         for pid in pids:
