@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 BACKENDS = [
@@ -22,3 +24,11 @@ def _run_in_tmp_path(
 ) -> None:
     """Every test runs in its own directory, so `.flash/` state never lands in the repo."""
     monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """An empty project folder (the daemon serves it; its state goes in ``.flash/``)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    return folder

@@ -49,13 +49,6 @@ MB = 1024 * 1024
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
-    folder = tmp_path / "project"
-    folder.mkdir()
-    return folder
-
-
-@pytest.fixture
 def daemon(project: Path) -> Iterator[Daemon]:
     d = Daemon(project / ".flash", f"manual={ECHO}:0")
     yield d

@@ -20,7 +20,7 @@ from flash_actors import CpuLiveServerless, JobStatus, RetryPolicy, remote, runt
 from flash_actors.errors import RemoteExecutionError
 from flash_actors.providers.local import LocalProvider
 from flash_actors.providers.local.pool import START_TRIES
-from tests._daemon import descendants
+from tests._daemon import descendants, kill_all
 
 
 def left_running(pids: list[int]) -> list[int]:
@@ -71,9 +71,7 @@ async def test_a_frozen_fork_template_is_replaced(tmp_path: Path) -> None:
                 ]
         assert left_running(pids) == []
     finally:
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(pids)
 
 
 HOLD = CpuLiveServerless(
@@ -170,9 +168,7 @@ async def test_a_job_withdrawn_as_its_caller_cancels_never_runs(
             assert not (tmp_path / "cancelled.started").exists()
         assert left_running(pids) == []
     finally:
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(pids)
 
 
 EXITS = CpuLiveServerless(
@@ -353,9 +349,7 @@ async def test_the_idle_reaper_does_not_stop_a_worker_that_took_a_job(
         assert len(runs) == 1, runs
         assert left_running(pids) == []
     finally:
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(pids)
 
 
 DIES_SOON = CpuLiveServerless(
