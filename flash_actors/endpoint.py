@@ -1,8 +1,9 @@
 """The Endpoint actor: one per resource config; applies each call's policies and runs it.
 
 For every `Call` it checks the payload limit (before anything is sent), queues the job until
-the provider has capacity (expiring it after the policy's TTL), runs it with the execution
-timeout, retries failed deliveries with backoff and jitter, and turns the worker's
+the provider has capacity, retries failed deliveries with backoff and jitter, applies the TTL
+and the execution timeout where the backend does not (its ``enforces``: one owner per policy,
+see `flash_actors.providers.base`), and turns the worker's
 `FunctionResponse` into what the caller gets: a `JobOutput` for queue resources, the value (or
 the typed remote error) for load-balancer resources.
 """
@@ -27,10 +28,12 @@ from flash_actors.errors import (
 )
 from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import Call, FunctionResponse, PayloadCall, Routed
-from flash_actors.policies import check_payload, expired_error
-from flash_actors.serialization import decode_result, endpoint_key
+from flash_actors.policies import check_payload, expired_error, timeout_error
+from flash_actors.serialization import decode_result
 
 if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectSendStream
+
     from flash_actors.providers.base import EndpointBackend, Provider
     from flash_actors.resources import ServerlessResource
 
@@ -51,7 +54,7 @@ def new_job_id() -> str:
     return secrets.token_hex(12)
 
 
-def response_value(response: FunctionResponse, key: bytes) -> Any:
+def response_value(response: FunctionResponse, key: bytes | None) -> Any:
     """The value of a successful response, or raise the remote error it carries.
 
     Raises:
@@ -80,14 +83,18 @@ class EndpointActor(Actor[Routed]):
     def __init__(self, resource: ServerlessResource, provider: Provider) -> None:
         self.resource = resource
         self.provider = provider
-        self.key = endpoint_key(resource.name)
+        self.key = provider.signing_key(resource.name)
         self.backend: EndpointBackend | None = None
         self._slots: anyio.Semaphore | None = None
+        self._ttl = True  # the backend leaves the TTL to us
+        self._timeout = True  # the backend leaves the execution timeout to us
 
     async def on_start(self) -> None:
         """Provision the endpoint on the provider."""
         self.backend = await self.provider.open_endpoint(self.resource, self.key)
         self._slots = anyio.Semaphore(max(1, self.backend.capacity))
+        self._ttl = "ttl" not in self.backend.enforces
+        self._timeout = "execution_timeout" not in self.backend.enforces
 
     async def on_stop(self) -> None:
         """Stop the endpoint's workers."""
@@ -129,7 +136,7 @@ class EndpointActor(Actor[Routed]):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pump)
                 async with send:
-                    final = await self.backend.execute(call, job_id=job_id, chunks=send)
+                    final = await self._execute(call, job_id, send)
         response_value(final, self.key)  # raises the remote error, if any
 
     async def _run_direct(self, call: Call) -> Any:
@@ -147,7 +154,7 @@ class EndpointActor(Actor[Routed]):
         assert self._slots is not None  # noqa: S101 (set in on_start)
         job_id = new_job_id()
         queued = time.monotonic()
-        ttl = call.policy.ttl_s
+        ttl = call.policy.ttl_s if self._ttl else None
         try:
             self._slots.acquire_nowait()
             expired = False
@@ -253,7 +260,7 @@ class EndpointActor(Actor[Routed]):
         attempts = policy.retry.attempts
         for attempt in range(1, attempts + 1):
             try:
-                return await self.backend.execute(call, job_id=job_id)
+                return await self._execute(call, job_id)
             except DeliveryError as exc:
                 if attempt == attempts:
                     raise
@@ -268,3 +275,18 @@ class EndpointActor(Actor[Routed]):
                 )
                 await anyio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute(
+        self,
+        call: Call,
+        job_id: str,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> FunctionResponse:
+        """One attempt on the backend, under the execution timeout when it leaves that to us."""
+        assert self.backend is not None  # noqa: S101 (set in on_start)
+        timeout = call.policy.execution_timeout_s
+        if not self._timeout or timeout is None:
+            return await self.backend.execute(call, job_id=job_id, chunks=chunks)
+        with anyio.move_on_after(timeout):
+            return await self.backend.execute(call, job_id=job_id, chunks=chunks)
+        raise timeout_error(call, job_id)

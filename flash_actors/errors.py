@@ -15,6 +15,8 @@ FlashRuntimeError                   base of everything this package raises
 │   └── InvalidRemoteTargetError (TypeError)  @remote on something not a function or class
 ├── ExecutionTimeoutError (TimeoutError)      a job ran past its execution timeout
 ├── DeliveryError                   a call could not reach a worker, or its worker died
+│   └── NotDeliveredError           the request provably never reached the server
+├── DeliveryUncertainError          a job may have been created; not sent again (not retried)
 ├── DependencyInstallError          pip or apt-get could not install an endpoint's dependencies
 └── ActorError                      the actor runtime could not deliver or answer a message
     ├── ActorStoppedError           the actor stopped (or crashed) before it answered
@@ -41,6 +43,7 @@ __all__ = [
     "AskTimeoutError",
     "ConfigurationError",
     "DeliveryError",
+    "DeliveryUncertainError",
     "DependencyInstallError",
     "ExecutionTimeoutError",
     "FlashRuntimeError",
@@ -51,6 +54,7 @@ __all__ = [
     "MailboxFullError",
     "ManifestError",
     "ManifestServiceUnavailableError",
+    "NotDeliveredError",
     "PayloadSignatureError",
     "PayloadTooLargeError",
     "RemoteExecutionError",
@@ -131,6 +135,21 @@ class AskTimeoutError(ActorError, TimeoutError):
 
 class DeliveryError(FlashRuntimeError):
     """A call could not be delivered or its worker died before answering (retryable)."""
+
+
+class NotDeliveredError(DeliveryError):
+    """The request provably never reached the server (refused connection, HTTP 429/503).
+
+    Sending it again cannot create a second job, whatever the server.
+    """
+
+
+class DeliveryUncertainError(FlashRuntimeError):
+    """The connection broke after a job's request was sent: the job may exist.
+
+    Raised where the server cannot take the caller's job id (RunPod's ``/run``), so a retry
+    could run the job twice; it is not retried. The message says what is known.
+    """
 
 
 class DependencyInstallError(FlashRuntimeError):

@@ -245,18 +245,16 @@ class _Caller:
         self._signer: RequestSigner | None = None
         self._route: _Route | None = None
 
-    def signer(self) -> RequestSigner:
-        key = endpoint_key(self._endpoint)
+    def signer(self, key: bytes | None) -> RequestSigner:
+        """The request signer for ``key`` (rebuilt only when the key changes)."""
         if key is not self._key or self._signer is None:
             self._signer = RequestSigner(key, self.template)
             self._key = key
         return self._signer
 
     def key(self) -> bytes:
-        """The endpoint's current HMAC key (the one `signer` signs with)."""
-        self.signer()
-        assert self._key is not None  # noqa: S101 (set by signer())
-        return self._key
+        """This process's key for the endpoint: what ``local=True`` calls sign with."""
+        return endpoint_key(self._endpoint)
 
     def request(
         self,
@@ -265,7 +263,8 @@ class _Caller:
         arg_names: tuple[str, ...],
         **extra: Any,
     ) -> FunctionRequest:
-        return self.signer().sign(args, kwargs, arg_names=arg_names, **extra)
+        """A request signed with this process's key (``local=True`` calls)."""
+        return self.signer(self.key()).sign(args, kwargs, arg_names=arg_names, **extra)
 
     def _decode_locally(
         self, request: FunctionRequest, arg_names: tuple[str, ...]
@@ -297,9 +296,19 @@ class _Caller:
             stream_to=stream_to,
         )
 
-    async def remote(self, request: FunctionRequest, arg_names: tuple[str, ...]) -> Any:
-        call = self._call_message(request, arg_names)
+    async def remote(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        arg_names: tuple[str, ...],
+        **extra: Any,
+    ) -> Any:
+        """Sign the call with the runtime's provider's key and send it; its answer."""
         runtime = await get_runtime()
+        request = self.signer(runtime.signing_key(self._endpoint)).sign(
+            args, kwargs, arg_names=arg_names, **extra
+        )
+        call = self._call_message(request, arg_names)
         generation = runtime.registry.generation
         reply: Reply | None = None
         try:
@@ -329,13 +338,21 @@ class _Caller:
                 self._route = _Route(runtime, generation, reply.forwarded_to)
 
     def remote_stream(
-        self, request: FunctionRequest, arg_names: tuple[str, ...]
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], arg_names: tuple[str, ...]
     ) -> ChunkStream:
-        """Chunks of a streaming call, through the Router to the endpoint."""
+        """Chunks of a streaming call, through the Router to the endpoint.
+
+        The arguments are pickled now (an argument that cannot travel fails here), and
+        signed with the runtime's key when the stream opens.
+        """
+        self.request(args, kwargs, arg_names)  # fail now on what cannot be pickled
 
         async def open_stream() -> tuple[_Next, _Close]:
             send, receive = anyio.create_memory_object_stream[Any](16)
             runtime = await get_runtime()
+            request = self.signer(runtime.signing_key(self._endpoint)).sign(
+                args, kwargs, arg_names=arg_names
+            )
             reply = Reply()
             message = self._call_message(request, arg_names, send)
             await runtime.router.forward(Envelope(message, reply))
@@ -517,16 +534,16 @@ class RemoteFunction(Generic[P, R_co]):
         exception) cancels the job. The remote error, typed, is raised from the loop.
         Awaiting the function normally instead returns the list of chunks.
         """
-        request = self._caller.request(args, kwargs, self._arg_names)
         if self._local:
+            request = self._caller.request(args, kwargs, self._arg_names)
             return self._caller.local_stream(request, self._arg_names, self.__wrapped__)
-        return self._caller.remote_stream(request, self._arg_names)
+        return self._caller.remote_stream(args, kwargs, self._arg_names)
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        request = self._caller.request(args, kwargs, self._arg_names)
         if self._local:
+            request = self._caller.request(args, kwargs, self._arg_names)
             return await self._caller.local(request, self._arg_names, self.__wrapped__)
-        return await self._caller.remote(request, self._arg_names)
+        return await self._caller.remote(args, kwargs, self._arg_names)
 
 
 class RemoteMethod:
@@ -575,17 +592,15 @@ class RemoteInstance(Generic[T]):
         owner = self._owner
         caller = owner.caller
         arg_names = owner.method_args.get(name, ())
-        request = caller.request(
-            args,
-            kwargs,
-            arg_names,
-            constructor_args=self._args,
-            constructor_kwargs=self._kwargs,
-            instance_id=self.instance_id,
-            method_name=name,
-        )
+        extra: dict[str, Any] = {
+            "constructor_args": self._args,
+            "constructor_kwargs": self._kwargs,
+            "instance_id": self.instance_id,
+            "method_name": name,
+        }
         if not owner.local:
-            return await caller.remote(request, arg_names)
+            return await caller.remote(args, kwargs, arg_names, **extra)
+        request = caller.request(args, kwargs, arg_names, **extra)
         if self._local_instance is None:
             decoded = decode_request(request, caller.key())
             self._local_instance = owner.__wrapped__(

@@ -9,7 +9,6 @@ so a plain ``asyncio.run(main())`` or ``trio.run(main)`` script needs nothing mo
 
 from __future__ import annotations
 
-import os
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
@@ -19,8 +18,8 @@ import anyio
 from flash_actors.actors import ActorRef, ActorSystem
 from flash_actors.actors._hosting import current_hosted, hosted
 from flash_actors.endpoint import EndpointActor
-from flash_actors.errors import ConfigurationError
 from flash_actors.messages import PayloadCall
+from flash_actors.providers.registry import make_provider
 from flash_actors.registry import REGISTRY, Registry
 from flash_actors.router import Router
 
@@ -43,32 +42,12 @@ _current: ContextVar[FlashRuntime | None] = ContextVar(
 )
 
 
-def _default_provider(name: str | None) -> Provider:
-    name = name or os.environ.get("FLASH_PROVIDER") or "local"
-    if name == "local":
-        from flash_actors.gateway.record import find_daemon
-
-        record = find_daemon()
-        if record is not None:
-            from flash_actors.gateway.client import GatewayProvider
-
-            return GatewayProvider(record)
-        from flash_actors.providers.local import LocalProvider
-
-        return LocalProvider()
-    if name == "inprocess":
-        from flash_actors.providers.inprocess import InProcessProvider
-
-        return InProcessProvider()
-    msg = f"unknown provider {name!r}; available: 'local', 'inprocess'"
-    raise ConfigurationError(msg)
-
-
 class FlashRuntime:
     """One running runtime. Make it with `runtime()`; it is not reentrant.
 
     Args:
-        provider: where endpoints run (default: the in-process provider).
+        provider: where endpoints run: a `Provider`, or its name in
+            `flash_actors.providers.registry` (default: ``FLASH_PROVIDER``, else ``"local"``).
         registry: function and endpoint lookup (default: the process-wide registry that
             ``@remote`` fills, backed by ``.flash/flash_manifest.json`` when present).
     """
@@ -82,7 +61,7 @@ class FlashRuntime:
         self.provider: Provider = (
             provider
             if provider is not None and not isinstance(provider, str)
-            else _default_provider(provider)
+            else make_provider(provider)
         )
         self.registry = registry or REGISTRY
         self.system = ActorSystem()
@@ -123,6 +102,10 @@ class FlashRuntime:
             finally:
                 # Not inside the shield: the provider's task group must exit in nesting order.
                 await self.provider.__aexit__(None, None, None)
+
+    def signing_key(self, endpoint: str) -> bytes | None:
+        """The key calls to ``endpoint`` are signed with (the provider's; see `Provider`)."""
+        return self.provider.signing_key(endpoint)
 
     def endpoint(self, name: str) -> ActorRef[Routed]:
         """The Endpoint actor of endpoint ``name``, spawned on first use.

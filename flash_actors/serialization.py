@@ -47,6 +47,7 @@ __all__ = [
     "decode_request",
     "decode_result",
     "decode_value",
+    "derive_key",
     "dumps",
     "encode_result",
     "encode_value",
@@ -67,7 +68,12 @@ _endpoint_keys: dict[str, bytes] = {}
 
 
 def master_secret() -> bytes:
-    """The process's master secret: ``FLASH_SECRET`` (hex), a running daemon's, or random."""
+    """This process's master secret: ``FLASH_SECRET`` (hex) when set, else random.
+
+    Providers that run endpoints elsewhere own their secret (a ``flash local`` daemon's
+    comes from its record, RunPod's endpoints are not signed); this one signs what this
+    process's own workers (the in-process and local providers) run.
+    """
     global _master_secret
     if _master_secret is None:
         env = os.environ.get("FLASH_SECRET")
@@ -78,21 +84,8 @@ def master_secret() -> bytes:
                 msg = "FLASH_SECRET must be a hex string (for example `openssl rand -hex 32`)"
                 raise SerializationError(msg) from exc
         else:
-            _master_secret = _daemon_secret() or secrets.token_bytes(32)
+            _master_secret = secrets.token_bytes(32)
     return _master_secret
-
-
-def _daemon_secret() -> bytes | None:
-    """The running ``flash local`` daemon's secret, so its workers accept our requests."""
-    from flash_actors.gateway.record import find_daemon
-
-    record = find_daemon()
-    if record is None or not record.secret:
-        return None
-    try:
-        return bytes.fromhex(record.secret)
-    except ValueError:
-        return None
 
 
 def set_master_secret(secret: bytes) -> None:
@@ -106,14 +99,18 @@ def set_master_secret(secret: bytes) -> None:
 
 
 def endpoint_key(endpoint: str) -> bytes:
-    """The HMAC key of one endpoint, derived from the master secret and its name."""
+    """The MAC key of one endpoint, derived from this process's master secret and its name."""
     key = _endpoint_keys.get(endpoint)
     if key is None:
-        key = hmac.digest(
-            master_secret(), b"flash-actors/endpoint\x00" + endpoint.encode(), "sha256"
-        )
-        _endpoint_keys[endpoint] = key
+        key = _endpoint_keys[endpoint] = derive_key(master_secret(), endpoint)
     return key
+
+
+def derive_key(secret: bytes, endpoint: str) -> bytes:
+    """The MAC key of endpoint ``endpoint`` under master secret ``secret``."""
+    return hmac.digest(
+        secret, b"flash-actors/endpoint\x00" + endpoint.encode(), "sha256"
+    )
 
 
 class _NotPlain(Exception):
@@ -216,9 +213,29 @@ def _chunk_digest(chunk: memoryview) -> bytes:
     return hashlib.sha256(chunk).digest()
 
 
+class _NoMac:
+    """The MAC of an unsigned request (a provider whose endpoints do not check signatures)."""
+
+    __slots__ = ()
+
+    def update(self, data: object) -> None:
+        """Nothing to absorb."""
+
+    def copy(self) -> _NoMac:
+        return self
+
+    def hexdigest(self) -> None:
+        """No signature."""
+
+
+_NO_MAC = _NoMac()
+
+
 def _absorb(mac: Any, raw: bytes) -> None:
     """Feed one length-prefixed payload to the MAC (as chunk digests when it is large)."""
     global _hash_pool
+    if mac is _NO_MAC:
+        return
     size = len(raw)
     if size < 2 * _TREE_CHUNK:
         mac.update(_LEN.pack(size) + raw if size < 4096 else _LEN.pack(size))
@@ -244,15 +261,16 @@ class RequestSigner:
     pickles, hashes and encodes its arguments.
 
     Args:
-        key: the endpoint's HMAC key (`endpoint_key`).
+        key: the endpoint's HMAC key (`endpoint_key`); ``None`` builds unsigned requests, for
+            providers whose workers do not check signatures (stock Flash workers on RunPod).
         template: the request's static fields; its ``args``/``kwargs`` are ignored.
     """
 
     __slots__ = ("_call_prefix", "_prefix", "template")
 
-    def __init__(self, key: bytes, template: FunctionRequest) -> None:
+    def __init__(self, key: bytes | None, template: FunctionRequest) -> None:
         self.template = template
-        mac = hmac.new(key, digestmod=hashlib.sha256)
+        mac: Any = _NO_MAC if key is None else hmac.new(key, digestmod=hashlib.sha256)
         _static_fields(mac, template)
         self._prefix = mac
         # The common call (default method, no instance, new instance) hashed once too.
@@ -521,13 +539,18 @@ def encode_result(value: Any, key: bytes) -> tuple[str, str]:
     return _b64encode(raw), _result_mac(key, raw)
 
 
-def decode_result(text: str, signature: str | None, key: bytes) -> Any:
+def decode_result(text: str, signature: str | None, key: bytes | None) -> Any:
     """Authenticate and unpickle a result made by `encode_result`.
+
+    With ``key`` None (a provider whose endpoints are not signed, such as RunPod's, reached
+    over TLS with the account's key) the result is trusted as Flash trusts it.
 
     Raises:
         PayloadSignatureError: the result is unsigned or its signature does not match.
     """
     raw = _b64decode(text, "the result")
+    if key is None:
+        return loads(raw, what="the result")
     if not signature or not hmac.compare_digest(_result_mac(key, raw), signature):
         msg = (
             "refusing a result whose signature is missing or does not match "

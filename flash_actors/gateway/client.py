@@ -1,11 +1,12 @@
 """The provider scripts use when a ``flash local`` daemon runs: calls go to its queue.
 
 `GatewayProvider` registers each endpoint's config with the daemon (``PUT
-/flash/v1/endpoints/{name}``) and sends every call as a RunPod job: ``runsync`` with the
-Flash ``FunctionRequest`` as ``input`` (long-polling ``status`` if the wait runs out), or
-``run`` + ``stream`` polls for ``f.stream(...)``. The job id is the caller's, so a retried
-delivery attaches to the job the daemon already has instead of running it twice. Leaving the
-caller's scope cancels the job on the daemon.
+/flash/v1/endpoints/{name}``) and sends every call as a RunPod job through the one data-plane
+client (`flash_actors.providers.runpod.dataplane`) over the fast loopback transport, with the
+daemon's capabilities declared (long-polled status, caller-chosen job ids, streaming): the job
+id is the caller's, so a retried delivery attaches to the job the daemon already has instead
+of running it twice. Leaving the caller's scope cancels the job on the daemon. Requests are
+signed with keys derived from the daemon's secret (from its record): its workers accept them.
 
 A call rides out a restart of the daemon (``flash local down``/``up``, or a killed daemon
 started again): while the daemon cannot be reached, the call retries, resubmitting under its
@@ -21,7 +22,6 @@ endpoints (`start_private_gateway`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import secrets
@@ -29,50 +29,38 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
-import msgspec
 
 from flash_actors._private import open_private, private_dir
-from flash_actors.errors import (
-    ConfigurationError,
-    DeliveryError,
-    ExecutionTimeoutError,
-    FlashRuntimeError,
-    RemoteExecutionError,
-)
+from flash_actors.errors import ConfigurationError, DeliveryError
 from flash_actors.gateway.core import config_of
 from flash_actors.gateway.record import DaemonRecord, find_daemon, read_record
-from flash_actors.jobs import JobOutput, JobStatus
-from flash_actors.messages import FunctionResponse, wire_encoder
-from flash_actors.providers.local._http import Connection
+from flash_actors.messages import wire_encoder
+from flash_actors.providers.local._http import LoopbackTransport
 from flash_actors.providers.local._processes import stop_process
-from flash_actors.serialization import master_secret
+from flash_actors.providers.runpod.backend import QueueBackend
+from flash_actors.providers.runpod.dataplane import FLASH_LOCAL, DataPlane, error_text
+from flash_actors.serialization import derive_key, master_secret
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from types import TracebackType
 
     from anyio.abc import Process
-    from anyio.streams.memory import MemoryObjectSendStream
 
-    from flash_actors.messages import Call
     from flash_actors.resources import ServerlessResource
 
 __all__ = [
     "RECONNECT_ENV",
-    "GatewayBackend",
     "GatewayProvider",
     "reconnect_window",
     "start_private_gateway",
 ]
 
 _T = TypeVar("_T")
-TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
-LONG_WAIT_MS = 300_000
 MAX_CONNECTIONS = 256  # requests in flight to the gateway at once (each waits on a job)
 RECONNECT_ENV = "FLASH_LOCAL_RECONNECT_S"
 DEFAULT_RECONNECT_S = 30.0
@@ -102,34 +90,6 @@ def reconnect_window() -> float:
 
 class _Unreachable(DeliveryError):
     """The gateway could not be reached, or went away in the middle of an answer."""
-
-
-class _Chunk(msgspec.Struct):
-    output: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-
-
-class Envelope(msgspec.Struct):
-    """A data-plane answer: ``/run``, ``/runsync``, ``/status`` and ``/stream`` share it."""
-
-    id: str = ""
-    status: str = ""
-    output: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
-    error: str | None = None
-    delayTime: int | None = None
-    executionTime: int | None = None
-    workerId: str | None = None
-    stream: list[_Chunk] = []
-
-
-_envelope = msgspec.json.Decoder(Envelope)
-_response = msgspec.json.Decoder(FunctionResponse)
-
-
-class _JobBody(msgspec.Struct, omit_defaults=True):
-    input: Any
-    id: str
-    policy: dict[str, int]
-    stream: bool = False
 
 
 class GatewayProvider:
@@ -173,9 +133,18 @@ class GatewayProvider:
         self._rediscover = rediscover
         self._looked_at = 0.0
         self._cut_off: dict[str, float] = {}  # key -> when the gateway was found gone
-        self._idle: list[Connection] = []
-        self._limit = anyio.Semaphore(MAX_CONNECTIONS)
-        self._opened: dict[str, GatewayBackend] = {}
+        self._keys: dict[str, bytes | None] = {}
+        self.transport = LoopbackTransport(
+            record.port, record.api_key, limit=MAX_CONNECTIONS
+        )
+        self.plane = DataPlane(
+            self.transport,
+            f"{self.transport.origin}/v2",
+            record.api_key,
+            capabilities=FLASH_LOCAL,
+            key_name="FLASH_LOCAL_API_KEY",
+            service=self.describe(),
+        )
 
     async def __aenter__(self) -> GatewayProvider:
         return self
@@ -196,33 +165,34 @@ class GatewayProvider:
         Raises:
             DeliveryError: the gateway cannot be reached.
         """
-        async with self._limit:
-            reused = bool(self._idle)
-            conn = (
-                self._idle.pop()
-                if self._idle
-                else Connection(self.record.port, self.record.api_key)
+        try:
+            response = await self.transport.request(
+                method, self.transport.origin + path, body=body
             )
+        except DeliveryError as exc:
+            msg = f"{self.describe()} cannot be reached ({_reason(exc)})"
+            raise _Unreachable(msg) from exc
+        return response.status, response.body
+
+    def signing_key(self, endpoint: str) -> bytes | None:
+        """The key of ``endpoint`` under the daemon's secret, so its workers accept our calls.
+
+        The secret is the daemon's record's, else ``FLASH_SECRET``; a daemon named by
+        ``FLASH_LOCAL_URL`` alone gets unsigned requests, which it signs itself for its
+        workers (the API key is the authority there), and its results are taken as sent.
+        """
+        if endpoint in self._keys:
+            return self._keys[endpoint]
+        secret = self.record.secret or os.environ.get("FLASH_SECRET", "")
+        key = None
+        if secret:
             try:
-                try:
-                    response = await conn.request(method, path, body)
-                except DeliveryError:
-                    if not reused:
-                        raise
-                    # The gateway closes keep-alive connections idle past its timeout (it
-                    # never closes one with a request in flight): send again on a new one.
-                    await conn.aclose()
-                    response = await conn.request(method, path, body)
-                data = await response.read()
-            except DeliveryError as exc:
-                await conn.aclose()
-                msg = f"{self.describe()} cannot be reached ({_reason(exc)})"
-                raise _Unreachable(msg) from exc
-            except BaseException:
-                await conn.aclose()
-                raise
-            self._idle.append(conn)
-            return response.status, data
+                key = derive_key(bytes.fromhex(secret), endpoint)
+            except ValueError as exc:
+                msg = "the daemon's secret (or FLASH_SECRET) is not a hex string"
+                raise ConfigurationError(msg) from exc
+        self._keys[endpoint] = key
+        return key
 
     def describe(self) -> str:
         """The gateway, for messages: its URL, and its pid when known."""
@@ -279,10 +249,18 @@ class GatewayProvider:
         self._looked_at = now
         record = self._rediscover()
         if record is not None and record != self.record:
+            if record.secret != self.record.secret:
+                self._keys.clear()
             self.record = record
-            stale, self._idle = self._idle, []
-            for conn in stale:
-                await conn.aclose()
+            stale = self.transport
+            self.transport = LoopbackTransport(
+                record.port, record.api_key, limit=MAX_CONNECTIONS
+            )
+            self.plane.retarget(
+                self.transport, f"{self.transport.origin}/v2", record.api_key
+            )
+            self.plane.service = self.describe()
+            await stale.aclose()
 
     def job_policy(self, policy: dict[str, int]) -> dict[str, int]:
         """``policy`` plus ``abandonAfter``: the reconnect window, which the daemon enforces."""
@@ -290,14 +268,14 @@ class GatewayProvider:
         return {**policy, "abandonAfter": window_ms}
 
     async def open_endpoint(
-        self, resource: ServerlessResource, key: bytes
-    ) -> GatewayBackend:
+        self, resource: ServerlessResource, key: bytes | None
+    ) -> QueueBackend:
         """Register the endpoint's config with the gateway.
 
         Raises:
             ConfigurationError: the gateway refused the config (or the handler file is missing).
         """
-        del key  # the gateway signs with the same master secret (its record's)
+        del key  # `signing_key`'s: derived from the daemon's secret
         config = config_of(resource)
         if resource.handler is not None:
             handler = await anyio.Path(resource.handler).resolve()
@@ -314,17 +292,18 @@ class GatewayProvider:
             lambda: self.request("PUT", path, body),
         )
         if status != 200:
-            msg = f"the local gateway refused endpoint {resource.name!r}: {_error_text(data)}"
+            msg = f"the local gateway refused endpoint {resource.name!r}: {error_text(data)}"
             raise ConfigurationError(msg)
-        backend = GatewayBackend(self, resource.name)
-        self._opened[resource.name] = backend
-        return backend
+        return QueueBackend(
+            self.plane,
+            resource.name,
+            persist=self.reconnecting,
+            job_policy=self.job_policy,
+        )
 
     async def aclose(self) -> None:
         """Close connections; stop the private gateway if this provider started one."""
-        idle, self._idle = self._idle, []
-        for conn in idle:
-            await conn.aclose()
+        await self.transport.aclose()
         process, self.process = self.process, None
         if process is not None:
             with anyio.CancelScope(shield=True):
@@ -341,201 +320,6 @@ def _reason(exc: BaseException) -> str:
     if isinstance(root, DeliveryError) or not str(root):
         return "it closed the connection"
     return str(root)
-
-
-def _error_text(data: bytes) -> str:
-    try:
-        decoded = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return data.decode(errors="replace")[:500]
-    if isinstance(decoded, dict) and "error" in decoded:
-        return str(decoded["error"])
-    return str(decoded)[:500]
-
-
-class GatewayBackend:
-    """One endpoint on the gateway, as the Endpoint actor sees it."""
-
-    capacity = 4096  # the gateway queues; let calls through to it
-
-    def __init__(self, provider: GatewayProvider, endpoint: str) -> None:
-        self.provider = provider
-        self.endpoint = endpoint
-        self._base = f"/v2/{endpoint}"
-
-    async def _call(self, method: str, path: str, body: bytes = b"") -> Envelope:
-        status, data = await self.provider.request(method, self._base + path, body)
-        if status == 401:
-            msg = "the local gateway rejected the API key (FLASH_LOCAL_API_KEY)"
-            raise ConfigurationError(msg)
-        if status >= 500 or status == 429:
-            msg = f"the local gateway could not take the job ({status}): {_error_text(data)}"
-            raise DeliveryError(msg)
-        if status != 200:
-            msg = f"the local gateway refused the job ({status}): {_error_text(data)}"
-            raise FlashRuntimeError(msg)
-        return _envelope.decode(data)
-
-    async def submit(
-        self,
-        payload: Any,
-        policy: dict[str, int],
-        job_id: str,
-        *,
-        sync: bool,
-        stream: bool = False,
-    ) -> Envelope:
-        """Queue a job (``runsync`` waits for it); returns the gateway's answer."""
-        body = wire_encoder.encode(
-            _JobBody(input=payload, id=job_id, policy=policy, stream=stream)
-        )
-        path = f"/runsync?wait={LONG_WAIT_MS}" if sync else "/run"
-        return await self._call("POST", path, body)
-
-    async def wait(self, envelope: Envelope) -> Envelope:
-        """Long-poll the job's status until it ends."""
-        while envelope.status not in TERMINAL:
-            envelope = await self._call(
-                "GET", f"/status/{envelope.id}?wait={LONG_WAIT_MS}"
-            )
-        return envelope
-
-    async def cancel(self, job_id: str) -> None:
-        """Cancel the job on the gateway (best effort, shielded)."""
-        with anyio.CancelScope(shield=True), contextlib.suppress(FlashRuntimeError):
-            await self._call("POST", f"/cancel/{job_id}")
-
-    async def _submit_and_wait(
-        self, payload: Any, policy: dict[str, int], job_id: str
-    ) -> Envelope:
-        """``runsync``, then long-poll: repeatable (the job id makes the submit idempotent)."""
-
-        async def attempt() -> Envelope:
-            envelope = await self.submit(payload, policy, job_id, sync=True)
-            return await self.wait(envelope)
-
-        return await self.provider.reconnecting(f"job {job_id}", attempt)
-
-    async def run_payload(
-        self, payload: Any, policy: dict[str, int], job_id: str
-    ) -> JobOutput:
-        """A dictionary job (handler endpoints), waited for: its `JobOutput`."""
-        policy = self.provider.job_policy(policy)
-        try:
-            envelope = await self._submit_and_wait(payload, policy, job_id)
-        except anyio.get_cancelled_exc_class():
-            await self.cancel(job_id)
-            raise
-        return job_output(envelope)
-
-    async def execute(
-        self,
-        call: Call,
-        *,
-        job_id: str,
-        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
-    ) -> FunctionResponse:
-        """Run ``call.request`` as a job on the gateway; see `EndpointBackend.execute`."""
-        job_policy = self.provider.job_policy(call.policy.job_policy())
-        try:
-            if chunks is None:
-                envelope = await self._submit_and_wait(call.request, job_policy, job_id)
-            else:
-                envelope = await self.provider.reconnecting(
-                    f"job {job_id}",
-                    lambda: self.submit(
-                        call.request, job_policy, job_id, sync=False, stream=True
-                    ),
-                )
-                try:
-                    envelope = await self._stream(envelope.id, chunks)
-                except _Unreachable:
-                    # Chunks already went to the caller: no second run. Cancel the job
-                    # once the daemon is back (or it drops the job, see `job_policy`).
-                    await self.provider.reconnecting(
-                        f"job {job_id}", lambda: self._call("POST", f"/cancel/{job_id}")
-                    )
-                    raise
-        except anyio.get_cancelled_exc_class():
-            await self.cancel(job_id)
-            raise
-        return _response_of(envelope)
-
-    async def _stream(
-        self, job_id: str, chunks: MemoryObjectSendStream[FunctionResponse]
-    ) -> Envelope:
-        while True:
-            envelope = await self._call("GET", f"/stream/{job_id}?wait=30000")
-            for chunk in envelope.stream:
-                await chunks.send(_response.decode(chunk.output))
-            if envelope.status in TERMINAL and not envelope.stream:
-                return await self._call("GET", f"/status/{job_id}")
-
-    async def aclose(self) -> None:
-        """Nothing to stop: the gateway keeps the endpoint's workers warm for the next run."""
-
-
-def job_output(envelope: Envelope) -> JobOutput:
-    """A handler job's final envelope as a `JobOutput`; a handler's exception comes back typed."""
-    ended = datetime.now(UTC)
-    execution_ms = envelope.executionTime or 0
-    started = (
-        ended - timedelta(milliseconds=execution_ms)
-        if envelope.delayTime is not None
-        else None
-    )
-    output = msgspec.json.decode(envelope.output) if envelope.output else None
-    status = JobStatus(envelope.status)
-    error = envelope.error or ""
-    exception: FlashRuntimeError | None = None
-    if status is JobStatus.COMPLETED and error:
-        status = JobStatus.FAILED
-    if status is not JobStatus.COMPLETED:
-        exception = _handler_error(error) or FlashRuntimeError(
-            error or f"job {envelope.id} ended {status.value}"
-        )
-    return JobOutput(
-        id=envelope.id,
-        status=status,
-        output=output if status is JobStatus.COMPLETED else None,
-        error=error,
-        started_at=started,
-        ended_at=ended,
-        delay_time_ms=envelope.delayTime or 0,
-        execution_time_ms=execution_ms,
-        worker_id=envelope.workerId,
-        exception=exception,
-    )
-
-
-def _handler_error(error: str) -> RemoteExecutionError | None:
-    """A stock worker's error JSON (``error_type`` like ``<class 'ValueError'>``), typed."""
-    try:
-        info = msgspec.json.decode(error)
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(info, dict) or "error_message" not in info:
-        return None
-    kind = str(info.get("error_type", ""))
-    if kind.startswith("<class '") and kind.endswith("'>"):
-        kind = kind[len("<class '") : -2]
-    if "." not in kind:
-        kind = f"builtins.{kind}"
-    return RemoteExecutionError.from_remote(
-        str(info["error_message"]), kind, str(info.get("error_traceback", ""))
-    )
-
-
-def _response_of(envelope: Envelope) -> FunctionResponse:
-    if envelope.status == "COMPLETED":
-        return _response.decode(envelope.output)
-    error = envelope.error or f"job {envelope.id} ended {envelope.status}"
-    if envelope.status == "TIMED_OUT":
-        raise ExecutionTimeoutError(error)
-    if envelope.status == "CANCELLED":
-        msg = f"job {envelope.id} was cancelled on the local gateway ({error})"
-        raise FlashRuntimeError(msg)
-    raise FlashRuntimeError(error)
 
 
 async def start_private_gateway(log_dir: Path) -> GatewayProvider:

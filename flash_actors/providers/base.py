@@ -1,8 +1,15 @@
-"""The provider interface: what an Endpoint actor needs from wherever workers run."""
+"""The provider interface: what an Endpoint actor needs from wherever workers run.
+
+Policies have one owner each. A backend lists in ``enforces`` the policies it applies itself
+(``"ttl"``: a job that waits too long for a worker expires; ``"execution_timeout"``: a job that
+runs too long is stopped); the Endpoint actor applies the others. Retries of failed
+deliveries are always the Endpoint actor's; a service that re-runs a job whose worker died
+(the ``flash local`` daemon, RunPod) does so inside the one delivery.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -12,7 +19,11 @@ if TYPE_CHECKING:
     from flash_actors.messages import Call, FunctionResponse
     from flash_actors.resources import ServerlessResource
 
-__all__ = ["EndpointBackend", "Provider"]
+__all__ = ["ENFORCES_ALL", "ENFORCES_NONE", "EndpointBackend", "Enforced", "Provider"]
+
+Enforced = Literal["ttl", "execution_timeout"]
+ENFORCES_ALL: frozenset[Enforced] = frozenset({"ttl", "execution_timeout"})
+ENFORCES_NONE: frozenset[Enforced] = frozenset()
 
 
 class EndpointBackend(Protocol):
@@ -20,9 +31,11 @@ class EndpointBackend(Protocol):
 
     Attributes:
         capacity: how many jobs may run at once; the Endpoint actor queues the rest.
+        enforces: the policies this backend applies itself (see the module docstring).
     """
 
     capacity: int
+    enforces: frozenset[Enforced]
 
     async def execute(
         self,
@@ -33,8 +46,8 @@ class EndpointBackend(Protocol):
     ) -> FunctionResponse:
         """Run ``call.request`` on a worker and return its response.
 
-        The backend applies ``call.policy``'s execution timeout and, while the job waits for
-        a worker, its TTL, raising `ExecutionTimeoutError` for either. With ``chunks``, the
+        For the policies in ``enforces`` the backend raises `ExecutionTimeoutError` itself
+        (TTL while the job waits for a worker, execution timeout while it runs). With ``chunks``, the
         function's chunks are sent there as they come (waiting when it is full) and the
         returned response only ends the stream.
 
@@ -55,10 +68,18 @@ class Provider(Protocol):
     """Makes endpoint backends; one provider serves a whole runtime.
 
     Attributes:
-        name: ``"inprocess"``, ``"local"`` or ``"runpod"``.
+        name: ``"inprocess"``, ``"local"`` or ``"runpod"`` (see `flash_actors.providers.registry`).
     """
 
     name: str
+
+    def signing_key(self, endpoint: str) -> bytes | None:
+        """The MAC key that requests to ``endpoint`` are signed with (and results checked).
+
+        Each provider owns where its secret comes from; ``None`` means its workers do not
+        check signatures (RunPod's stock Flash workers) and requests go unsigned.
+        """
+        ...
 
     async def __aenter__(self) -> Any:
         """Start the provider's background tasks (entered by the runtime's task)."""
@@ -74,9 +95,12 @@ class Provider(Protocol):
         ...
 
     async def open_endpoint(
-        self, resource: ServerlessResource, key: bytes
+        self, resource: ServerlessResource, key: bytes | None
     ) -> EndpointBackend:
-        """Provision (or find) the endpoint for ``resource``; ``key`` signs its payloads."""
+        """Provision (or find) the endpoint for ``resource``.
+
+        ``key`` is `signing_key`'s for it (``None``: unsigned).
+        """
         ...
 
     async def aclose(self) -> None:

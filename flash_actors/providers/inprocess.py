@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import anyio
-
 from flash_actors.messages import (
     Call,
     FunctionResponse,
@@ -18,7 +16,8 @@ from flash_actors.messages import (
     response_decoder,
     wire_encoder,
 )
-from flash_actors.policies import timeout_error
+from flash_actors.providers.base import ENFORCES_NONE
+from flash_actors.serialization import endpoint_key
 from flash_actors.worker.executor import Executor
 
 if TYPE_CHECKING:
@@ -30,7 +29,12 @@ __all__ = ["InProcessBackend", "InProcessProvider"]
 
 
 class InProcessBackend:
-    """One endpoint's executor in this process; ``capacity`` jobs at once."""
+    """One endpoint's executor in this process; ``capacity`` jobs at once.
+
+    It enforces no policy itself: the Endpoint actor applies the TTL and the timeout.
+    """
+
+    enforces = ENFORCES_NONE
 
     def __init__(self, key: bytes, capacity: int) -> None:
         self.capacity = capacity
@@ -43,15 +47,14 @@ class InProcessBackend:
         job_id: str,
         chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
     ) -> FunctionResponse:
-        """Run the request through a wire round trip, within the execution timeout."""
+        """Run the request through a wire round trip."""
+        del job_id
         wire_request = request_decoder.decode(wire_encoder.encode(call.request))
-        with anyio.move_on_after(call.policy.execution_timeout_s):
-            if chunks is None:
-                response = await self._executor.execute(wire_request)
-            else:
-                response = await self._executor.stream(wire_request, chunks.send)
-            return response_decoder.decode(wire_encoder.encode(response))
-        raise timeout_error(call, job_id)
+        if chunks is None:
+            response = await self._executor.execute(wire_request)
+        else:
+            response = await self._executor.stream(wire_request, chunks.send)
+        return response_decoder.decode(wire_encoder.encode(response))
 
     async def aclose(self) -> None:
         """Drop class instances."""
@@ -76,12 +79,16 @@ class InProcessProvider:
     async def __aexit__(self, *exc_info: object) -> None:
         return None
 
+    def signing_key(self, endpoint: str) -> bytes:
+        """This process's key for ``endpoint`` (`flash_actors.serialization.endpoint_key`)."""
+        return endpoint_key(endpoint)
+
     async def open_endpoint(
-        self, resource: ServerlessResource, key: bytes
+        self, resource: ServerlessResource, key: bytes | None
     ) -> InProcessBackend:
         """A backend for ``resource``."""
         del resource
-        return InProcessBackend(key, self.capacity)
+        return InProcessBackend(key or endpoint_key("inprocess"), self.capacity)
 
     async def aclose(self) -> None:
         """Nothing to release."""

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from flash_actors.errors import DeliveryError
+from flash_actors.errors import DeliveryError, NotDeliveredError
+from flash_actors.providers.runpod.transport import Response as TransportResponse
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
+    from collections.abc import AsyncGenerator, Mapping
 
     from anyio.abc import ByteStream
 
-__all__ = ["Connection", "Response"]
+__all__ = ["Connection", "LoopbackTransport", "Response"]
 
 _MAX_HEADER = 64 * 1024
 _FRAME = struct.Struct(">I")
@@ -132,7 +133,7 @@ class Connection:
                 stream = await anyio.connect_tcp("127.0.0.1", self.port)
             except OSError as exc:
                 msg = f"cannot connect to the worker on 127.0.0.1:{self.port}: {exc}"
-                raise DeliveryError(msg) from exc
+                raise NotDeliveredError(msg) from exc
             self._stream = stream
             self._reader = _Reader(stream)
         return self._stream, self._reader
@@ -184,3 +185,67 @@ class Connection:
         if stream is not None:
             with anyio.CancelScope(shield=True):
                 await stream.aclose()
+
+
+class LoopbackTransport:
+    """The fast transport to the ``flash local`` daemon: pooled keep-alive `Connection`s.
+
+    It implements `flash_actors.providers.runpod.transport.Transport` for one
+    ``http://127.0.0.1:port`` origin (only the URL's path is sent) with the daemon's API key
+    (the ``Authorization`` header given per request is not needed). At most ``limit``
+    requests are in flight at once.
+    """
+
+    def __init__(self, port: int, api_key: str, *, limit: int = 256) -> None:
+        self.port = port
+        self.api_key = api_key
+        self.origin = f"http://127.0.0.1:{port}"
+        self._idle: list[Connection] = []
+        self._limit = anyio.Semaphore(limit)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> TransportResponse:
+        """One request on a pooled connection: the status, body and headers of its answer.
+
+        Raises:
+            NotDeliveredError: the daemon refused the connection.
+            DeliveryError: it went away in the middle of the request or its answer.
+        """
+        del headers, timeout_s
+        if not url.startswith(self.origin):
+            msg = f"the loopback transport serves {self.origin}, not {url!r}"
+            raise ValueError(msg)
+        path = url[len(self.origin) :] or "/"
+        payload = body or b""
+        async with self._limit:
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else Connection(self.port, self.api_key)
+            try:
+                try:
+                    response = await conn.request(method, path, payload)
+                except DeliveryError:
+                    if not reused:
+                        raise
+                    # The daemon closes keep-alive connections idle past its timeout (never
+                    # one with a request in flight): send again on a new connection.
+                    await conn.aclose()
+                    response = await conn.request(method, path, payload)
+                data = await response.read()
+            except BaseException:
+                await conn.aclose()
+                raise
+            self._idle.append(conn)
+            return TransportResponse(response.status, data, response.headers)
+
+    async def aclose(self) -> None:
+        """Close the idle connections."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()

@@ -54,6 +54,7 @@ from flash_actors.errors import (
 )
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse, Route
 from flash_actors.policies import expired_error, timeout_error
+from flash_actors.providers.base import ENFORCES_ALL
 from flash_actors.providers.local._http import Connection
 from flash_actors.providers.local._processes import PidfdProcess, stop_process
 from flash_actors.serialization import verify_request
@@ -1042,9 +1043,14 @@ async def _terminate(worker: Worker) -> None:
 
 
 class LocalBackend:
-    """The `EndpointBackend` of the local provider: a `WorkerPool` run in the provider's tasks."""
+    """The `EndpointBackend` of the local provider: a `WorkerPool` run in the provider's tasks.
+
+    The pool applies the TTL (it knows when a job starts on a worker) and the execution
+    timeout (it stops the job on its worker).
+    """
 
     capacity = 1 << 20  # the pool queues; the Endpoint actor need not hold jobs back
+    enforces = ENFORCES_ALL
 
     def __init__(self, pool: WorkerPool, scope: anyio.CancelScope) -> None:
         self.pool = pool

@@ -28,14 +28,15 @@ from flash_actors.providers.local.pool import (
     default_start_backoff_max_s,
 )
 from flash_actors.registry import REGISTRY, Registry
-from flash_actors.serialization import RequestSigner
+from flash_actors.serialization import RequestSigner, endpoint_key
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from anyio.abc import TaskGroup
 
-    from flash_actors.gateway.client import GatewayBackend, GatewayProvider
+    from flash_actors.gateway.client import GatewayProvider
+    from flash_actors.providers.runpod.backend import QueueBackend
     from flash_actors.resources import ServerlessResource
 
 __all__ = ["LocalProvider"]
@@ -105,9 +106,13 @@ class LocalProvider:
             if self.template is not None:
                 await self.template.aclose()
 
+    def signing_key(self, endpoint: str) -> bytes:
+        """This process's key for ``endpoint``: its workers get it, never the master secret."""
+        return endpoint_key(endpoint)
+
     async def open_endpoint(
-        self, resource: ServerlessResource, key: bytes
-    ) -> LocalBackend | GatewayBackend:
+        self, resource: ServerlessResource, key: bytes | None
+    ) -> LocalBackend | QueueBackend:
         """Start the endpoint's pool (``workersMin`` workers start now, others on demand).
 
         A handler endpoint (``handler="file.py"``) runs on a private gateway process that
@@ -116,6 +121,8 @@ class LocalProvider:
         if self._tg is None:
             msg = "the local provider is not running (enter it with `async with`)"
             raise RuntimeNotRunningError(msg)
+        if key is None:
+            key = self.signing_key(resource.name)
         if resource.handler is not None:
             async with self._gateway_lock:
                 if self._gateway is None:
