@@ -1,0 +1,1 @@
+"""The RunPod provider: endpoints on RunPod Serverless, provisioned as runpod-flash does."""
