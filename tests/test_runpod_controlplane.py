@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import socket
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,8 @@ from flash_actors.providers.runpod.transport import (
     json_response,
 )
 from flash_actors.resources import (
+    CpuInstanceType,
+    CpuLiveLoadBalancer,
     CpuLiveServerless,
     CpuServerlessEndpoint,
     GpuGroup,
@@ -320,6 +323,40 @@ def test_load_balancer_is_type_lb_on_flashs_lb_image() -> None:
         name=LB_1_21_DIFFERENCES["template_name"],
     )
     assert_same_input(got, expected)
+
+
+def test_cpu_load_balancer_is_type_lb_on_flashs_cpu_lb_image() -> None:
+    got = endpoint_input(
+        CpuLiveLoadBalancer(name="clb", instanceIds=[CpuInstanceType.CPU3C_4_8]),
+        api_key=KEY,
+    )
+    expected = dict(
+        CPU_1_21,
+        instanceIds=["cpu3c-4-8"],
+        name="live-clb",
+        scalerType="REQUEST_COUNT",
+        type="LB",
+    )
+    template: dict[str, Any] = CPU_1_21["template"]  # type: ignore[assignment]
+    expected["template"] = dict(
+        template,
+        containerDiskInGb=40,  # the cpu3c-4-8 limit
+        imageName="runpod/flash-lb-cpu:py3.12-latest",
+        name="CpuLiveLoadBalancer_b2808bb215ad6aaf83ef91941ecafaa0__PodTemplate_8da2a76e970637bb8e95a1e0c4622537",
+    )
+    assert_same_input(got, expected)
+
+
+def test_flashs_image_variables_override_the_worker_image(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLASH_IMAGE_TAG", "dev")
+    got = endpoint_input(LiveServerless(name="w"))
+    assert got["template"]["imageName"] == "runpod/flash:py3.12-dev"
+    monkeypatch.setenv("FLASH_CPU_IMAGE", "me/flash-cpu:mine")
+    got = endpoint_input(CpuLiveServerless(name="w"))
+    assert got["template"]["imageName"] == "me/flash-cpu:mine"
+    assert got["template"]["env"] == []  # no api_key given: nothing added
 
 
 def test_own_runpod_api_key_in_env_is_not_replaced() -> None:
@@ -604,6 +641,24 @@ def test_urls_default_to_runpods_and_follow_the_variables(
     settings = credentials.load_settings()
     assert settings.graphql_url == "http://127.0.0.1:8765/graphql"
     assert settings.endpoint_base_url == "http://127.0.0.1:8765/v2"
+
+
+def test_one_url_variable_without_the_other_is_warned_about(
+    home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="flash_actors")
+    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", "http://127.0.0.1:8765")
+    credentials.load_settings()
+    assert [r.getMessage() for r in caplog.records] == [
+        "runpod.urls.partial overridden=RUNPOD_API_BASE_URL "
+        "at_default=RUNPOD_ENDPOINT_BASE_URL "
+        "hint='set both (RUNPOD_URL_MIXED_OK=1 silences this)'"
+    ]
+    caplog.clear()
+    monkeypatch.setenv("RUNPOD_URL_MIXED_OK", "1")
+    credentials.load_settings()
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize(

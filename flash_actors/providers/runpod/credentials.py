@@ -14,6 +14,8 @@ plane, default ``https://api.runpod.io``; GraphQL at ``{base}/graphql``) and
 ``RUNPOD_ENDPOINT_BASE_URL`` (data plane, default ``https://api.runpod.ai/v2``), each from the
 environment, then from ``.env``. A value that is not an http or https URL with a host, or
 has a malformed port, raises `ConfigurationError`: a typo never silently reaches production.
+Setting one URL variable but not the other logs a ``runpod.urls.partial`` warning (usually a
+forgotten variable; ``RUNPOD_URL_MIXED_OK=1`` silences it, as in runpod-flash).
 
 The key is never logged, and `RunPodSettings`'s ``repr`` hides it.
 """
@@ -28,6 +30,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values, find_dotenv
 
+from flash_actors._logging import get_logger
 from flash_actors.errors import ConfigurationError
 
 __all__ = [
@@ -43,11 +46,14 @@ __all__ = [
     "validate_url",
 ]
 
+log = get_logger(__name__)
+
 API_KEY_ENV = "RUNPOD_API_KEY"
 API_BASE_URL_ENV = "RUNPOD_API_BASE_URL"
 ENDPOINT_BASE_URL_ENV = "RUNPOD_ENDPOINT_BASE_URL"
 DEFAULT_API_BASE_URL = "https://api.runpod.io"
 DEFAULT_ENDPOINT_BASE_URL = "https://api.runpod.ai/v2"
+_TRUTHY = frozenset({"1", "true", "yes", "on"})
 
 
 def config_file() -> Path:
@@ -194,6 +200,14 @@ def load_settings() -> RunPodSettings:
         if endpoint_base
         else DEFAULT_ENDPOINT_BASE_URL
     )
+    mixed_ok = (_lookup("RUNPOD_URL_MIXED_OK", dotenv) or "").lower()
+    if (api_base is None) != (endpoint_base is None) and mixed_ok not in _TRUTHY:
+        log.warning(
+            "runpod.urls.partial",
+            overridden=API_BASE_URL_ENV if api_base else ENDPOINT_BASE_URL_ENV,
+            at_default=ENDPOINT_BASE_URL_ENV if api_base else API_BASE_URL_ENV,
+            hint="set both (RUNPOD_URL_MIXED_OK=1 silences this)",
+        )
     key, source = find_api_key()
     return RunPodSettings(
         api_key=key,

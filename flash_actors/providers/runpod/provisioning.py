@@ -458,8 +458,9 @@ async def ensure_endpoint(
     otherwise (one ``saveEndpoint`` with the inline template). With several endpoints of
     that name the first one listed is used.
 
-    Not safe to run twice at once for the same name (both may create it): the provider
-    calls it once per endpoint.
+    Safe to retry after a `DeliveryError`: it looks the endpoint up by name first, so a
+    save that did reach RunPod is found and reused, not repeated. Not safe to run twice at
+    once for the same name (both may create it): the provider calls it once per endpoint.
 
     Returns:
         The endpoint as RunPod describes it (``id``, ``name``, ``templateId``, ...).
