@@ -506,12 +506,12 @@ async def ensure_endpoint(
             if k in _PLATFORM_ENV and k not in wanted
         ]
         await cp.save_template(
-            {
-                "name": template["name"],
-                "imageName": template["imageName"],
+            {  # 1.21's template update: these fields, in this order
                 "containerDiskInGb": template["containerDiskInGb"],
                 "dockerArgs": template["dockerArgs"],
                 "env": env,
+                "imageName": template["imageName"],
+                "name": template["name"],
                 "volumeInGb": 0,
                 "id": template_id,
             }

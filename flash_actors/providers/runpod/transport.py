@@ -102,9 +102,8 @@ class Transport(Protocol):
 
 
 def _origin(url: httpx.URL) -> str:
-    """``scheme://host[:port]`` of a URL: what an error names (never the query string)."""
-    port = f":{url.port}" if url.port is not None else ""
-    return f"{url.scheme}://{url.host}{port}"
+    """``scheme://host[:port]`` of a URL: what an error names (no credentials, no query)."""
+    return f"{url.scheme}://{url.netloc.decode('ascii')}"
 
 
 def _reason(exc: httpx.HTTPError, timeout_s: float | None) -> str:
