@@ -127,7 +127,9 @@ class HttpsTransport:
 
     The client is created on the first request and reused, so connections are kept alive
     across calls; it belongs to the event loop of that first request. ``aclose()`` closes it
-    (a later request opens a new one).
+    (a later request opens a new one). Proxies and CA bundles come from the environment as
+    httpx reads them (``HTTPS_PROXY``, ``NO_PROXY``, ``SSL_CERT_FILE``); redirects are not
+    followed.
 
     Args:
         user_agent: sent as ``User-Agent`` unless a request sets its own (default:
