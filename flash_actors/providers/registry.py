@@ -76,4 +76,4 @@ def _runpod() -> Provider:
 
 register_provider("inprocess", _inprocess)
 register_provider("local", _local)
-# register_provider("runpod", _runpod)
+register_provider("runpod", _runpod)

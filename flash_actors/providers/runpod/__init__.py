@@ -1,3 +1,1 @@
-"""The RunPod provider: RunPod Serverless's control plane (GraphQL) and data plane (/v2)."""
-
-from __future__ import annotations
+"""The RunPod provider: endpoints on RunPod Serverless, provisioned as runpod-flash does."""
