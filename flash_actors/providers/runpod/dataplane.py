@@ -215,6 +215,7 @@ class DataPlane:
         if status >= 500:
             msg = f"{self.service} failed on {where} ({status}): {text}"
             if submit:
+                msg += "; the job may have been created, so it was not sent again"
                 raise DeliveryUncertainError(msg)
             raise DeliveryError(msg)
         if status == 404:
