@@ -426,8 +426,9 @@ class FlakyProvider(InProcessProvider):
         self.backends: list[FlakyBackend] = []
 
     async def open_endpoint(
-        self, resource: ServerlessResource, key: bytes
+        self, resource: ServerlessResource, key: bytes | None
     ) -> FlakyBackend:
+        assert key is not None
         backend = FlakyBackend(key, self.failures)
         self.backends.append(backend)
         return backend
