@@ -283,6 +283,16 @@ def test_raw_http_runs_both_formats(daemon: Daemon) -> None:
         assert body["output"]["json_result"] == 10
         assert body["retries"] == 0
 
+        # An unsigned payload that is not base64 cannot be signed: refused by name.
+        refused = client.post(
+            f"/v2/{NAME}/run",
+            json={"input": flash_input(function_name="add", args=["gAVLAi4=", "no!"])},
+        )
+        assert refused.status_code == 400
+        assert refused.json()["error"].startswith(
+            "input is not a Flash FunctionRequest: argument 1 is not valid base64"
+        )
+
         # JSON values are typed: a huge integer cannot reach a worker.
         refused = client.post(
             f"/v2/{NAME}/run",
