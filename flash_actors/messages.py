@@ -2,8 +2,8 @@
 
 `FunctionRequest` and `FunctionResponse` keep Flash's field names (PROTOCOL.md section 3) so a
 stock Flash worker or client understands ours; the extra fields (`signature`, `error_type`,
-`job_id`) are ignored by stock components. Arguments stay opaque base64 text here: only
-`flash_actors.serialization` turns them into objects.
+`job_id`) are ignored by stock components. Arguments stay opaque here (base64 text, or plain
+JSON values in json format): only `flash_actors.serialization` turns them into objects.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ SerializationFormat = Literal["cloudpickle", "json"]
 class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
     """One remote invocation, as Flash sends it in a job's ``input``.
 
-    ``args``/``kwargs``/``constructor_*`` are base64 cloudpickle strings. ``signature`` is the
-    HMAC-SHA256 (hex) over every other field (code, modules, ``dependencies``,
+    ``args``/``kwargs``/``constructor_*`` are base64 cloudpickle strings, or plain JSON values
+    when ``serialization_format`` is ``"json"`` (typed ``Any``, so both formats decode here;
+    `flash_actors.serialization` checks that cloudpickle payloads are strings). ``signature``
+    is the HMAC-SHA256 (hex) over every other field (code, modules, ``dependencies``,
     ``system_dependencies``, options) and the payloads, computed by
     `flash_actors.serialization.RequestSigner`; workers refuse a request without a valid one,
     and nothing is installed for a request before its signature is checked.
@@ -44,16 +46,16 @@ class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=T
 
     function_name: str | None = None
     function_code: str | None = None
-    args: list[str] = []
-    kwargs: dict[str, str] = {}
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
     dependencies: list[str] | None = None
     system_dependencies: list[str] | None = None
     modules: dict[str, str] = {}
     execution_type: ExecutionType = "function"
     class_name: str | None = None
     class_code: str | None = None
-    constructor_args: list[str] = []
-    constructor_kwargs: dict[str, str] = {}
+    constructor_args: list[Any] = []
+    constructor_kwargs: dict[str, Any] = {}
     method_name: str = "__call__"
     instance_id: str | None = None
     create_new_instance: bool = True

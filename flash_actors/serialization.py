@@ -9,6 +9,12 @@ before unpickling anything and raises `PayloadSignatureError` for a request that
 was changed on the way; `verify_request` checks it alone (before installing a request's
 dependencies). Results are signed the same way by the worker and checked by the caller.
 
+Flash's other format, ``serialization_format: "json"``, carries plain JSON values instead of
+pickles and answers with ``json_result``: nothing on that path is pickled or unpickled. The
+signature covers those values too (each one as its canonical JSON: keys sorted), so a
+request is signed the same way whatever its format. `sign_request` signs a request that
+arrives unsigned from a holder of the API key (the local daemon does it for its workers).
+
 Keys: each endpoint has its own, derived from a master secret with `endpoint_key`. The master
 secret comes from ``FLASH_SECRET`` (hex) when set, otherwise it is random per process; the
 local provider hands each worker its endpoint's key, never the master secret.
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import math
 import os
 import pickle
 import secrets
@@ -55,6 +62,8 @@ __all__ = [
     "loads",
     "master_secret",
     "set_master_secret",
+    "sign_request",
+    "to_json",
     "verify_request",
 ]
 
@@ -172,11 +181,17 @@ def _b64encode(raw: bytes) -> str:
     return pybase64.b64encode_as_string(raw)
 
 
-def _b64decode(text: str, what: str) -> bytes:
+def _b64decode(text: Any, what: str) -> bytes:
     try:
         return pybase64.b64decode(text, validate=True)
     except (ValueError, TypeError) as exc:
-        msg = f"{what} is not valid base64: {exc}"
+        if not isinstance(text, str):
+            msg = (
+                f"{what} is of type {type(text).__name__}, not a base64 cloudpickle string "
+                '(plain JSON values need serialization_format "json")'
+            )
+        else:
+            msg = f"{what} is not valid base64: {exc}"
         raise SerializationError(msg) from exc
 
 
@@ -269,6 +284,13 @@ class RequestSigner:
     __slots__ = ("_call_prefix", "_prefix", "template")
 
     def __init__(self, key: bytes | None, template: FunctionRequest) -> None:
+        if template.serialization_format != "cloudpickle":
+            msg = (
+                "RequestSigner pickles its arguments: its template needs "
+                'serialization_format "cloudpickle" (a json-format request is signed '
+                "with sign_request)"
+            )
+            raise SerializationError(msg)
         self.template = template
         mac: Any = _NO_MAC if key is None else hmac.new(key, digestmod=hashlib.sha256)
         _static_fields(mac, template)
@@ -436,6 +458,73 @@ def _decode_map(
     return raws
 
 
+_canonical_json = msgspec.json.Encoder(order="sorted")
+
+
+def _absorb_json(mac: Any, value: Any, what: str) -> None:
+    """Feed one JSON value to the MAC as its canonical JSON (keys sorted, no spaces)."""
+    try:
+        raw = _canonical_json.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        msg = f"{what} is not plain JSON: {exc}"
+        raise SerializationError(msg) from exc
+    _absorb(mac, raw)
+
+
+def _json_seq(mac: Any, tag: bytes, values: Sequence[Any], label: str) -> None:
+    mac.update(tag + _LEN.pack(len(values)))
+    for i, value in enumerate(values):
+        _absorb_json(mac, value, f"{label} {i}")
+
+
+def _json_map(mac: Any, tag: bytes, values: Mapping[str, Any], label: str) -> None:
+    mac.update(tag + _LEN.pack(len(values)))
+    for name in sorted(values):
+        _frame(mac, b"=", name)
+        _absorb_json(mac, values[name], f"{label} {name!r}")
+
+
+_Raws = tuple[list[bytes], dict[str, bytes], list[bytes], dict[str, bytes]]
+
+
+def _payload_mac(req: FunctionRequest, key: bytes) -> tuple[Any, _Raws | None]:
+    """The MAC over a request as it stands, and its raw pickles (``None`` in json format).
+
+    Raises:
+        SerializationError: a payload is not valid base64 (or, in json format, not JSON).
+    """
+    mac = _static_prefix(key, req).copy()
+    _frame(mac, b"m", req.method_name)
+    _frame(mac, b"i", req.instance_id)
+    mac.update(b"n" if req.create_new_instance else b"o")
+    if req.serialization_format == "json":
+        _json_seq(mac, b"a", req.args, "argument")
+        _json_map(mac, b"k", req.kwargs, "argument")
+        _json_seq(mac, b"c", req.constructor_args, "constructor argument")
+        _json_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+        return mac, None
+    args = _decode_seq(mac, b"a", req.args, "argument")
+    kwargs = _decode_map(mac, b"k", req.kwargs, "argument")
+    cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
+    ckwargs = _decode_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+    return mac, (args, kwargs, cargs, ckwargs)
+
+
+def sign_request(req: FunctionRequest, key: bytes) -> FunctionRequest:
+    """The request as it stands, its payloads untouched, signed with ``key``.
+
+    For a request that arrives unsigned from a client trusted by other means (the local
+    daemon signs what holders of its API key send, so that its workers still only run
+    signed code). Works for both formats; any signature it carried is replaced.
+
+    Raises:
+        SerializationError: a payload is not valid base64 (cloudpickle format); the
+            message names the argument.
+    """
+    mac, _ = _payload_mac(req, key)
+    return msgspec.structs.replace(req, signature=mac.hexdigest())
+
+
 def verify_request(req: FunctionRequest, key: bytes) -> None:
     """Check a request's signature without unpickling anything (see `decode_request`).
 
@@ -454,6 +543,8 @@ def decode_request(
 ) -> DecodedRequest:
     """Authenticate a request, then unpickle its arguments.
 
+    In json format the arguments are the request's own JSON values (nothing is unpickled).
+
     Raises:
         PayloadSignatureError: the request is unsigned or its signature does not match;
             nothing has been unpickled.
@@ -465,14 +556,7 @@ def decode_request(
             "payloads must carry an HMAC-SHA256 signature under the endpoint's key"
         )
         raise PayloadSignatureError(msg)
-    mac = _static_prefix(key, req).copy()
-    _frame(mac, b"m", req.method_name)
-    _frame(mac, b"i", req.instance_id)
-    mac.update(b"n" if req.create_new_instance else b"o")
-    args = _decode_seq(mac, b"a", req.args, "argument")
-    kwargs = _decode_map(mac, b"k", req.kwargs, "argument")
-    cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
-    ckwargs = _decode_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+    mac, raws = _payload_mac(req, key)
     if not hmac.compare_digest(mac.hexdigest(), req.signature):
         msg = (
             f"refusing request for {req.function_name or req.class_name!r}: its signature "
@@ -482,6 +566,11 @@ def decode_request(
         raise PayloadSignatureError(msg)
     if not unpickle:
         return DecodedRequest([], {}, [], {})
+    if raws is None:  # json format: the values themselves
+        return DecodedRequest(
+            req.args, req.kwargs, req.constructor_args, req.constructor_kwargs
+        )
+    args, kwargs, cargs, ckwargs = raws
     return DecodedRequest(
         [loads(r, what=f"argument {i}") for i, r in enumerate(args)],
         {k: loads(r, what=f"argument {k!r}") for k, r in kwargs.items()},
@@ -558,3 +647,94 @@ def decode_result(text: str, signature: str | None, key: bytes | None) -> Any:
         )
         raise PayloadSignatureError(msg)
     return loads(raw, what="the result")
+
+
+# --- serialization_format "json" ----------------------------------------------------------------
+
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+"""The integers every wire format we use carries (msgpack between the daemon and workers)."""
+
+
+class _NotJson(Exception):
+    """Raised by `_plain` at the first value that is not plain JSON; ``path`` grows outwards."""
+
+    def __init__(self, value: Any, problem: str) -> None:
+        super().__init__(problem)
+        self.value = value
+        self.problem = problem
+        self.path: list[str] = []
+
+
+def _plain(value: Any) -> Any:
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return value
+    if kind is int:
+        if _INT_MIN <= value <= _INT_MAX:
+            return value
+        raise _NotJson(value, "is an int outside the 64-bit range")
+    if kind is float:
+        if math.isfinite(value):
+            return value
+        raise _NotJson(value, f"is the float {value!r}, which JSON cannot carry")
+    if kind is list or kind is tuple:
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(_plain(item))
+            except _NotJson as exc:
+                exc.path.append(f"[{i}]")
+                raise
+        return items
+    if kind is dict:
+        fields = {}
+        for name, item in value.items():
+            if type(name) is not str:
+                problem = "has a key of type {type} (JSON object keys are strings)"
+                raise _NotJson(name, problem)
+            try:
+                fields[name] = _plain(item)
+            except _NotJson as exc:
+                exc.path.append(f"[{name!r}]")
+                raise
+        return fields
+    # Subclasses of the plain types (IntEnum, str enums, OrderedDict, named tuples).
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return _plain(base(value))
+    if isinstance(value, (list, tuple)):
+        return _plain(list(value))
+    if isinstance(value, dict):
+        return _plain(dict(value))
+    raise _NotJson(value, "is a {type}")
+
+
+def to_json(value: Any, *, what: str = "value") -> Any:
+    """``value`` as plain JSON data, for Flash's ``serialization_format: "json"``.
+
+    Plain JSON data: dicts with string keys, lists, strings, 64-bit integers, finite floats,
+    booleans and None. Tuples become lists and subclasses of those types their base type,
+    so any JSON encoder takes the result.
+
+    Raises:
+        SerializationError: naming the first value that is not plain JSON, its type and
+            where it sits in ``value``.
+    """
+    try:
+        return _plain(value)
+    except _NotJson as exc:
+        kind = type(exc.value)
+        name = kind.__qualname__
+        if kind.__module__ != "builtins":
+            name = f"{kind.__module__}.{name}"
+        where = f"its item {''.join(reversed(exc.path))}" if exc.path else "it"
+        msg = (
+            f"{what} is not JSON-serialisable: {where} {exc.problem.format(type=name)}; "
+            'serialization_format "json" carries only dicts with string keys, lists, '
+            'strings, numbers, booleans and None (send "cloudpickle" for other types)'
+        )
+        raise SerializationError(msg) from None
+    except RecursionError:
+        msg = f"{what} is nested too deeply to send as JSON"
+        raise SerializationError(msg) from None

@@ -243,11 +243,12 @@ def test_the_daemon_installs_nothing_unsigned_and_refusals_are_final(
                 assert posted.status_code == 200, posted.text
                 return wait_for(client, name, posted.json()["id"], FINAL)
 
-            # 1. unsigned, with a local folder as its dependency
+            # 1. unsigned, with a local folder as its dependency: the daemon signs what a
+            # holder of its API key sends, and the package check still refuses the path
             unsigned = template(dependencies=[str(folder)])
             body = run(unsigned)
             assert body["status"] == "FAILED"
-            assert body["error"].startswith("refusing unsigned request for 'hello'")
+            assert body["error"].startswith(f"dependency {str(folder)!r} is not a")
             assert body["retries"] == 0
             # 2. signed over other dependencies, then swapped for the folder
             signed = RequestSigner(key, template(dependencies=["six"])).sign([], {})
@@ -265,12 +266,13 @@ def test_the_daemon_installs_nothing_unsigned_and_refusals_are_final(
             assert not marker.exists()
             assert not (tmp_path / "envs").exists()  # no environment was even made
             # 4. item 12: a job its worker refuses fails once, with the refusal
-            body = run(template())  # unsigned, no dependencies: it reaches a worker
+            # (signed wrongly, with no dependencies: it reaches a worker)
+            body = run(template(signature="0" * 64))
             assert body["status"] == "FAILED"
             assert body["error"].startswith("worker sign-e2e-")
             assert (
-                "refused the job: PayloadSignatureError: refusing unsigned"
-                in (body["error"])
+                "refused the job: PayloadSignatureError: refusing request for 'hello': "
+                "its signature does not match" in (body["error"])
             )
             assert body["retries"] == 0
         assert not marker.exists()

@@ -44,6 +44,7 @@ from flash_actors.gateway.store import TERMINAL, JobRecord, JobStore
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse, wire_encoder
 from flash_actors.policies import CallPolicy, RetryPolicy
 from flash_actors.providers.local.pool import LocalBackend
+from flash_actors.providers.local.signing import sign_for_workers
 from flash_actors.serialization import endpoint_key
 
 if TYPE_CHECKING:
@@ -624,11 +625,11 @@ class Gateway:
         if options.get("stream"):
             clean["stream"] = True
         if endpoint.kind == "flash":
+            # Checked, and signed for the workers when a stock client sent it unsigned.
             try:
-                _request_decoder.decode(raw_input)
-            except (msgspec.DecodeError, RecursionError) as exc:
-                msg = f"input is not a Flash FunctionRequest: {exc}"
-                raise GatewayError(400, msg) from exc
+                raw_input = sign_for_workers(raw_input, endpoint.resource.name)
+            except FlashRuntimeError as exc:
+                raise GatewayError(400, str(exc)) from exc
         record = JobRecord(
             id=job_id or f"{secrets.token_hex(4)}-{secrets.token_hex(8)}",
             endpoint=endpoint.name,

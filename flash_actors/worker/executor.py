@@ -12,6 +12,11 @@ finished while the code still runs), and `Blocking` tells the worker so, which t
 itself instead of pretending the job stopped.
 
 Nothing is unpickled and no code is compiled before the request's signature has been checked.
+
+A request in Flash's json format (``serialization_format: "json"``) gets its arguments as the
+plain JSON values it carries and answers with ``json_result`` (each chunk too, when it
+streams): nothing is pickled on that path, and a return value that is not plain JSON fails the
+call with a `SerializationError` naming its type.
 """
 
 from __future__ import annotations
@@ -30,7 +35,12 @@ import anyio
 import anyio.to_thread
 
 from flash_actors.messages import FunctionRequest, FunctionResponse
-from flash_actors.serialization import DecodedRequest, decode_request, encode_result
+from flash_actors.serialization import (
+    DecodedRequest,
+    decode_request,
+    encode_result,
+    to_json,
+)
 from flash_actors.worker._capture import capture_stdout
 from flash_actors.worker.installer import activate
 
@@ -211,10 +221,9 @@ class Executor:
         stdout = ""
         result: str | None = None
         signature: str | None = None
+        json_result: Any = None
+        as_json = req.serialization_format == "json"
         try:
-            if req.serialization_format != "cloudpickle":
-                msg = f"serialization_format {req.serialization_format!r} is not supported here"
-                raise ValueError(msg)
             if req.dependencies:
                 await activate(req.dependencies)
             target = self._target(req, decoded)
@@ -222,10 +231,17 @@ class Executor:
                 try:
                     if emit is None:
                         value = await invoke(target, decoded.args, decoded.kwargs)
-                        result, signature = encode_result(value, self._key)
+                        if as_json:
+                            json_result = to_json(value, what=_returned(req))
+                        else:
+                            result, signature = encode_result(value, self._key)
                     else:
+                        send = self._emitter(emit, req) if as_json else None
                         await _drive(
-                            target, decoded.args, decoded.kwargs, self._emitter(emit)
+                            target,
+                            decoded.args,
+                            decoded.kwargs,
+                            send or self._emitter(emit),
                         )
                 finally:
                     stdout = printed.getvalue() if printed is not None else ""
@@ -241,12 +257,25 @@ class Executor:
         return FunctionResponse(
             success=True,
             result=result,
+            json_result=json_result,
             signature=signature,
             instance_id=req.instance_id,
             stdout=stdout or None,
         )
 
-    def _emitter(self, emit: Emit) -> Callable[[Any], Awaitable[None]]:
+    def _emitter(
+        self, emit: Emit, json_of: FunctionRequest | None = None
+    ) -> Callable[[Any], Awaitable[None]]:
+        """Sends each chunk signed and pickled, or as ``json_result`` for ``json_of``."""
+        if json_of is not None:
+            what = _returned(json_of, "a chunk")
+
+            async def send_json(chunk: Any) -> None:
+                value = to_json(chunk, what=what)
+                await emit(FunctionResponse(success=True, json_result=value))
+
+            return send_json
+
         async def send(chunk: Any) -> None:
             text, signature = encode_result(chunk, self._key)
             await emit(FunctionResponse(success=True, result=text, signature=signature))
@@ -259,6 +288,13 @@ class Executor:
 
 
 _DONE = object()
+
+
+def _returned(req: FunctionRequest, what: str = "the return value") -> str:
+    """``what`` of the request's function or method, for error messages."""
+    if req.execution_type == "class":
+        return f"{what} of {req.class_name}.{req.method_name}()"
+    return f"{what} of {req.function_name}()"
 
 
 async def _drive(
