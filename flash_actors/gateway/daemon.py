@@ -27,12 +27,14 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger, log_to_stderr
 from flash_actors._private import StateDirError, secure_state_dir
+from flash_actors.errors import ConfigurationError
 from flash_actors.gateway.core import Gateway, config_of
 from flash_actors.gateway.record import (
     ALREADY_RUNNING,
@@ -46,6 +48,7 @@ from flash_actors.gateway.record import (
 from flash_actors.gateway.server import HttpServer, make_app, max_connections_default
 from flash_actors.gateway.store import JobStore
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.controlplane import ControlPlane
 from flash_actors.resources import ServerlessEndpoint
 from flash_actors.serialization import set_master_secret
 
@@ -135,6 +138,7 @@ async def _serve_locked(
                 )
             )
             await gateway.register(name, config)
+        control = await _control_plane(state_dir, gateway)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -161,6 +165,7 @@ async def _serve_locked(
                 large_budget=int(os.environ.get("FLASH_LOCAL_LARGE_BUDGET_MB", "128"))
                 * 1024
                 * 1024,
+                graphql=control.handle,
             ),
             sock,
             idle_timeout_s=idle_s,
@@ -198,6 +203,23 @@ async def _serve_locked(
             store.set_meta(ALIVE_KEY, repr(time.time()))
         store.close()
         remove_record(state_dir, os.getpid())
+
+
+async def _control_plane(state_dir: Path, gateway: Gateway) -> ControlPlane:
+    """RunPod's GraphQL control plane; its endpoints are registered under their ids."""
+
+    async def apply(endpoint_id: str, config: dict[str, Any] | None) -> None:
+        if config is None:
+            await gateway.unregister(endpoint_id)
+        else:
+            await gateway.register(endpoint_id, config)
+
+    try:
+        control = ControlPlane(state_dir, apply)
+    except ConfigurationError as exc:
+        raise SystemExit(f"flash local: {exc}") from None
+    await control.restore()
+    return control
 
 
 def _drop_abandoned(gateway: Gateway, alive_before: str | None) -> None:
