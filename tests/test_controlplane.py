@@ -520,6 +520,10 @@ async def test_refusals_change_nothing(tmp_path: Path) -> None:
             flash_input(templateId="t", template=None, id="nope"),
             r'endpoint "nope" not found',
         ),
+        (
+            flash_input(name="n" * 192),
+            r"^saveEndpoint\(input\)\.name is 192 characters long; the limit is 191$",
+        ),
     ]
     for data, message in cases:
         assert re.search(message, error_of(await ask(plane, save, {"input": data})))
@@ -649,7 +653,7 @@ async def test_templates_deletes_and_mapped_images(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("status", ["CANCELLED", "FAILED", "TIMED_OUT", "COMPLETED"])
-def test_an_ended_job_that_never_ran_has_both_times(status: str) -> None:
+def test_an_ended_job_that_never_ran_has_what_flash_requires(status: str) -> None:
     now = time.time()
     record = JobRecord(
         id="j", endpoint="e", status=status, options="{}", created=now - 2, finished=now
@@ -657,6 +661,7 @@ def test_an_ended_job_that_never_ran_has_both_times(status: str) -> None:
     envelope = Job(record, {}).envelope(b"1")
     assert envelope["delayTime"] in {1999, 2000}
     assert envelope["executionTime"] == 0
+    assert envelope["workerId"] == ""
     queued = Job(
         JobRecord(id="q", endpoint="e", status="IN_QUEUE", options="{}", created=now),
         {},

@@ -148,11 +148,12 @@ class Job:
             out["error"] = record.error
         elif record.status == "IN_PROGRESS" and self.progress is not None:
             out["output"] = msgspec.Raw(self.progress)
-        if record.status in TERMINAL:  # runpod-flash's JobOutput requires both
-            out.setdefault("delayTime", 0)
-            out.setdefault("executionTime", 0)
         if self.worker is not None:
             out["workerId"] = self.worker
+        if record.status in TERMINAL:  # runpod-flash's JobOutput requires all three
+            out.setdefault("delayTime", 0)
+            out.setdefault("executionTime", 0)
+            out.setdefault("workerId", "")  # no worker recorded (one never took it)
         out["retries"] = record.retries
         return out
 

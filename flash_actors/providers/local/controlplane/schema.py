@@ -60,6 +60,7 @@ __all__ = ["TYPES", "USER_ID", "ControlPlane"]
 log = get_logger(__name__)
 
 USER_ID = "user_flash_local"
+NAME_MAX = 191  # RunPod's longest endpoint name
 STOCK = "HIGH"
 
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
@@ -740,6 +741,9 @@ class ControlPlane:
         name = data.get("name") or (known.name if known else "")
         if not name.strip():
             raise RequestError("saveEndpoint(input).name is required")
+        if len(name) > NAME_MAX:
+            msg = f"saveEndpoint(input).name is {len(name)} characters long; the limit is {NAME_MAX}"
+            raise RequestError(msg)
         change = _Change()
         if "template" in data and "templateId" in data:
             msg = "saveEndpoint(input): give templateId or template, not both"
