@@ -405,6 +405,42 @@ async def test_runpod_flash_provisions_updates_and_reloads(tmp_path: Path) -> No
     assert gpu_config["resource"]["gpus"] == ["AMPERE_16", "AMPERE_48"]
     assert gpu_config["resource"]["gpuCount"] == 2
 
+    # Flash's update path: read the template, then save it whole under its id
+    get_template = (
+        "query getTemplate($id: String!) { podTemplate(id: $id) { id containerDiskInGb "
+        "dockerArgs env { key value } imageName name readme } }"
+    )
+    live = await ask(plane, get_template, {"id": saved["templateId"]})
+    assert live["data"]["podTemplate"] == {
+        "id": saved["templateId"],
+        "containerDiskInGb": 20,
+        "dockerArgs": "",
+        "env": [{"key": "RUNPOD_API_KEY", "value": "secret-key"}],
+        "imageName": FLASH_CPU,
+        "name": "CpuLiveServerless_abc__PodTemplate_def",
+        "readme": "",
+    }
+    save_template = (
+        "mutation saveTemplate($input: SaveTemplateInput) { saveTemplate(input: $input) "
+        "{ id containerDiskInGb dockerArgs env { key value } imageName name readme } }"
+    )
+    template_input = {
+        "id": saved["templateId"],
+        "name": "CpuLiveServerless_abc__PodTemplate_def",
+        "imageName": FLASH_CPU,
+        "containerDiskInGb": 20,
+        "dockerArgs": "",
+        "env": [{"key": "MODE", "value": "fast"}],
+        "readme": "",
+        "volumeInGb": 0,
+    }
+    answer = await ask(plane, save_template, {"input": template_input})
+    assert answer["data"]["saveTemplate"]["env"] == [{"key": "MODE", "value": "fast"}]
+    assert recorder.registered[saved["id"]]["resource"]["env"] == {"MODE": "fast"}
+    assert (await ask(plane, get_template, {"id": "nope"})) == {
+        "data": {"podTemplate": None}
+    }
+
     # what the daemon reads back at start, and registers again
     mode = (tmp_path / STATE_NAME).stat().st_mode & 0o777
     assert mode == 0o600
@@ -421,10 +457,7 @@ async def test_runpod_flash_provisions_updates_and_reloads(tmp_path: Path) -> No
     myself = listed["data"]["myself"]
     assert {e["id"] for e in myself["endpoints"]} == set(recorder.registered)
     mine = next(e for e in myself["endpoints"] if e["id"] == saved["id"])
-    assert mine["template"] == {
-        "imageName": FLASH_CPU,
-        "env": [{"key": "RUNPOD_API_KEY"}],
-    }
+    assert mine["template"] == {"imageName": FLASH_CPU, "env": [{"key": "MODE"}]}
     assert myself["one"] == {"id": saved["id"]}
     assert myself["none"] is None
 
