@@ -3,8 +3,9 @@
 The operations RunPod's clients send to provision serverless endpoints, with RunPod's
 answer shapes, each answer cut to the fields the request selects:
 
-- mutations: ``saveEndpoint(input)`` (creates, or with ``id`` updates, replacing the
-  fields given), ``saveTemplate(input)``, ``deleteEndpoint(id)`` (refused, as RunPod
+- mutations: ``saveEndpoint(input)`` (creates; with ``id`` updates, the input replacing
+  the endpoint's settings: those left out take their defaults, its name and template
+  stay unless given), ``saveTemplate(input)`` (the same with templates), ``deleteEndpoint(id)`` (refused, as RunPod
   refuses it, until ``workersMin`` and ``workersMax`` are 0), ``deleteTemplate(templateName)``
   (refused while an endpoint runs it), ``updateEndpointTemplate(input)``;
 - queries: ``myself { id endpoints {...} endpoint(id) {...} podTemplates {...} ... }``,
