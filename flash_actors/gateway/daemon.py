@@ -7,6 +7,10 @@ It opens the durable store under the state folder, keeps its API key and master 
 gateway an embedded runtime starts for handler endpoints). Stopping stops every worker, puts
 running jobs back in the queue, closes the store and removes the record.
 
+It also answers RunPod's GraphQL control plane (``POST /graphql``, see
+`flash_actors.providers.local.controlplane`): endpoints saved there are registered under
+their ids, and registered again at start from ``controlplane.json``.
+
 One state folder, one daemon: the folder's lock (`lock_state_dir`) is taken before the store
 is opened and held for the daemon's life; a second daemon exits with code
 `ALREADY_RUNNING` and a line naming the holder. Everything under the folder is its owner's
