@@ -170,6 +170,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
             if record is not None and record.pid == process.pid:
                 print(f"flash local is up: {record.url}/v2 (pid {record.pid})")
                 print(f"  RUNPOD_ENDPOINT_BASE_URL={record.url}/v2")
+                print(f"  RUNPOD_API_BASE_URL={record.url}")
                 print(f"  RUNPOD_API_KEY={record.api_key}")
                 print(f"  logs: {log_path}")
                 return 0

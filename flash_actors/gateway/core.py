@@ -151,6 +151,10 @@ class Job:
             out["output"] = msgspec.Raw(self.progress)
         if self.worker is not None:
             out["workerId"] = self.worker
+        if record.status in TERMINAL:  # runpod-flash's JobOutput requires all three
+            out.setdefault("delayTime", 0)
+            out.setdefault("executionTime", 0)
+            out.setdefault("workerId", "")  # no worker recorded (one never took it)
         out["retries"] = record.retries
         return out
 
@@ -502,6 +506,25 @@ class Gateway:
         log.info("gateway.endpoint", endpoint=name, kind=endpoint.kind)
         return endpoint
 
+    async def unregister(self, name: str) -> bool:
+        """Remove an endpoint: its unfinished jobs end CANCELLED, its workers stop.
+
+        Returns False when no endpoint has that name.
+        """
+        async with self._registering:
+            endpoint = self.endpoints.get(name)
+            if endpoint is None:
+                return False
+            for job in list(endpoint.jobs.values()):
+                if not job.terminal:
+                    # before the stop, which would requeue them
+                    self.cancel(endpoint, job, f"its endpoint {name} was deleted")
+            await self._stop_endpoint(endpoint)
+            del self.endpoints[name]
+            self.store.delete_endpoint(name)
+        log.info("gateway.endpoint_removed", endpoint=name)
+        return True
+
     def check_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
         """A config registered over HTTP, checked (its handler's path resolved).
 
@@ -671,12 +694,14 @@ class Gateway:
         chunks, job.chunks = job.chunks, []
         return chunks
 
-    def cancel(self, endpoint: Endpoint, job: Job) -> None:
+    def cancel(
+        self, endpoint: Endpoint, job: Job, reason: str = "cancelled by a client"
+    ) -> None:
         """Cancel a queued or running job (a finished job is left as it is)."""
         if job.terminal:
             return
         worker = endpoint.workers.get(job.worker or "")
-        self._finish(job, "CANCELLED", error="cancelled by a client")
+        self._finish(job, "CANCELLED", error=reason)
         if job.scope is not None:
             job.scope.cancel()
         if worker is not None:

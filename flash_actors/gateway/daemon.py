@@ -7,6 +7,10 @@ It opens the durable store under the state folder, keeps its API key and master 
 gateway an embedded runtime starts for handler endpoints). Stopping stops every worker, puts
 running jobs back in the queue, closes the store and removes the record.
 
+It also answers RunPod's GraphQL control plane (``POST /graphql``, see
+`flash_actors.providers.local.controlplane`): endpoints saved there are registered under
+their ids, and registered again at start from ``controlplane.json``.
+
 One state folder, one daemon: the folder's lock (`lock_state_dir`) is taken before the store
 is opened and held for the daemon's life; a second daemon exits with code
 `ALREADY_RUNNING` and a line naming the holder. Everything under the folder is its owner's
@@ -27,12 +31,14 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger, log_to_stderr
 from flash_actors._private import StateDirError, secure_state_dir
+from flash_actors.errors import ConfigurationError
 from flash_actors.gateway.core import Gateway, config_of
 from flash_actors.gateway.record import (
     ALREADY_RUNNING,
@@ -46,6 +52,7 @@ from flash_actors.gateway.record import (
 from flash_actors.gateway.server import HttpServer, make_app, max_connections_default
 from flash_actors.gateway.store import JobStore
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.controlplane import ControlPlane
 from flash_actors.resources import ServerlessEndpoint
 from flash_actors.serialization import set_master_secret
 
@@ -135,6 +142,7 @@ async def _serve_locked(
                 )
             )
             await gateway.register(name, config)
+        control = await _control_plane(state_dir, gateway)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -161,6 +169,7 @@ async def _serve_locked(
                 large_budget=int(os.environ.get("FLASH_LOCAL_LARGE_BUDGET_MB", "128"))
                 * 1024
                 * 1024,
+                graphql=control.handle,
             ),
             sock,
             idle_timeout_s=idle_s,
@@ -198,6 +207,23 @@ async def _serve_locked(
             store.set_meta(ALIVE_KEY, repr(time.time()))
         store.close()
         remove_record(state_dir, os.getpid())
+
+
+async def _control_plane(state_dir: Path, gateway: Gateway) -> ControlPlane:
+    """RunPod's GraphQL control plane; its endpoints are registered under their ids."""
+
+    async def apply(endpoint_id: str, config: dict[str, Any] | None) -> None:
+        if config is None:
+            await gateway.unregister(endpoint_id)
+        else:
+            await gateway.register(endpoint_id, config)
+
+    try:
+        control = ControlPlane(state_dir, apply)
+    except ConfigurationError as exc:
+        raise SystemExit(f"flash local: {exc}") from None
+    await control.restore()
+    return control
 
 
 def _drop_abandoned(gateway: Gateway, alive_before: str | None) -> None:

@@ -2,11 +2,12 @@
 
 - Data plane (PROTOCOL.md section 1) under ``/v2/{endpoint_id}/``: ``run``, ``runsync``,
   ``status/{id}``, ``stream/{id}``, ``cancel/{id}``, ``retry/{id}``, ``purge-queue``,
-  ``health``. ``status`` also takes ``?wait=ms`` (wait for the job to end) and ``run`` an
+  ``health``, ``metrics``. ``status`` also takes ``?wait=ms`` (wait for the job to end) and ``run`` an
   ``id`` and ``stream`` field: extensions our own client uses, ignored by stock clients.
 - Worker side (section 2): ``job-take/{worker}``, ``job-take-batch/{worker}``,
   ``job-done/{worker}/{job}``, ``job-stream/{worker}/{job}``, ``ping/{worker}``,
   ``job-stop/{worker}``.
+- Control plane (section 4): ``POST /graphql``, answered by the ``graphql`` callable.
 - Our own: ``/flash/v1/status``, ``PUT /flash/v1/endpoints/{name}``, ``/flash/v1/shutdown``.
 
 Every request needs the API key: ``Authorization: Bearer <key>`` or the bare key (workers);
@@ -195,8 +196,12 @@ def make_app(
     owner_token: str = "",
     idle_timeout_s: float = IDLE_TIMEOUT_S,
     large_budget: int = LARGE_BUDGET,
+    graphql: Callable[[bytes], Awaitable[tuple[int, bytes]]] | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``gateway``.
+
+    ``graphql`` answers ``POST /graphql`` bodies (RunPod's control plane, see
+    `flash_actors.providers.local.controlplane`): the HTTP status and the JSON answer.
 
     ``owner_token`` (the private gateway's, known only to the process that started it; sent
     as ``?owner=``) lets a registration name a handler file outside the served folder; see
@@ -322,6 +327,19 @@ def make_app(
     async def health(request: web.Request) -> web.Response:
         return _json(gateway.health(endpoint(request)))
 
+    async def metrics(request: web.Request) -> web.Response:
+        # what runpod-flash reads while it waits: ``workers`` by state, ``readyWorkers`` ids
+        ep = endpoint(request)
+        ready = [w.id for w in ep.workers.values() if w.state in {"idle", "running"}]
+        return _json(
+            {"workers": ep.worker_counts(), "readyWorkers": ready, "jobs": ep.counts()}
+        )
+
+    async def graphql_route(request: web.Request) -> web.Response:
+        assert graphql is not None  # noqa: S101 (routed only when given)
+        status, answer = await graphql(await read(request, SMALL_LIMIT, "graphql"))
+        return web.Response(body=answer, status=status, content_type="application/json")
+
     # -- the worker side --------------------------------------------------------------------
 
     def _job_json(job: Any) -> dict[str, Any]:
@@ -421,6 +439,9 @@ def make_app(
     app.router.add_post(f"{v2}/retry/{{job}}", retry)
     app.router.add_post(f"{v2}/purge-queue", purge)
     app.router.add_get(f"{v2}/health", health)
+    app.router.add_get(f"{v2}/metrics", metrics)
+    if graphql is not None:
+        app.router.add_post("/graphql", graphql_route)
     # no HEAD where a GET hands something out: a HEAD's answer has no body to get it in
     app.router.add_get(f"{v2}/job-take/{{worker}}", take, allow_head=False)
     app.router.add_get(f"{v2}/job-take-batch/{{worker}}", take_batch, allow_head=False)

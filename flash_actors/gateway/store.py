@@ -167,6 +167,10 @@ class JobStore:
             (name, config),
         )
 
+    def delete_endpoint(self, name: str) -> None:
+        """Forget an endpoint's config (its jobs stay until they expire)."""
+        self.db.execute("DELETE FROM endpoints WHERE name = ?", (name,))
+
     # -- jobs -----------------------------------------------------------------------------
 
     def jobs(self) -> list[JobRecord]:

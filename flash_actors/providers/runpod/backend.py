@@ -262,7 +262,7 @@ def job_output(envelope: Envelope) -> JobOutput:
         ended_at=ended,
         delay_time_ms=envelope.delayTime or 0,
         execution_time_ms=execution_ms,
-        worker_id=envelope.workerId,
+        worker_id=envelope.workerId or None,
         exception=exception,
     )
 

@@ -1,0 +1,170 @@
+"""The control plane's records: endpoints and templates, kept in one private file.
+
+``<state folder>/controlplane.json`` (0600, see `flash_actors._private`) holds every endpoint
+and template saved through GraphQL. It is rewritten whole on each change, atomically (a
+temporary file, fsync, rename), so a crash leaves the old or the new state and never half of
+one; the daemon reads it back at start. Ids look like RunPod's: 14 lowercase letters and
+digits for an endpoint, 10 for a template, random, and kept for the record's life.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import string
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from flash_actors._private import open_private
+from flash_actors.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = [
+    "STATE_NAME",
+    "ControlPlaneState",
+    "EndpointRecord",
+    "TemplateRecord",
+    "new_id",
+]
+
+STATE_NAME = "controlplane.json"
+ENDPOINT_ID_LENGTH = 14
+TEMPLATE_ID_LENGTH = 10
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def new_id(length: int, taken: Any = ()) -> str:
+    """A random id of ``length`` lowercase letters and digits, not in ``taken``."""
+    while True:
+        candidate = "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+        if candidate not in taken:
+            return candidate
+
+
+class TemplateRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A saved template (RunPod's ``PodTemplate``); ``env`` is ``[{"key", "value"}]``."""
+
+    id: str
+    name: str
+    imageName: str = ""
+    dockerArgs: str = ""
+    containerDiskInGb: int = 10
+    volumeInGb: int = 0
+    volumeMountPath: str | None = None
+    ports: str = ""
+    env: list[dict[str, str]] = []
+    isServerless: bool = True
+    containerRegistryAuthId: str = ""
+    readme: str = ""
+    startScript: str = ""
+    startSsh: bool = False
+    isPublic: bool = False
+    advancedStart: bool = False
+
+
+class EndpointRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A saved endpoint (RunPod's ``EndpointInput`` as stored); ``id`` names it in the daemon."""
+
+    id: str
+    name: str
+    templateId: str
+    gpuIds: str = ""
+    gpuCount: int = 1
+    instanceIds: list[str] | None = None
+    networkVolumeId: str | None = None
+    networkVolumeIds: list[dict[str, str | None]] = []
+    locations: str | None = None
+    idleTimeout: int = 5
+    scalerType: str = "QUEUE_DELAY"
+    scalerValue: int = 4
+    workersMin: int = 0
+    workersMax: int = 3
+    workersPFBTarget: int = 0
+    allowedCudaVersions: str = ""
+    minCudaVersion: str | None = None
+    executionTimeoutMs: int = 0  # RunPod's default (600 s)
+    type: str = "QB"
+    flashBootType: str | None = None
+    flashEnvironmentId: str | None = None
+    createdAt: str = ""
+    version: int = 0
+
+
+class _File(msgspec.Struct, kw_only=True):
+    endpoints: list[EndpointRecord] = []
+    templates: list[TemplateRecord] = []
+
+
+_decoder = msgspec.json.Decoder(_File)
+
+
+class ControlPlaneState:
+    """Endpoints and templates by id, read from ``state_dir`` and written back by `save`.
+
+    Raises:
+        ConfigurationError: at construction, when the file exists but cannot be read.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / STATE_NAME
+        self.endpoints: dict[str, EndpointRecord] = {}
+        self.templates: dict[str, TemplateRecord] = {}
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            msg = f"the control-plane state {str(self.path)!r} cannot be read: {exc}"
+            raise ConfigurationError(msg) from exc
+        try:
+            loaded = _decoder.decode(data)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            msg = (
+                f"the control-plane state {str(self.path)!r} is not valid ({exc}); "
+                "move it away to start with no endpoints or templates"
+            )
+            raise ConfigurationError(msg) from exc
+        self.endpoints = {record.id: record for record in loaded.endpoints}
+        self.templates = {record.id: record for record in loaded.templates}
+
+    def new_endpoint_id(self) -> str:
+        """A fresh endpoint id (14 characters)."""
+        return new_id(ENDPOINT_ID_LENGTH, self.endpoints)
+
+    def new_template_id(self) -> str:
+        """A fresh template id (10 characters)."""
+        return new_id(TEMPLATE_ID_LENGTH, self.templates)
+
+    def template_named(self, name: str) -> TemplateRecord | None:
+        """The template of that name, if any (names are unique, as on RunPod)."""
+        for template in self.templates.values():
+            if template.name == name:
+                return template
+        return None
+
+    def users_of(self, template_id: str) -> list[EndpointRecord]:
+        """The endpoints that run a template."""
+        return [e for e in self.endpoints.values() if e.templateId == template_id]
+
+    def save(self) -> None:
+        """Write the state atomically (temporary file, fsync, rename), mode 0600."""
+        data = msgspec.json.encode(
+            _File(
+                endpoints=list(self.endpoints.values()),
+                templates=list(self.templates.values()),
+            )
+        )
+        tmp = self.path.with_name(f".{STATE_NAME}.{os.getpid()}.tmp")
+        fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            tmp.replace(self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
