@@ -46,7 +46,7 @@ _current: ContextVar[FlashRuntime | None] = ContextVar(
 def _default_provider(name: str | None) -> Provider:
     name = name or os.environ.get("FLASH_PROVIDER") or "local"
     if name == "local":
-        from flash_actors.gateway.record import find_daemon
+        from flash_actors.providers.local.daemon.record import find_daemon
 
         record = find_daemon()
         if record is not None:

@@ -84,7 +84,7 @@ def master_secret() -> bytes:
 
 def _daemon_secret() -> bytes | None:
     """The running ``flash local`` daemon's secret, so its workers accept our requests."""
-    from flash_actors.gateway.record import find_daemon
+    from flash_actors.providers.local.daemon.record import find_daemon
 
     record = find_daemon()
     if record is None or not record.secret:

@@ -1,6 +1,6 @@
 """``flash local up | status | down``: the local gateway daemon.
 
-``up`` starts ``python -m flash_actors.gateway`` in its own session (it outlives the
+``up`` starts ``python -m flash_actors.providers.local.daemon`` in its own session (it outlives the
 command), waits until it listens and prints its URL (one state folder, one daemon: when
 another ``up`` won the race, it says who runs); ``status`` prints its endpoints,
 workers and queues; ``down`` asks it to stop, waits for its PID to exit (SIGTERM, then
@@ -29,7 +29,7 @@ from flash_actors._private import (
     secure_state_dir,
 )
 from flash_actors.errors import ConfigurationError
-from flash_actors.gateway.record import (
+from flash_actors.providers.local.daemon.record import (
     ALREADY_RUNNING,
     RECORD_NAME,
     DaemonRecord,
@@ -117,7 +117,7 @@ def _up(args: argparse.Namespace, state_dir: Path) -> int:
     command = [
         sys.executable,
         "-m",
-        "flash_actors.gateway",
+        "flash_actors.providers.local.daemon",
         "--state-dir",
         str(state_dir),
         "--port",

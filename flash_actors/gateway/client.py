@@ -44,12 +44,16 @@ from flash_actors.errors import (
     FlashRuntimeError,
     RemoteExecutionError,
 )
-from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import DaemonRecord, find_daemon, read_record
 from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import FunctionResponse, wire_encoder
 from flash_actors.providers.local._http import Connection
 from flash_actors.providers.local._processes import stop_process
+from flash_actors.providers.local.daemon.core import config_of
+from flash_actors.providers.local.daemon.record import (
+    DaemonRecord,
+    find_daemon,
+    read_record,
+)
 from flash_actors.serialization import master_secret
 
 if TYPE_CHECKING:
@@ -556,7 +560,7 @@ async def start_private_gateway(log_dir: Path) -> GatewayProvider:
             [
                 sys.executable,
                 "-m",
-                "flash_actors.gateway",
+                "flash_actors.providers.local.daemon",
                 "--state-dir",
                 str(state_dir),
                 "--parent-pid",

@@ -1,6 +1,6 @@
 """Worker processes of handler endpoints: stock ``runpod`` workers running the user's file.
 
-Each worker is ``python -m flash_actors.gateway.launch <handler.py>``: the launcher only ties
+Each worker is ``python -m flash_actors.providers.local.daemon.launch <handler.py>``: the launcher only ties
 the process's life to the daemon's (so a killed daemon leaves no worker behind) and then runs
 the unmodified handler file as ``__main__``; ``runpod.serverless.start`` inside it finds the
 gateway through RunPod's own environment variables (PROTOCOL.md section 2).
@@ -35,15 +35,15 @@ import anyio
 
 from flash_actors._logging import get_logger
 from flash_actors._private import open_private, private_dir
-from flash_actors.gateway import launch
-from flash_actors.gateway.core import HandlerWorker
 from flash_actors.providers.local._processes import stop_process
+from flash_actors.providers.local.daemon import launch
+from flash_actors.providers.local.daemon.core import HandlerWorker
 from flash_actors.providers.local.pool import default_start_backoff_max_s, log_tail
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from flash_actors.gateway.core import Endpoint, Gateway
+    from flash_actors.providers.local.daemon.core import Endpoint, Gateway
 
 __all__ = ["run_handler_pool", "stop_workers", "worker_env"]
 
@@ -134,7 +134,12 @@ async def _start(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
     starts.logs[worker_id] = log_path
     with os.fdopen(open_private(log_path), "ab") as out:
         process = await anyio.open_process(
-            [sys.executable, "-m", "flash_actors.gateway.launch", handler],
+            [
+                sys.executable,
+                "-m",
+                "flash_actors.providers.local.daemon.launch",
+                handler,
+            ],
             env=worker_env(gateway, endpoint, worker_id),
             cwd=os.path.dirname(handler) or None,
             stdin=subprocess.DEVNULL,

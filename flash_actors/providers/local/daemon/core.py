@@ -8,7 +8,7 @@ One `Endpoint` per registered resource config, of two kinds:
 - ``handler``: a RunPod handler file (``ServerlessEndpoint(handler="handler.py")``). Its
   jobs are dictionaries pulled by stock ``runpod`` workers over the worker protocol
   (job-take, job-done, job-stream, ping, job-stop); the gateway starts and stops those worker
-  processes itself (`flash_actors.gateway.workers`), and unmodified workers started by hand
+  processes itself (`flash_actors.providers.local.daemon.workers`), and unmodified workers started by hand
   with the same environment are served too.
 
 Every state change is written to the `JobStore` before it is reported; events wake the
@@ -40,9 +40,9 @@ from flash_actors.errors import (
     ExecutionTimeoutError,
     FlashRuntimeError,
 )
-from flash_actors.gateway.store import TERMINAL, JobRecord, JobStore
 from flash_actors.messages import Call, FunctionRequest, FunctionResponse, wire_encoder
 from flash_actors.policies import CallPolicy, RetryPolicy
+from flash_actors.providers.local.daemon.store import TERMINAL, JobRecord, JobStore
 from flash_actors.providers.local.pool import LocalBackend
 from flash_actors.serialization import endpoint_key
 
@@ -432,7 +432,7 @@ class Gateway:
         if endpoint.kind == "flash":
             self._tg.start_soon(self._dispatch_flash, endpoint)
         else:
-            from flash_actors.gateway.workers import run_handler_pool
+            from flash_actors.providers.local.daemon.workers import run_handler_pool
 
             self._tg.start_soon(run_handler_pool, self, endpoint)
 
@@ -451,7 +451,7 @@ class Gateway:
         if endpoint.backend is not None:
             await endpoint.backend.aclose()
             endpoint.backend = None
-        from flash_actors.gateway.workers import stop_workers
+        from flash_actors.providers.local.daemon.workers import stop_workers
 
         await stop_workers(self, endpoint)
 

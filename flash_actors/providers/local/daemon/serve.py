@@ -1,4 +1,4 @@
-"""``python -m flash_actors.gateway``: the ``flash local`` daemon.
+"""``python -m flash_actors.providers.local.daemon``: the ``flash local`` daemon.
 
 It opens the durable store under the state folder, keeps its API key and master secret there
 (so queued jobs' signatures and clients' keys stay valid across restarts), binds
@@ -33,8 +33,9 @@ import anyio
 from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger, log_to_stderr
 from flash_actors._private import StateDirError, secure_state_dir
-from flash_actors.gateway.core import Gateway, config_of
-from flash_actors.gateway.record import (
+from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.core import Gateway, config_of
+from flash_actors.providers.local.daemon.record import (
     ALREADY_RUNNING,
     DaemonRecord,
     DaemonRunningError,
@@ -43,9 +44,12 @@ from flash_actors.gateway.record import (
     remove_record,
     write_record,
 )
-from flash_actors.gateway.server import HttpServer, make_app, max_connections_default
-from flash_actors.gateway.store import JobStore
-from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.server import (
+    HttpServer,
+    make_app,
+    max_connections_default,
+)
+from flash_actors.providers.local.daemon.store import JobStore
 from flash_actors.resources import ServerlessEndpoint
 from flash_actors.serialization import set_master_secret
 
@@ -253,7 +257,9 @@ async def _watch_parent(pid: int, shutdown: anyio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve."""
-    parser = argparse.ArgumentParser(prog="python -m flash_actors.gateway")
+    parser = argparse.ArgumentParser(
+        prog="python -m flash_actors.providers.local.daemon"
+    )
     parser.add_argument("--state-dir", default=".flash")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, default=None)

@@ -37,14 +37,14 @@ import msgspec
 from aiohttp import web
 
 from flash_actors._logging import get_logger
-from flash_actors.gateway.core import RESULT_LIMIT, Gateway, GatewayError
 from flash_actors.messages import wire_encoder
+from flash_actors.providers.local.daemon.core import RESULT_LIMIT, Gateway, GatewayError
 
 if TYPE_CHECKING:
     import socket
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from flash_actors.gateway.core import Job
+    from flash_actors.providers.local.daemon.core import Job
 
 __all__ = ["HttpServer", "make_app"]
 
