@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from flash_actors.providers.local.daemon.core import config_of
+from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.providers.local.daemon.record import (
     DaemonRecord,
     read_record,

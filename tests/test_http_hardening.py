@@ -31,7 +31,7 @@ import pytest
 from flash_actors import CpuLiveServerless, ServerlessEndpoint, runtime
 from flash_actors.gateway.client import GatewayProvider
 from flash_actors.providers.local import LocalProvider
-from flash_actors.providers.local.daemon.core import config_of
+from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.providers.local.daemon.record import read_record
 from tests._daemon import (
     ECHO,

@@ -21,7 +21,8 @@ import pytest
 from flash_actors import CpuLiveLoadBalancer, CpuLiveServerless, remote, runtime
 from flash_actors._logging import get_logger
 from flash_actors.providers.local import LocalProvider
-from flash_actors.providers.local.daemon.core import Gateway, config_of
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.gateway import Gateway
 from flash_actors.providers.local.daemon.store import JobRecord, JobStore
 from tests._daemon import (
     ECHO,
@@ -377,7 +378,7 @@ async def test_jobs_left_running_by_a_dead_daemon_are_logged_as_requeued(
     store.db.close()  # as if the daemon died: no checkpoint, no close()
     reopened = JobStore(tmp_path / "gateway.sqlite3")
     handler = _Lines()
-    logger = logging.getLogger("flash_actors.providers.local.daemon.core")
+    logger = logging.getLogger("flash_actors.providers.local.daemon.gateway")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:

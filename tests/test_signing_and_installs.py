@@ -27,7 +27,7 @@ from flash_actors import (
 )
 from flash_actors.messages import FunctionRequest, wire_encoder
 from flash_actors.providers.local import LocalProvider
-from flash_actors.providers.local.daemon.core import config_of
+from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.serialization import (
     RequestSigner,
     endpoint_key,

@@ -48,7 +48,7 @@ from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import FunctionResponse, wire_encoder
 from flash_actors.providers.local._http import Connection
 from flash_actors.providers.local._processes import stop_process
-from flash_actors.providers.local.daemon.core import config_of
+from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.providers.local.daemon.record import (
     DaemonRecord,
     find_daemon,

@@ -34,7 +34,8 @@ from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger, log_to_stderr
 from flash_actors._private import StateDirError, secure_state_dir
 from flash_actors.providers.local import LocalProvider
-from flash_actors.providers.local.daemon.core import Gateway, config_of
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.gateway import Gateway
 from flash_actors.providers.local.daemon.record import (
     ALREADY_RUNNING,
     DaemonRecord,
@@ -223,7 +224,7 @@ def _drop_abandoned(gateway: Gateway, alive_before: str | None) -> None:
         window = job.options.get("abandonAfter")
         if job.terminal or not isinstance(window, int) or down_ms < window:
             continue
-        gateway.fail(
+        gateway.book.fail(
             job,
             f"job {job.id} was abandoned: the daemon was down for {down_ms / 1000:.1f} s, "
             f"longer than its caller waits to reconnect ({window / 1000:.1f} s); "

@@ -38,13 +38,15 @@ from aiohttp import web
 
 from flash_actors._logging import get_logger
 from flash_actors.messages import wire_encoder
-from flash_actors.providers.local.daemon.core import RESULT_LIMIT, Gateway, GatewayError
+from flash_actors.providers.local.daemon.errors import GatewayError
+from flash_actors.providers.local.daemon.jobs import RESULT_LIMIT
 
 if TYPE_CHECKING:
     import socket
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from flash_actors.providers.local.daemon.core import Job
+    from flash_actors.providers.local.daemon.gateway import Gateway
+    from flash_actors.providers.local.daemon.jobs import Job
 
 __all__ = ["HttpServer", "make_app"]
 
@@ -200,7 +202,7 @@ def make_app(
 
     ``owner_token`` (the private gateway's, known only to the process that started it; sent
     as ``?owner=``) lets a registration name a handler file outside the served folder; see
-    `Gateway.check_config`.
+    `Catalog.check_config`.
     """
     key = api_key.encode()
     owner = owner_token.encode()
@@ -238,15 +240,15 @@ def make_app(
     async def send_envelope(request: web.Request, job: Job) -> web.StreamResponse:
         """The job's envelope, its output read from the store under the budget."""
         async with budget.hold(
-            2 * gateway.output_size(job)
+            2 * gateway.book.output_size(job)
         ):  # the output, then its answer
-            response = _json(gateway.envelope(job))
+            response = _json(gateway.book.envelope(job))
             await response.prepare(request)
             await response.write_eof()
         return response
 
     def endpoint(request: web.Request) -> Any:
-        return gateway.endpoint(request.match_info["endpoint"])
+        return gateway.catalog.endpoint(request.match_info["endpoint"])
 
     async def submit(request: web.Request, limit: int) -> Any:
         ep = endpoint(request)
@@ -268,7 +270,7 @@ def make_app(
                 raise GatewayError(400, msg)
             options["webhook"] = parsed.webhook
             options["stream"] = parsed.stream
-            return ep, gateway.submit(ep, raw_input, options, parsed.id)
+            return ep, gateway.plane.submit(ep, raw_input, options, parsed.id)
 
     async def run(request: web.Request) -> web.Response:
         _, job = await submit(request, RUN_LIMIT)
@@ -277,24 +279,24 @@ def make_app(
     async def runsync(request: web.Request) -> web.StreamResponse:
         wait = _wait_ms(request, 90_000, 1_000, 300_000)
         _, job = await submit(request, RUNSYNC_LIMIT)
-        await gateway.wait(job, wait)
+        await gateway.plane.wait(job, wait)
         if job.terminal:
             return await send_envelope(request, job)
         return _json({"id": job.id, "status": job.status})
 
     async def status(request: web.Request) -> web.StreamResponse:
         ep = endpoint(request)
-        job = gateway.job(ep, request.match_info["job"])
+        job = gateway.catalog.job(ep, request.match_info["job"])
         wait = _wait_ms(request, 0, 0, 300_000)
         if wait:
-            await gateway.wait(job, wait)
+            await gateway.plane.wait(job, wait)
         return await send_envelope(request, job)
 
     async def stream(request: web.Request) -> web.Response:
         ep = endpoint(request)
-        job = gateway.job(ep, request.match_info["job"])
+        job = gateway.catalog.job(ep, request.match_info["job"])
         wait = _wait_ms(request, 1_000, 0, 300_000)
-        chunks = await gateway.drain_stream(job, wait)
+        chunks = await gateway.plane.drain_stream(job, wait)
         answer: dict[str, Any] = {
             "status": job.status,
             "stream": [msgspec.Raw(chunk) for chunk in chunks],
@@ -305,39 +307,39 @@ def make_app(
 
     async def cancel(request: web.Request) -> web.Response:
         ep = endpoint(request)
-        job = gateway.job(ep, request.match_info["job"])
-        gateway.cancel(ep, job)
+        job = gateway.catalog.job(ep, request.match_info["job"])
+        gateway.book.cancel(ep, job)
         return _json({"id": job.id, "status": job.status})
 
     async def retry(request: web.Request) -> web.Response:
         ep = endpoint(request)
-        job = gateway.job(ep, request.match_info["job"])
-        gateway.retry(ep, job)
+        job = gateway.catalog.job(ep, request.match_info["job"])
+        gateway.book.retry(ep, job)
         return _json({"id": job.id, "status": job.status})
 
     async def purge(request: web.Request) -> web.Response:
-        removed = gateway.purge(endpoint(request))
+        removed = gateway.book.purge(endpoint(request))
         return _json({"removed": removed, "status": "completed"})
 
     async def health(request: web.Request) -> web.Response:
-        return _json(gateway.health(endpoint(request)))
+        return _json(gateway.plane.health(endpoint(request)))
 
     # -- the worker side --------------------------------------------------------------------
 
     def _job_json(job: Any) -> dict[str, Any]:
-        return {"id": job.id, "input": msgspec.Raw(gateway.input_of(job))}
+        return {"id": job.id, "input": msgspec.Raw(gateway.book.input_of(job))}
 
     def gone(request: web.Request, ep: Any, jobs: list[Any]) -> bool:
         """True (and the jobs queued again) if the worker hung up while it waited."""
         transport = request.transport
         if jobs and (transport is None or transport.is_closing()):
-            gateway.untake(ep, request.match_info["worker"], jobs)
+            gateway.protocol.untake(ep, request.match_info["worker"], jobs)
             return True
         return False
 
     async def take(request: web.Request) -> web.Response:
         ep = endpoint(request)
-        jobs = await gateway.take(ep, request.match_info["worker"], 1)
+        jobs = await gateway.protocol.take(ep, request.match_info["worker"], 1)
         if not jobs or gone(request, ep, jobs):
             return web.Response(status=204)
         return _json(_job_json(jobs[0]))
@@ -348,7 +350,7 @@ def make_app(
             size = max(1, int(request.query.get("batch_size", "1")))
         except ValueError as exc:
             raise GatewayError(400, "batch_size must be an integer") from exc
-        jobs = await gateway.take(ep, request.match_info["worker"], size)
+        jobs = await gateway.protocol.take(ep, request.match_info["worker"], size)
         if not jobs or gone(request, ep, jobs):
             return web.Response(status=204)
         return _json([_job_json(job) for job in jobs])
@@ -362,9 +364,9 @@ def make_app(
                 raise _TooLarge(length)
             async with budget.hold(DONE_LIMIT if length is None else length):
                 body = await _read(request, DONE_LIMIT, idle_timeout_s)
-                gateway.done(ep, worker, job_id, body)
+                gateway.protocol.done(ep, worker, job_id, body)
         except _TooLarge as exc:
-            gateway.refuse_result(ep, worker, job_id, exc.size)
+            gateway.protocol.refuse_result(ep, worker, job_id, exc.size)
             raise _too_large(exc.size, DONE_LIMIT, "job-done") from None
         return _json({})
 
@@ -372,18 +374,18 @@ def make_app(
         ep = endpoint(request)
         async with large(request, DONE_LIMIT, "job-stream"):
             body = await read(request, DONE_LIMIT, "job-stream")
-            gateway.stream_chunk(
+            gateway.protocol.stream_chunk(
                 ep, request.match_info["worker"], request.match_info["job"], body
             )
         return _json({})
 
     async def ping(request: web.Request) -> web.Response:
-        gateway.worker(endpoint(request), request.match_info["worker"])
+        gateway.protocol.worker(endpoint(request), request.match_info["worker"])
         return _json({})
 
     async def job_stop(request: web.Request) -> web.Response:
         ep = endpoint(request)
-        stops = await gateway.stop_signals(ep, request.match_info["worker"])
+        stops = await gateway.protocol.stop_signals(ep, request.match_info["worker"])
         if not stops:
             return web.Response(status=204)
         return _json({"jobsToStop": stops})
@@ -402,7 +404,7 @@ def make_app(
         name = request.match_info["name"]
         presented = _token(request.query.get("owner", ""))
         if not (owner and hmac.compare_digest(presented, owner)):
-            config = gateway.check_config(name, config)
+            config = gateway.catalog.check_config(name, config)
         ep = await gateway.register(name, config)
         return _json({"name": ep.name, "kind": ep.kind})
 

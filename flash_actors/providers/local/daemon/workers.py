@@ -37,13 +37,14 @@ from flash_actors._logging import get_logger
 from flash_actors._private import open_private, private_dir
 from flash_actors.providers.local._processes import stop_process
 from flash_actors.providers.local.daemon import launch
-from flash_actors.providers.local.daemon.core import HandlerWorker
+from flash_actors.providers.local.daemon.catalog import HandlerWorker
 from flash_actors.providers.local.pool import default_start_backoff_max_s, log_tail
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from flash_actors.providers.local.daemon.core import Endpoint, Gateway
+    from flash_actors.providers.local.daemon.catalog import Endpoint
+    from flash_actors.providers.local.daemon.gateway import Gateway
 
 __all__ = ["run_handler_pool", "stop_workers", "worker_env"]
 
@@ -177,7 +178,7 @@ def _reap(
     for job_id in list(worker.jobs):
         job = endpoint.jobs.get(job_id)
         if job is not None and job.status == "IN_PROGRESS":
-            gateway.requeue(endpoint, job, reason=f"worker {worker.id} {why}")
+            gateway.book.requeue(endpoint, job, reason=f"worker {worker.id} {why}")
     worker.jobs.clear()
 
 
@@ -231,7 +232,7 @@ async def _tick(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
         # the handler cannot start: its jobs fail with why, until the backoff has passed
         for job in list(endpoint.queue):
             if job.status == "IN_QUEUE":
-                gateway.fail(
+                gateway.book.fail(
                     job,
                     f"endpoint {endpoint.name!r} cannot start its handler workers "
                     f"({starts.failures} failed starts in a row): {starts.cause}",
