@@ -36,6 +36,10 @@ from flash_actors._private import StateDirError, secure_state_dir
 from flash_actors.providers.local import LocalProvider
 from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.providers.local.daemon.gateway import Gateway
+from flash_actors.providers.local.daemon.httpserver import (
+    HttpServer,
+    max_connections_default,
+)
 from flash_actors.providers.local.daemon.record import (
     ALREADY_RUNNING,
     DaemonRecord,
@@ -45,11 +49,7 @@ from flash_actors.providers.local.daemon.record import (
     remove_record,
     write_record,
 )
-from flash_actors.providers.local.daemon.server import (
-    HttpServer,
-    make_app,
-    max_connections_default,
-)
+from flash_actors.providers.local.daemon.server import make_app
 from flash_actors.providers.local.daemon.store import JobStore
 from flash_actors.resources import ServerlessEndpoint
 from flash_actors.serialization import set_master_secret
