@@ -146,7 +146,7 @@ async def _start(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: see gateway.launch
+            start_new_session=True,  # its own process group: see launch.py
         )
     endpoint.workers[worker_id] = HandlerWorker(worker_id, process=process)
     log.info(
