@@ -11,7 +11,7 @@ we handle (`PARENT_DIED`), and the handler acts only when the parent process is 
 The chain holds link by link: daemon -> fork template (which exits when its control socket
 closes) -> forked workers (SIGKILL with the template), daemon -> directly started workers,
 daemon -> handler launchers (which SIGKILL their process group). Elsewhere the pid watchers
-(`flash_actors.worker.server`, `flash_actors.gateway.launch`) are the fallback.
+(`flash_actors.worker.server`, `flash_actors.providers.local.daemon.launch`) are the fallback.
 """
 
 from __future__ import annotations

@@ -17,7 +17,11 @@ from typing import Any
 
 import httpx
 
-from flash_actors.gateway.record import DaemonRecord, pid_alive, read_record
+from flash_actors.providers.local.daemon.record import (
+    DaemonRecord,
+    pid_alive,
+    read_record,
+)
 
 FILES = Path(__file__).parent / "gateway_files"
 ECHO = FILES / "echo_handler.py"

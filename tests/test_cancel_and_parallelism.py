@@ -30,9 +30,9 @@ from flash_actors import (
     runtime,
     serialization,
 )
-from flash_actors.gateway.record import pid_alive
 from flash_actors.messages import FunctionRequest
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.record import pid_alive
 from flash_actors.serialization import RequestSigner
 from tests._daemon import Daemon, descendants, kill_all, wait_for, wait_gone
 

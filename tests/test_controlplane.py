@@ -32,9 +32,6 @@ from runpod.api.queries import (
     user as user_queries,
 )
 
-from flash_actors.gateway.core import Job
-from flash_actors.gateway.record import read_record
-from flash_actors.gateway.store import JobRecord
 from flash_actors.providers.local.controlplane import ControlPlane
 from flash_actors.providers.local.controlplane.language import (
     MAX_DEPTH,
@@ -46,6 +43,9 @@ from flash_actors.providers.local.controlplane.language import (
     variable_values,
 )
 from flash_actors.providers.local.controlplane.state import STATE_NAME
+from flash_actors.providers.local.daemon.jobs import Job
+from flash_actors.providers.local.daemon.record import read_record
+from flash_actors.providers.local.daemon.store import JobRecord
 from tests._daemon import Daemon, descendants, flash, run_job, wait_gone
 
 FLASH_CPU = "runpod/flash-cpu:py3.12-latest"

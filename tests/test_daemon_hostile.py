@@ -22,8 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import DaemonRecord, read_record, write_record
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.record import (
+    DaemonRecord,
+    read_record,
+    write_record,
+)
 from flash_actors.resources import ServerlessEndpoint
 from tests._daemon import ECHO, Daemon, flash, run_job, wait_for, workers_of
 

@@ -32,15 +32,15 @@ from flash_actors import (
     runtime,
 )
 from flash_actors.errors import ConfigurationError
-from flash_actors.gateway.record import (
+from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.record import (
     DaemonRecord,
     find_daemon,
     pid_alive,
     read_record,
     write_record,
 )
-from flash_actors.gateway.store import JobRecord, JobStore
-from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.store import JobRecord, JobStore
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -29,10 +29,10 @@ import msgspec
 import pytest
 
 from flash_actors import CpuLiveServerless, ServerlessEndpoint, runtime
-from flash_actors.gateway.client import GatewayProvider
-from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import read_record
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.record import read_record
+from flash_actors.providers.local.daemon_client import GatewayProvider
 from tests._daemon import (
     ECHO,
     FILES,

@@ -29,10 +29,10 @@ from flash_actors import (
     runtime,
 )
 from flash_actors.errors import ConfigurationError
-from flash_actors.gateway.client import GatewayProvider
-from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import pid_alive
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.record import pid_alive
+from flash_actors.providers.local.daemon_client import GatewayProvider
 from flash_actors.resources import ENDPOINT_NAME_MAX
 from flash_actors.serialization import master_secret
 from tests._daemon import (

@@ -20,9 +20,10 @@ import pytest
 
 from flash_actors import CpuLiveLoadBalancer, CpuLiveServerless, remote, runtime
 from flash_actors._logging import get_logger
-from flash_actors.gateway.core import Gateway, config_of
-from flash_actors.gateway.store import JobRecord, JobStore
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.gateway import Gateway
+from flash_actors.providers.local.daemon.store import JobRecord, JobStore
 from tests._daemon import (
     ECHO,
     Daemon,
@@ -244,7 +245,7 @@ anyio.run(main, backend=sys.argv[1])
 def _log_line(path: Path, event: str, job_id: str, seconds: float = 20) -> str:
     """The daemon log's line for ``event`` of job ``job_id`` (polled: it is written async)."""
     pattern = re.compile(
-        rf"^\S+ \S+ \w+ flash_actors\.gateway\.core: {re.escape(event)} "
+        rf"^\S+ \S+ \w+ flash_actors\.providers\.local\.daemon\.\w+: {re.escape(event)} "
         rf"job_id={re.escape(job_id)} .*$",
         re.M,
     )
@@ -377,7 +378,7 @@ async def test_jobs_left_running_by_a_dead_daemon_are_logged_as_requeued(
     store.db.close()  # as if the daemon died: no checkpoint, no close()
     reopened = JobStore(tmp_path / "gateway.sqlite3")
     handler = _Lines()
-    logger = logging.getLogger("flash_actors.gateway.core")
+    logger = logging.getLogger("flash_actors.providers.local.daemon.gateway")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:

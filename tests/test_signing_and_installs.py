@@ -25,9 +25,9 @@ from flash_actors import (
     remote,
     runtime,
 )
-from flash_actors.gateway.core import config_of
 from flash_actors.messages import FunctionRequest, wire_encoder
 from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.serialization import (
     RequestSigner,
     endpoint_key,

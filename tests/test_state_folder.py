@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from flash_actors.gateway.record import LOCK_NAME, read_record
+from flash_actors.providers.local.daemon.record import LOCK_NAME, read_record
 from tests._daemon import (
     FILES,
     Daemon,
@@ -154,7 +154,10 @@ def _daemons_of(state: Path) -> list[int]:
         if entry.name.isdigit():
             with contextlib.suppress(OSError):
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
-                if b"flash_actors.gateway" in argv and str(state).encode() in argv:
+                if (
+                    b"flash_actors.providers.local.daemon" in argv
+                    and str(state).encode() in argv
+                ):
                     found.append(int(entry.name))
     return found
 
@@ -382,7 +385,7 @@ def test_reconnect_window_is_checked(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "from flash_actors.gateway.client import reconnect_window as r; r()",
+            "from flash_actors.providers.local.daemon_client import reconnect_window as r; r()",
         ],
         env=env,
         capture_output=True,

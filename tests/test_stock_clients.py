@@ -29,8 +29,8 @@ import pytest
 
 from flash_actors import CpuLiveServerless, PayloadSignatureError, SerializationError
 from flash_actors.endpoint import response_value
-from flash_actors.gateway.core import config_of
 from flash_actors.messages import FunctionRequest, FunctionResponse, wire_encoder
+from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.serialization import (
     RequestSigner,
     encode_value,

@@ -14,11 +14,11 @@ __all__ = ["LocalProvider", "local_provider"]
 
 def local_provider() -> Provider:
     """The ``local`` provider: a running ``flash local`` daemon's queue, else embedded workers."""
-    from flash_actors.gateway.record import find_daemon
+    from flash_actors.providers.local.daemon.record import find_daemon
 
     record = find_daemon()
     if record is not None:
-        from flash_actors.gateway.client import GatewayProvider
+        from flash_actors.providers.local.daemon_client import GatewayProvider
 
         return GatewayProvider(record)
     return LocalProvider()

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
-    from flash_actors.gateway.client import GatewayProvider
+    from flash_actors.providers.local.daemon_client import GatewayProvider
     from flash_actors.providers.runpod.backend import QueueBackend
     from flash_actors.resources import ServerlessResource
 
@@ -126,7 +126,7 @@ class LocalProvider:
         if resource.handler is not None:
             async with self._gateway_lock:
                 if self._gateway is None:
-                    from flash_actors.gateway.client import (
+                    from flash_actors.providers.local.daemon_client import (
                         start_private_gateway,
                     )
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from flash_actors import resources
 from flash_actors.errors import ConfigurationError
-from flash_actors.gateway.core import UNSAFE_ENV, config_of
 from flash_actors.providers.local.controlplane.language import RequestError
+from flash_actors.providers.local.daemon.catalog import UNSAFE_ENV, config_of
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""``python -m flash_actors.gateway.launch HANDLER.py``: one handler worker, and all it starts.
+"""``python -m flash_actors.providers.local.daemon.launch HANDLER.py``: one handler worker, and all it starts.
 
 The launcher leads its own process group (the daemon starts it in a new session) and runs
 the handler file, unmodified, as ``python HANDLER.py`` in that group. Stock ``runpod``
@@ -65,7 +65,9 @@ def _watch_parent(parent: int) -> None:
 def main() -> None:
     """Tie the group to the daemon, run the handler, end the group with it."""
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m flash_actors.gateway.launch HANDLER.py")
+        sys.exit(
+            "usage: python -m flash_actors.providers.local.daemon.launch HANDLER.py"
+        )
     handler = Path(sys.argv[1]).resolve()
     parent = int(os.environ.get("FLASH_PARENT_PID", "0") or 0)
     child: subprocess.Popen[bytes] | None = None

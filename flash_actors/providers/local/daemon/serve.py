@@ -1,4 +1,4 @@
-"""``python -m flash_actors.gateway``: the ``flash local`` daemon.
+"""``python -m flash_actors.providers.local.daemon``: the ``flash local`` daemon.
 
 It opens the durable store under the state folder, keeps its API key and master secret there
 (so queued jobs' signatures and clients' keys stay valid across restarts), binds
@@ -39,8 +39,15 @@ from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger, log_to_stderr
 from flash_actors._private import StateDirError, secure_state_dir
 from flash_actors.errors import ConfigurationError
-from flash_actors.gateway.core import Gateway, config_of
-from flash_actors.gateway.record import (
+from flash_actors.providers.local import LocalProvider
+from flash_actors.providers.local.controlplane import ControlPlane
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.gateway import Gateway
+from flash_actors.providers.local.daemon.httpserver import (
+    HttpServer,
+    max_connections_default,
+)
+from flash_actors.providers.local.daemon.record import (
     ALREADY_RUNNING,
     DaemonRecord,
     DaemonRunningError,
@@ -49,10 +56,8 @@ from flash_actors.gateway.record import (
     remove_record,
     write_record,
 )
-from flash_actors.gateway.server import HttpServer, make_app, max_connections_default
-from flash_actors.gateway.store import JobStore
-from flash_actors.providers.local import LocalProvider
-from flash_actors.providers.local.controlplane import ControlPlane
+from flash_actors.providers.local.daemon.server import make_app
+from flash_actors.providers.local.daemon.store import JobStore
 from flash_actors.resources import ServerlessEndpoint
 from flash_actors.serialization import set_master_secret
 
@@ -245,7 +250,7 @@ def _drop_abandoned(gateway: Gateway, alive_before: str | None) -> None:
         window = job.options.get("abandonAfter")
         if job.terminal or not isinstance(window, int) or down_ms < window:
             continue
-        gateway.fail(
+        gateway.book.fail(
             job,
             f"job {job.id} was abandoned: the daemon was down for {down_ms / 1000:.1f} s, "
             f"longer than its caller waits to reconnect ({window / 1000:.1f} s); "
@@ -279,7 +284,9 @@ async def _watch_parent(pid: int, shutdown: anyio.Event) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve."""
-    parser = argparse.ArgumentParser(prog="python -m flash_actors.gateway")
+    parser = argparse.ArgumentParser(
+        prog="python -m flash_actors.providers.local.daemon"
+    )
     parser.add_argument("--state-dir", default=".flash")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--parent-pid", type=int, default=None)

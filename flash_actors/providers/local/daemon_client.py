@@ -36,11 +36,15 @@ import anyio
 
 from flash_actors._private import open_private, private_dir
 from flash_actors.errors import ConfigurationError, DeliveryError
-from flash_actors.gateway.core import config_of
-from flash_actors.gateway.record import DaemonRecord, find_daemon, read_record
 from flash_actors.messages import wire_encoder
 from flash_actors.providers.local._http import LoopbackTransport
 from flash_actors.providers.local._processes import stop_process
+from flash_actors.providers.local.daemon.catalog import config_of
+from flash_actors.providers.local.daemon.record import (
+    DaemonRecord,
+    find_daemon,
+    read_record,
+)
 from flash_actors.providers.runpod.backend import QueueBackend
 from flash_actors.providers.runpod.dataplane import FLASH_LOCAL, DataPlane, error_text
 from flash_actors.serialization import derive_key, master_secret
@@ -340,7 +344,7 @@ async def start_private_gateway(log_dir: Path) -> GatewayProvider:
             [
                 sys.executable,
                 "-m",
-                "flash_actors.gateway",
+                "flash_actors.providers.local.daemon",
                 "--state-dir",
                 str(state_dir),
                 "--parent-pid",

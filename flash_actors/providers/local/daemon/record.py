@@ -182,4 +182,4 @@ def is_gateway(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc (macOS): trust the live PID
-    return b"flash_actors.gateway" in cmdline
+    return b"flash_actors.providers.local.daemon" in cmdline

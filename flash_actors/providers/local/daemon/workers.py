@@ -1,6 +1,6 @@
 """Worker processes of handler endpoints: stock ``runpod`` workers running the user's file.
 
-Each worker is ``python -m flash_actors.gateway.launch <handler.py>``: the launcher only ties
+Each worker is ``python -m flash_actors.providers.local.daemon.launch <handler.py>``: the launcher only ties
 the process's life to the daemon's (so a killed daemon leaves no worker behind) and then runs
 the unmodified handler file as ``__main__``; ``runpod.serverless.start`` inside it finds the
 gateway through RunPod's own environment variables (PROTOCOL.md section 2).
@@ -35,15 +35,16 @@ import anyio
 
 from flash_actors._logging import get_logger
 from flash_actors._private import open_private, private_dir
-from flash_actors.gateway import launch
-from flash_actors.gateway.core import HandlerWorker
 from flash_actors.providers.local._processes import stop_process
+from flash_actors.providers.local.daemon import launch
+from flash_actors.providers.local.daemon.catalog import HandlerWorker
 from flash_actors.providers.local.pool import default_start_backoff_max_s, log_tail
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from flash_actors.gateway.core import Endpoint, Gateway
+    from flash_actors.providers.local.daemon.catalog import Endpoint
+    from flash_actors.providers.local.daemon.gateway import Gateway
 
 __all__ = ["run_handler_pool", "stop_workers", "worker_env"]
 
@@ -134,13 +135,18 @@ async def _start(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
     starts.logs[worker_id] = log_path
     with os.fdopen(open_private(log_path), "ab") as out:
         process = await anyio.open_process(
-            [sys.executable, "-m", "flash_actors.gateway.launch", handler],
+            [
+                sys.executable,
+                "-m",
+                "flash_actors.providers.local.daemon.launch",
+                handler,
+            ],
             env=worker_env(gateway, endpoint, worker_id),
             cwd=os.path.dirname(handler) or None,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: see gateway.launch
+            start_new_session=True,  # its own process group: see launch.py
         )
     endpoint.workers[worker_id] = HandlerWorker(worker_id, process=process)
     log.info(
@@ -172,7 +178,7 @@ def _reap(
     for job_id in list(worker.jobs):
         job = endpoint.jobs.get(job_id)
         if job is not None and job.status == "IN_PROGRESS":
-            gateway.requeue(endpoint, job, reason=f"worker {worker.id} {why}")
+            gateway.book.requeue(endpoint, job, reason=f"worker {worker.id} {why}")
     worker.jobs.clear()
 
 
@@ -226,7 +232,7 @@ async def _tick(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
         # the handler cannot start: its jobs fail with why, until the backoff has passed
         for job in list(endpoint.queue):
             if job.status == "IN_QUEUE":
-                gateway.fail(
+                gateway.book.fail(
                     job,
                     f"endpoint {endpoint.name!r} cannot start its handler workers "
                     f"({starts.failures} failed starts in a row): {starts.cause}",

@@ -1,0 +1,309 @@
+"""The daemon's registered endpoints: what each one is, and which configs it accepts.
+
+One `Endpoint` per registered resource config, of two kinds:
+
+- ``flash``: a ``@remote`` endpoint. Its jobs' ``input`` is a Flash ``FunctionRequest``;
+  `flash_actors.providers.local.daemon.dispatch` hands them to the embedded local
+  provider's worker pool, and the job's ``output`` is the worker's ``FunctionResponse``.
+- ``handler``: a RunPod handler file (``ServerlessEndpoint(handler="handler.py")``). Its
+  jobs are dictionaries pulled by stock ``runpod`` workers over the worker protocol
+  (`flash_actors.providers.local.daemon.worker_protocol`); the daemon starts and stops those
+  worker processes itself (`flash_actors.providers.local.daemon.workers`), and unmodified
+  workers started by hand with the same environment are served too.
+
+The `Catalog` finds endpoints and jobs by name and checks configs: the shape of any
+registration (`Catalog.checked`), and what one sent over HTTP may make the daemon run
+(`Catalog.check_config`).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from flash_actors import resources
+from flash_actors.errors import ConfigurationError
+from flash_actors.providers.local.daemon.errors import GatewayError
+
+if TYPE_CHECKING:
+    from anyio.abc import Process
+
+    from flash_actors.providers.local.daemon.jobs import Job
+    from flash_actors.providers.local.pool import LocalBackend
+
+__all__ = [
+    "UNSAFE_ENV",
+    "Catalog",
+    "Endpoint",
+    "HandlerWorker",
+    "config_of",
+    "resource_from_config",
+]
+
+UNSAFE_ENV = re.compile(
+    r"(LD_|DYLD_|PYTHON|FLASH_|RUNPOD_|PERL5|RUBY|NODE_|GCONV_).*|"
+    r"PATH|BASH_ENV|ENV|SHELLOPTS|PS4|HOME|MALLOC_.*"
+)
+"""Worker ``env`` names an HTTP registration may not set: they make a process (or Python,
+the dynamic linker, a shell) load code from elsewhere, or redirect our own workers."""
+
+
+def resource_from_config(config: dict[str, Any]) -> resources.ServerlessResource:
+    """Rebuild a resource config sent as ``{"class": ..., "resource": {...}}``.
+
+    Raises:
+        ConfigurationError: unknown class or invalid fields.
+    """
+    cls_name = config.get("class")
+    cls = getattr(resources, str(cls_name), None)
+    if not (
+        isinstance(cls, type)
+        and issubclass(cls, resources.ServerlessResource)
+        and cls.__name__ in resources.__all__
+    ):
+        msg = f"unknown resource class {cls_name!r}"
+        raise ConfigurationError(msg)
+    try:
+        resource: resources.ServerlessResource = msgspec.convert(
+            config.get("resource"), type=cls
+        )
+    except msgspec.ValidationError as exc:
+        msg = f"invalid {cls_name} config: {exc}"
+        raise ConfigurationError(msg) from exc
+    return resource
+
+
+def config_of(resource: resources.ServerlessResource) -> dict[str, Any]:
+    """The JSON-able form of a resource config that `resource_from_config` reads back."""
+    return {"class": type(resource).__name__, "resource": msgspec.to_builtins(resource)}
+
+
+@dataclass(eq=False)
+class HandlerWorker:
+    """A stock ``runpod`` worker serving a handler endpoint (started by us or by hand)."""
+
+    id: str
+    process: Process | None = None
+    state: str = "initializing"  # initializing, idle, running
+    jobs: set[str] = field(default_factory=set)
+    last_active: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    stops: list[str] = field(default_factory=list)
+    stop_wake: anyio.Event = field(default_factory=anyio.Event)
+    recycle: bool = False
+
+
+class Endpoint:
+    """One registered endpoint: its config, its queue and (for handlers) its workers."""
+
+    def __init__(self, name: str, config: dict[str, Any]) -> None:
+        self.name = name
+        self.config = config
+        self.resource = resource_from_config(config)
+        self.kind = "handler" if self.resource.handler else "flash"
+        self.queue: deque[Job] = deque()
+        self.jobs: dict[str, Job] = {}
+        self.available = anyio.Event()
+        self.retried = 0
+        self.workers: dict[str, HandlerWorker] = {}
+        self.backend: LocalBackend | None = None
+        self.scope = anyio.CancelScope()
+
+    def push(self, job: Job, *, front: bool = False) -> None:
+        """Queue a job and wake whoever takes jobs."""
+        if front:
+            self.queue.appendleft(job)
+        else:
+            self.queue.append(job)
+        self.available.set()
+
+    def pop(self) -> Job | None:
+        """The next queued job, if any."""
+        while self.queue:
+            job = self.queue.popleft()
+            if job.status == "IN_QUEUE":
+                return job
+        if self.available.is_set():  # never replace an event someone may be waiting on
+            self.available = anyio.Event()
+        return None
+
+    async def wait_available(self) -> None:
+        """Until a job is queued."""
+        while not any(job.status == "IN_QUEUE" for job in self.queue):
+            if self.available.is_set():
+                self.available = anyio.Event()
+            await self.available.wait()
+
+    def counts(self) -> dict[str, int]:
+        """Jobs by state, for /health and ``flash local status``."""
+        counts = {"completed": 0, "failed": 0, "inProgress": 0, "inQueue": 0}
+        for job in self.jobs.values():
+            status = job.status
+            if status == "COMPLETED":
+                counts["completed"] += 1
+            elif status in {"FAILED", "TIMED_OUT"}:
+                counts["failed"] += 1
+            elif status == "IN_PROGRESS":
+                counts["inProgress"] += 1
+            elif status == "IN_QUEUE":
+                counts["inQueue"] += 1
+        counts["retried"] = self.retried
+        return counts
+
+    def worker_counts(self) -> dict[str, int]:
+        """Workers by state, for /health and ``flash local status``."""
+        if self.kind == "flash":
+            stats = self.backend.pool.statistics() if self.backend else {}
+            workers = int(stats.get("workers", 0))
+            ready = int(stats.get("ready", 0))
+            busy = int(stats.get("busy_workers", 0))  # a recycled one until it is gone
+            running = min(ready, busy)
+            return {
+                "idle": max(0, ready - running),
+                "running": running,
+                "initializing": int(stats.get("starting", 0)),
+                "ready": ready,
+                "throttled": 0,
+                "unhealthy": max(0, workers - ready - int(stats.get("starting", 0))),
+            }
+        states = [w.state for w in self.workers.values()]
+        return {
+            "idle": states.count("idle"),
+            "running": states.count("running"),
+            "initializing": states.count("initializing"),
+            "ready": states.count("idle") + states.count("running"),
+            "throttled": 0,
+            "unhealthy": 0,
+        }
+
+
+class Catalog:
+    """The registered endpoints by name (``endpoints``), and the checks on their configs.
+
+    Args:
+        served_dir: the folder the daemon serves: handler files registered over HTTP must
+            lie inside it (see `check_config`).
+    """
+
+    def __init__(self, served_dir: Path) -> None:
+        self.served_dir = served_dir.resolve()
+        self.endpoints: dict[str, Endpoint] = {}
+
+    def endpoint(self, name: str) -> Endpoint:
+        """A registered endpoint.
+
+        Raises:
+            GatewayError: 404 when there is none of that name; 400 when no endpoint can
+                have it.
+        """
+        endpoint = self.endpoints.get(name)
+        if endpoint is None:
+            try:
+                resources.check_endpoint_name(name)
+            except ConfigurationError as exc:
+                raise GatewayError(400, str(exc)) from exc
+            msg = f"endpoint {name!r} not found (register it first, or check the name)"
+            raise GatewayError(404, msg)
+        return endpoint
+
+    @staticmethod
+    def job(endpoint: Endpoint, job_id: str) -> Job:
+        """A job of this endpoint.
+
+        Raises:
+            GatewayError: 404 for an unknown or expired job.
+        """
+        job = endpoint.jobs.get(job_id)
+        if job is None:
+            raise GatewayError(404, "request does not exist")
+        return job
+
+    @staticmethod
+    def checked(name: str, config: dict[str, Any]) -> Endpoint:
+        """A new, not yet registered endpoint for ``config`` (any registration's checks).
+
+        Raises:
+            GatewayError: 400 for an invalid config or name (`resources.check_endpoint_name`),
+                a config named otherwise, or ``env`` no process can be given.
+        """
+        try:
+            resources.check_endpoint_name(name)
+            endpoint = Endpoint(name, config)
+        except ConfigurationError as exc:
+            raise GatewayError(400, str(exc)) from exc
+        if endpoint.resource.name != name:
+            msg = f"the config is named {endpoint.resource.name!r}, not {name!r}"
+            raise GatewayError(400, msg)
+        bad = sorted(
+            key
+            for key, value in endpoint.resource.worker_env().items()
+            if not key or "=" in key or "\0" in key or "\0" in value
+        )
+        if bad:  # no process can be started with these: refuse them now
+            msg = (
+                f"endpoint {name!r}: env {bad!r} cannot be given to a process: names "
+                "must be non-empty without '=' or NUL, values without NUL"
+            )
+            raise GatewayError(400, msg)
+        return endpoint
+
+    def check_config(self, name: str, config: dict[str, Any]) -> dict[str, Any]:
+        """A config registered over HTTP, checked (its handler's path resolved).
+
+        Registering an endpoint starts processes, so over HTTP (where the API key is all a
+        caller shows) the config may not choose what code they load: a handler must be an
+        existing regular ``.py`` file inside `served_dir` (after resolving symlinks and
+        ``..``), and ``env`` may not set variables that make a process load other code
+        (`UNSAFE_ENV`). The local user names any handler on the daemon's command line
+        (``flash local up --endpoint``). A config identical to the registered one is
+        accepted as it is (nothing new runs).
+
+        Raises:
+            GatewayError: 403 for a handler outside the served folder or an unsafe ``env``
+                variable, 400 for a handler that is not an existing ``.py`` file.
+        """
+        known = self.endpoints.get(name)
+        if known is not None and known.config == config:
+            return config
+        try:
+            resource = resource_from_config(config)
+        except ConfigurationError as exc:
+            raise GatewayError(400, str(exc)) from exc
+        unsafe = sorted(k for k in resource.worker_env() if UNSAFE_ENV.fullmatch(k))
+        if unsafe:
+            msg = (
+                f"endpoint {name!r}: env {', '.join(unsafe)} would change the code its "
+                "workers load; over HTTP such variables cannot be set. Set them in the "
+                "environment of `flash local up` instead"
+            )
+            raise GatewayError(403, msg)
+        fields = config.get("resource")
+        if resource.handler is None or not isinstance(fields, dict):
+            return config
+        path = Path(self.served_dir, resource.handler)
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            msg = (
+                f"endpoint {name!r}: handler file {str(path)!r} does not exist ({exc})"
+            )
+            raise GatewayError(400, msg) from exc
+        if not real.is_relative_to(self.served_dir):
+            msg = (
+                f"endpoint {name!r}: handler file {str(real)!r} is outside the folder this "
+                f"gateway serves ({str(self.served_dir)!r}); over HTTP only handlers inside "
+                "it can be registered. Move the file there, or name it on the daemon's "
+                "command line: flash local up --endpoint NAME=PATH.py"
+            )
+            raise GatewayError(403, msg)
+        if real.suffix != ".py" or not real.is_file():
+            msg = f"endpoint {name!r}: handler {str(real)!r} is not a regular .py file"
+            raise GatewayError(400, msg)
+        return {**config, "resource": {**fields, "handler": str(real)}}

@@ -1,0 +1,159 @@
+"""The data plane's routes (PROTOCOL.md section 1) under ``/v2/{endpoint_id}/``.
+
+``run``, ``runsync``, ``status/{id}``, ``stream/{id}``, ``cancel/{id}``, ``retry/{id}``,
+``purge-queue``, ``health``, ``metrics``. ``status`` also takes ``?wait=ms`` (wait for the job to end)
+and ``run`` an ``id`` and ``stream`` field: extensions our own client uses, ignored by
+stock clients.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from flash_actors.providers.local.daemon.bodies import (
+    RUN_LIMIT,
+    RUNSYNC_LIMIT,
+    decode,
+    json_response,
+    wait_ms,
+)
+from flash_actors.providers.local.daemon.errors import GatewayError
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from flash_actors.providers.local.daemon.bodies import Bodies
+    from flash_actors.providers.local.daemon.catalog import Endpoint
+    from flash_actors.providers.local.daemon.gateway import Gateway
+    from flash_actors.providers.local.daemon.jobs import Job
+
+__all__ = ["add_dataplane_routes"]
+
+_POLICY_FIELDS = ("abandonAfter", "executionTimeout", "lowPriority", "ttl")
+
+
+class _RunBody(msgspec.Struct):
+    input: msgspec.Raw
+    webhook: str | None = None
+    policy: dict[str, Any] | None = None
+    s3Config: Any = None
+    id: str | None = None
+    stream: bool = False
+
+
+_run_decoder = msgspec.json.Decoder(_RunBody)
+
+
+def add_dataplane_routes(
+    app: web.Application, gateway: Gateway, bodies: Bodies
+) -> None:
+    """Add the data plane's routes, served by ``gateway``, to ``app``."""
+    catalog, book, plane = gateway.catalog, gateway.book, gateway.plane
+
+    async def send_envelope(request: web.Request, job: Job) -> web.StreamResponse:
+        """The job's envelope, its output read from the store under the budget."""
+        async with bodies.budget.hold(
+            2 * book.output_size(job)
+        ):  # the output, then its answer
+            response = json_response(book.envelope(job))
+            await response.prepare(request)
+            await response.write_eof()
+        return response
+
+    def endpoint(request: web.Request) -> Endpoint:
+        return catalog.endpoint(request.match_info["endpoint"])
+
+    def job_of(request: web.Request) -> tuple[Endpoint, Job]:
+        ep = endpoint(request)
+        return ep, catalog.job(ep, request.match_info["job"])
+
+    async def submit(request: web.Request, limit: int) -> Job:
+        ep = endpoint(request)
+        route = request.path.rsplit("/", 1)[-1]
+        async with bodies.large(request, limit, route):
+            body = await bodies.read(request, limit, route)
+            parsed = decode(_run_decoder, body, "request")
+            raw_input = memoryview(parsed.input)  # the body's bytes, not a copy
+            if len(raw_input) <= 4 and bytes(raw_input) in {b"null", b""}:
+                raise GatewayError(400, "invalid request: input is required")
+            options: dict[str, Any] = dict(parsed.policy or {})
+            unknown = set(options) - set(_POLICY_FIELDS)
+            if unknown:
+                msg = (
+                    f"unknown policy field(s) {sorted(unknown)}; known: "
+                    f"{', '.join(_POLICY_FIELDS)}"
+                )
+                raise GatewayError(400, msg)
+            options["webhook"] = parsed.webhook
+            options["stream"] = parsed.stream
+            return plane.submit(ep, raw_input, options, parsed.id)
+
+    async def run(request: web.Request) -> web.Response:
+        job = await submit(request, RUN_LIMIT)
+        return json_response({"id": job.id, "status": job.status})
+
+    async def runsync(request: web.Request) -> web.StreamResponse:
+        wait = wait_ms(request, 90_000, 1_000, 300_000)
+        job = await submit(request, RUNSYNC_LIMIT)
+        await plane.wait(job, wait)
+        if job.terminal:
+            return await send_envelope(request, job)
+        return json_response({"id": job.id, "status": job.status})
+
+    async def status(request: web.Request) -> web.StreamResponse:
+        _, job = job_of(request)
+        wait = wait_ms(request, 0, 0, 300_000)
+        if wait:
+            await plane.wait(job, wait)
+        return await send_envelope(request, job)
+
+    async def stream(request: web.Request) -> web.Response:
+        _, job = job_of(request)
+        wait = wait_ms(request, 1_000, 0, 300_000)
+        chunks = await plane.drain_stream(job, wait)
+        answer: dict[str, Any] = {
+            "status": job.status,
+            "stream": [msgspec.Raw(chunk) for chunk in chunks],
+        }
+        if job.terminal and job.record.error is not None:
+            answer["error"] = job.record.error
+        return json_response(answer)
+
+    async def cancel(request: web.Request) -> web.Response:
+        ep, job = job_of(request)
+        book.cancel(ep, job)
+        return json_response({"id": job.id, "status": job.status})
+
+    async def retry(request: web.Request) -> web.Response:
+        ep, job = job_of(request)
+        book.retry(ep, job)
+        return json_response({"id": job.id, "status": job.status})
+
+    async def purge(request: web.Request) -> web.Response:
+        removed = book.purge(endpoint(request))
+        return json_response({"removed": removed, "status": "completed"})
+
+    async def health(request: web.Request) -> web.Response:
+        return json_response(plane.health(endpoint(request)))
+
+    async def metrics(request: web.Request) -> web.Response:
+        # what runpod-flash reads while it waits: ``workers`` by state, ``readyWorkers`` ids
+        ep = endpoint(request)
+        ready = [w.id for w in ep.workers.values() if w.state in {"idle", "running"}]
+        return json_response(
+            {"workers": ep.worker_counts(), "readyWorkers": ready, "jobs": ep.counts()}
+        )
+
+    v2 = "/v2/{endpoint}"
+    app.router.add_post(f"{v2}/run", run)
+    app.router.add_post(f"{v2}/runsync", runsync)
+    for method in ("GET", "POST"):
+        app.router.add_route(method, f"{v2}/status/{{job}}", status)
+        app.router.add_route(method, f"{v2}/stream/{{job}}", stream)
+    app.router.add_post(f"{v2}/cancel/{{job}}", cancel)
+    app.router.add_post(f"{v2}/retry/{{job}}", retry)
+    app.router.add_post(f"{v2}/purge-queue", purge)
+    app.router.add_get(f"{v2}/health", health)
+    app.router.add_get(f"{v2}/metrics", metrics)

@@ -1,0 +1,175 @@
+"""Flash endpoints: queued ``FunctionRequest`` jobs handed to the local provider's worker pools.
+
+One dispatcher per ``flash`` endpoint opens its worker pool (retried with backoff while it
+cannot start; its queued jobs then fail with why) and hands it queued jobs while its workers
+have room. The pool decides which worker runs which; a job whose worker is lost is queued
+again (`JobBook.requeue`), one that ran past its execution timeout ends TIMED_OUT.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+
+from flash_actors._logging import get_logger
+from flash_actors.errors import (
+    DeliveryError,
+    ExecutionTimeoutError,
+    FlashRuntimeError,
+)
+from flash_actors.messages import Call, FunctionRequest, FunctionResponse, wire_encoder
+from flash_actors.policies import CallPolicy, RetryPolicy
+from flash_actors.providers.local.pool import LocalBackend
+from flash_actors.serialization import endpoint_key
+
+if TYPE_CHECKING:
+    from flash_actors.providers.local import LocalProvider
+    from flash_actors.providers.local.daemon.catalog import Endpoint
+    from flash_actors.providers.local.daemon.jobs import Job, JobBook
+
+__all__ = ["FlashDispatch"]
+
+log = get_logger(__name__)
+
+_request_decoder = msgspec.json.Decoder(FunctionRequest)
+
+
+def _backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` failures in a row: 0.5 s doubling, at most 30 s."""
+    return float(min(30.0, 0.5 * 2 ** min(failures - 1, 10)))
+
+
+class FlashDispatch:
+    """Runs ``flash`` endpoints' jobs on ``provider``'s worker pools.
+
+    Args:
+        provider: opens each endpoint's worker pool.
+        book: the jobs (their input, and each change of their state).
+    """
+
+    def __init__(self, provider: LocalProvider, book: JobBook) -> None:
+        self.provider = provider
+        self.book = book
+
+    async def run(self, endpoint: Endpoint) -> None:
+        """Hand queued jobs to the endpoint's worker pool while it has room, until cancelled."""
+        with endpoint.scope:
+            endpoint.backend = backend = await self._open_pool(endpoint)
+            # As many as its workers may hold (running, and handed ahead): the pool
+            # decides which worker runs which, so no job waits behind a busy worker.
+            room = anyio.Semaphore(backend.pool.capacity)
+            async with anyio.create_task_group() as tg:
+                while True:
+                    await room.acquire()
+                    job = endpoint.pop()
+                    while job is None:
+                        await endpoint.wait_available()
+                        job = endpoint.pop()
+                    self.book.start(job, None)
+                    tg.start_soon(self._run_job, endpoint, backend, job, room)
+
+    async def _open_pool(self, endpoint: Endpoint) -> LocalBackend:
+        """The endpoint's worker pool; while it cannot start, its queued jobs fail with why.
+
+        Tries again when a job is queued, at most every so often (exponential backoff).
+        """
+        resource = endpoint.resource
+        failures = 0
+        while True:
+            try:
+                backend = await self.provider.open_endpoint(
+                    resource, endpoint_key(resource.name)
+                )
+            except (
+                Exception
+            ) as exc:  # the daemon outlives one endpoint that cannot start
+                failures += 1
+                log.exception("gateway.endpoint_failed", endpoint=endpoint.name)
+                for waiting in list(endpoint.queue):
+                    if waiting.status == "IN_QUEUE":
+                        self.book.fail(
+                            waiting, f"endpoint {endpoint.name!r} cannot start: {exc}"
+                        )
+                await anyio.sleep(_backoff(failures))
+                await endpoint.wait_available()
+                continue
+            if not isinstance(
+                backend, LocalBackend
+            ):  # pragma: no cover - handlers go elsewhere
+                msg = f"endpoint {resource.name!r} did not get a worker pool"
+                raise TypeError(msg)
+            return backend
+
+    async def _run_job(
+        self, endpoint: Endpoint, backend: LocalBackend, job: Job, room: anyio.Semaphore
+    ) -> None:
+        book = self.book
+        try:
+            request = _request_decoder.decode(book.input_of(job))
+            call = Call(
+                endpoint=endpoint.name,
+                function=request.function_name or request.class_name or "?",
+                request=request,
+                policy=CallPolicy(
+                    retry=RetryPolicy.never(),
+                    execution_timeout_s=job.execution_timeout_ms / 1000,
+                    ttl_s=job.ttl_ms / 1000,
+                ),
+            )
+            with anyio.CancelScope() as scope:
+                job.scope = scope
+                response = await _execute(backend, call, job)
+            if scope.cancelled_caught:
+                # cancelled by a client (already CANCELLED) or by the endpoint stopping
+                book.requeue(
+                    endpoint, job, reason="its endpoint was stopped", count=False
+                )
+                return
+            if not job.terminal:
+                job.worker = response.worker_id
+                book.complete(job, wire_encoder.encode(response))
+                if not response.success:
+                    log.warning(
+                        "job.raised",
+                        job_id=job.id,
+                        endpoint=endpoint.name,
+                        error_type=response.error_type,
+                        error=response.error_message,
+                    )
+        except anyio.get_cancelled_exc_class():
+            # the endpoint (or the daemon) stops around the job: it runs again later
+            book.requeue(endpoint, job, reason="its endpoint was stopped", count=False)
+            raise
+        except ExecutionTimeoutError as exc:
+            book.fail(job, str(exc), status="TIMED_OUT")
+        except DeliveryError as exc:
+            book.requeue(endpoint, job, reason=str(exc))
+        except (FlashRuntimeError, msgspec.DecodeError) as exc:
+            book.fail(job, str(exc))
+        except Exception as exc:  # a bug must fail one job, not the daemon
+            log.exception("gateway.job_failed", job_id=job.id)
+            book.fail(job, f"internal error of the local gateway: {exc!r}")
+        finally:
+            job.scope = None
+            room.release()
+
+
+async def _execute(backend: LocalBackend, call: Call, job: Job) -> FunctionResponse:
+    """Run ``call``; a streaming job's chunks are buffered on the job for ``/stream``."""
+    if not job.options.get("stream"):
+        return await backend.execute(call, job_id=job.id)
+    send, receive = anyio.create_memory_object_stream[FunctionResponse](16)
+
+    async def collect() -> None:
+        async with receive:
+            async for chunk in receive:
+                job.chunks.append(b'{"output":' + wire_encoder.encode(chunk) + b"}")
+                job.notify()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect)
+        async with send:
+            response = await backend.execute(call, job_id=job.id, chunks=send)
+    return response

@@ -1,0 +1,124 @@
+"""The daemon's HTTP face (aiohttp, 127.0.0.1 only): `make_app` puts its routes together.
+
+- Data plane (PROTOCOL.md section 1): `flash_actors.providers.local.daemon.dataplane_routes`.
+- Worker side (section 2): `flash_actors.providers.local.daemon.worker_routes`.
+- Control plane (section 4): ``POST /graphql``, answered by the ``graphql`` callable
+  (`flash_actors.providers.local.controlplane`).
+- Our own: ``/flash/v1/status``, ``PUT /flash/v1/endpoints/{name}``, ``/flash/v1/shutdown``.
+
+Every request needs the API key: ``Authorization: Bearer <key>`` or the bare key (workers);
+anything else (a non-ASCII header included) is a 401, and nothing is read before the key is
+checked. Bodies are bounded (`flash_actors.providers.local.daemon.bodies`); the socket,
+its idle timeout and its connection cap are `flash_actors.providers.local.daemon.httpserver`'s.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+
+from flash_actors.providers.local.daemon.bodies import (
+    IDLE_TIMEOUT_S,
+    LARGE_BUDGET,
+    SMALL_LIMIT,
+    Bodies,
+    Budget,
+    decode,
+    json_response,
+    token,
+)
+from flash_actors.providers.local.daemon.dataplane_routes import add_dataplane_routes
+from flash_actors.providers.local.daemon.errors import GatewayError
+from flash_actors.providers.local.daemon.worker_routes import add_worker_routes
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    import anyio
+
+    from flash_actors.providers.local.daemon.gateway import Gateway
+
+__all__ = ["make_app"]
+
+_json_decoder = msgspec.json.Decoder()
+
+
+def make_app(
+    gateway: Gateway,
+    api_key: str,
+    shutdown: anyio.Event,
+    *,
+    owner_token: str = "",
+    idle_timeout_s: float = IDLE_TIMEOUT_S,
+    large_budget: int = LARGE_BUDGET,
+    graphql: Callable[[bytes], Awaitable[tuple[int, bytes]]] | None = None,
+) -> web.Application:
+    """The aiohttp application serving ``gateway``.
+
+    ``graphql`` answers ``POST /graphql`` bodies (RunPod's control plane): the HTTP status
+    and the JSON answer.
+
+    ``owner_token`` (the private gateway's, known only to the process that started it; sent
+    as ``?owner=``) lets a registration name a handler file outside the served folder; see
+    `Catalog.check_config`.
+    """
+    key = api_key.encode()
+    owner = owner_token.encode()
+    bodies = Bodies(Budget(large_budget, idle_timeout_s), idle_timeout_s)
+
+    @web.middleware
+    async def guard(
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        presented = auth[7:] if auth[:7].lower() == "bearer " else auth
+        if not hmac.compare_digest(token(presented), key):
+            return json_response(
+                {"error": "Unauthorized: a valid API key is required"}, 401
+            )
+        try:
+            return await handler(request)
+        except GatewayError as exc:
+            return json_response({"error": exc.message}, exc.status)
+        except RecursionError:  # JSON nested too deeply, wherever it was decoded
+            return json_response({"error": "the request is nested too deeply"}, 400)
+
+    async def flash_status(request: web.Request) -> web.Response:
+        return json_response(gateway.status_table())
+
+    async def put_endpoint(request: web.Request) -> web.Response:
+        body = await bodies.read(request, SMALL_LIMIT, "registration")
+        config = decode(_json_decoder, body, "body")
+        if not isinstance(config, dict):
+            raise GatewayError(400, "the body must be a JSON object")
+        name = request.match_info["name"]
+        presented = token(request.query.get("owner", ""))
+        if not (owner and hmac.compare_digest(presented, owner)):
+            config = gateway.catalog.check_config(name, config)
+        ep = await gateway.register(name, config)
+        return json_response({"name": ep.name, "kind": ep.kind})
+
+    async def graphql_route(request: web.Request) -> web.Response:
+        assert graphql is not None  # noqa: S101 (routed only when given)
+        status, answer = await graphql(
+            await bodies.read(request, SMALL_LIMIT, "graphql")
+        )
+        return web.Response(body=answer, status=status, content_type="application/json")
+
+    async def flash_shutdown(request: web.Request) -> web.Response:
+        shutdown.set()
+        return json_response({"status": "stopping"})
+
+    app = web.Application(middlewares=[guard], client_max_size=SMALL_LIMIT)
+    add_dataplane_routes(app, gateway, bodies)
+    add_worker_routes(app, gateway, bodies)
+    app.router.add_get("/flash/v1/status", flash_status)
+    app.router.add_put("/flash/v1/endpoints/{name}", put_endpoint)
+    app.router.add_post("/flash/v1/shutdown", flash_shutdown)
+    if graphql is not None:
+        app.router.add_post("/graphql", graphql_route)
+    return app

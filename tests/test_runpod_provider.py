@@ -1,0 +1,216 @@
+"""The RunPod provider, end to end, against ``flash local`` acting as RunPod.
+
+The daemon runs with its own capabilities switched off (``--runpod-only``: caller job ids,
+long-polled status and the stream flag are ignored, as RunPod ignores them), and the provider
+declares none, so every byte goes as it would go to RunPod: GraphQL ``saveEndpoint``, ``/run``,
+polled ``/status``, ``/cancel``, ``POST /execute`` on the load balancer's own host, and
+``deleteEndpoint`` after scaling to zero. The requests travel over `HttpsTransport` (plain
+HTTP on 127.0.0.1); a recording transport in front of it shows that the provider pointed at
+RunPod's real URLs sends exactly the same requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from flash_actors import (
+    CpuLiveLoadBalancer,
+    CpuLiveServerless,
+    JobStatus,
+    RemoteExecutionError,
+    remote,
+    runtime,
+)
+from flash_actors.providers.runpod.dataplane import DataPlane
+from flash_actors.providers.runpod.graphql import ControlPlane
+from flash_actors.providers.runpod.provider import RunPodProvider
+from flash_actors.providers.runpod.provisioning import list_endpoints, remove_endpoint
+from flash_actors.providers.runpod.transport import (
+    HttpsTransport,
+    RecordedRequest,
+    RecordingTransport,
+    Response,
+)
+from tests._daemon import Daemon
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.slow
+
+queue = CpuLiveServerless(name="rp-queue", workersMax=2)
+balancer = CpuLiveLoadBalancer(name="rp-balancer")
+
+
+@remote(resource_config=queue)
+async def square(x: int) -> int:
+    return x * x
+
+
+@remote(resource_config=queue)
+async def fails(text: str) -> None:
+    raise ValueError(f"bad input: {text}")
+
+
+@remote(resource_config=queue)
+async def sleepy(seconds: float) -> str:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return "woke"
+
+
+@remote(resource_config=queue)
+class Tally:
+    def __init__(self, start: int) -> None:
+        self.total = start
+
+    async def add(self, n: int) -> int:
+        self.total += n
+        return self.total
+
+
+@remote(resource_config=balancer, method="POST", path="/shout")
+async def shout(word: str) -> dict[str, str]:
+    return {"word": word.upper()}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    project = tmp_path_factory.mktemp("runpod-provider")
+    started = Daemon(project / ".flash", runpod_only=True)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def provider_for(daemon: Daemon, transport: Any = None) -> RunPodProvider:
+    record = daemon.record
+    assert record is not None
+    return RunPodProvider(
+        api_key=record.api_key,
+        api_url=record.url,
+        endpoint_url=f"{record.url}/v2",
+        transport=transport or HttpsTransport(),
+    )
+
+
+async def test_provision_call_class_error_and_load_balancer(daemon: Daemon) -> None:
+    provider = provider_for(daemon)
+    async with runtime(provider=provider):
+        job = await square(7)
+        assert job.status is JobStatus.COMPLETED, job.error
+        assert job.output == 49
+
+        tally = Tally(10)
+        await tally.add(1)
+        job = await tally.add(5)
+        assert job.output == 16  # the instance lived on the worker between calls
+
+        job = await fails("x")
+        assert job.status is JobStatus.FAILED
+        with pytest.raises(ValueError, match=r"^bad input: x$") as caught:
+            job.raise_for_error()
+        assert isinstance(caught.value, RemoteExecutionError)
+
+        assert await shout("hey") == {"word": "HEY"}
+
+    endpoint = provider.endpoints["rp-queue"]
+    assert endpoint["name"] == "live-rp-queue"
+    assert len(str(endpoint["id"])) == 14
+
+
+async def test_cancelling_the_caller_cancels_the_job_on_runpod(daemon: Daemon) -> None:
+    provider = provider_for(daemon)
+    async with runtime(provider=provider):
+        with anyio.move_on_after(3):
+            await sleepy(60)
+        endpoint_id = str(provider.endpoints["rp-queue"]["id"])
+        assert provider.plane is not None
+        health = await provider.plane.health(endpoint_id)
+    jobs = health["jobs"]
+    assert jobs["inProgress"] == 0
+    assert jobs["inQueue"] == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_gather_of_a_thousand_calls(daemon: Daemon) -> None:
+    async with runtime(provider=provider_for(daemon)):
+        jobs = await asyncio.gather(*(square(i) for i in range(1000)))
+    assert [job.output for job in jobs] == [i * i for i in range(1000)]
+
+
+async def test_the_cloud_urls_get_the_same_requests(daemon: Daemon) -> None:
+    """Pointed at RunPod's URLs, the provider sends what worked against flash local."""
+    record = daemon.record
+    assert record is not None
+    https = HttpsTransport()
+    local = record.url.removeprefix("http://")
+
+    async def forward(request: RecordedRequest) -> Response:
+        url, headers = request.url, dict(request.headers)
+        if url.startswith("https://api.runpod.io/graphql"):
+            url = f"{record.url}/graphql"
+        elif url.startswith("https://api.runpod.ai/v2/"):
+            url = f"{record.url}/v2/" + url.removeprefix("https://api.runpod.ai/v2/")
+        else:  # a load balancer's own host: https://{id}.api.runpod.ai/...
+            host, _, path = url.removeprefix("https://").partition("/")
+            endpoint_id = host.split(".", 1)[0]
+            headers["host"] = f"{endpoint_id}.{local}"
+            url = f"{record.url}/{path}"
+        return await https.request(
+            request.method, url, body=request.body, headers=headers
+        )
+
+    recording = RecordingTransport(forward)
+    provider = RunPodProvider(
+        api_key=record.api_key,
+        api_url="https://api.runpod.io",
+        endpoint_url="https://api.runpod.ai/v2",
+        transport=recording,
+    )
+    try:
+        async with runtime(provider=provider):
+            job = await square(3)
+            assert job.output == 9
+            assert await shout("x") == {"word": "X"}
+    finally:
+        await https.aclose()
+    queue_id = provider.endpoints["rp-queue"]["id"]
+    lb_id = provider.endpoints["rp-balancer"]["id"]
+    seen = [(r.method, r.url.split("/status/")[0]) for r in recording.requests]
+    assert ("POST", "https://api.runpod.io/graphql") in seen
+    assert ("POST", f"https://api.runpod.ai/v2/{queue_id}/run") in seen
+    assert ("GET", f"https://api.runpod.ai/v2/{queue_id}") in seen  # its /status polls
+    assert ("POST", f"https://{lb_id}.api.runpod.ai/execute") in seen
+    for request in recording.requests:
+        assert request.headers["authorization"] == f"Bearer {record.api_key}"
+        if request.url.endswith("/run"):
+            body = request.json()
+            assert set(body) <= {"input", "policy"}  # no caller id, no stream flag
+            assert "signature" not in body["input"]  # RunPod's workers are not ours
+
+
+async def test_undeploy_lists_and_removes_what_it_created(daemon: Daemon) -> None:
+    record = daemon.record
+    assert record is not None
+    async with runtime(provider=provider_for(daemon)):
+        await square(2)
+    transport = HttpsTransport()
+    try:
+        control = ControlPlane(transport, record.url, record.api_key)
+        created = {e["name"]: e for e in await list_endpoints(control)}
+        assert "live-rp-queue" in created
+        endpoint_id = created["live-rp-queue"]["id"]
+        assert await remove_endpoint(control, endpoint_id)
+        assert "live-rp-queue" not in {e["name"] for e in await list_endpoints(control)}
+        plane = DataPlane(transport, f"{record.url}/v2", record.api_key)
+        with pytest.raises(Exception, match=r"no such endpoint"):
+            await plane.health(endpoint_id)
+    finally:
+        await transport.aclose()
