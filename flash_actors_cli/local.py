@@ -54,6 +54,12 @@ def add_parser(commands: Any) -> None:
         metavar="NAME=HANDLER.py[:WORKERS_MAX]",
         help="serve a RunPod handler file as endpoint NAME (repeatable)",
     )
+    up.add_argument(
+        "--runpod-only",
+        action="store_true",
+        help="answer exactly as RunPod does, without this daemon's extensions "
+        "(caller job ids, long-polled status, the stream flag)",
+    )
     sub.add_parser("status", help="show endpoints, workers and queue depths")
     sub.add_parser("down", help="stop the daemon and every worker it started")
 
@@ -62,7 +68,12 @@ def _up(args: argparse.Namespace) -> int:
     given = Path(args.state_dir).absolute()  # not resolved: a link is refused
     try:
         start = anyio.run(
-            lambda: start_daemon(given, port=args.port, endpoints=args.endpoint)
+            lambda: start_daemon(
+                given,
+                port=args.port,
+                endpoints=args.endpoint,
+                runpod_only=args.runpod_only,
+            )
         )
     except StateDirError as exc:
         print(f"flash local: {exc}", file=sys.stderr)

@@ -106,9 +106,12 @@ def kill_all(pids: list[int]) -> None:
 class Daemon:
     """A daemon started with ``flash local up`` in ``state_dir``."""
 
-    def __init__(self, state_dir: Path, *endpoints: str) -> None:
+    def __init__(
+        self, state_dir: Path, *endpoints: str, runpod_only: bool = False
+    ) -> None:
         self.state_dir = state_dir
         self.endpoints = endpoints
+        self.runpod_only = runpod_only
         self.record: DaemonRecord | None = None
         self.up()
 
@@ -117,6 +120,8 @@ class Daemon:
         args = ["local", "--state-dir", str(self.state_dir), "up"]
         for spec in self.endpoints:
             args += ["--endpoint", spec]
+        if self.runpod_only:
+            args.append("--runpod-only")
         done = flash(*args, cwd=self.state_dir.parent)
         assert done.returncode == 0, done.stderr + done.stdout
         self.record = read_record(self.state_dir)

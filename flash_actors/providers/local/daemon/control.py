@@ -160,7 +160,11 @@ def _log_tail(log_path: Path, lines: int) -> str:
 
 
 async def start_daemon(
-    state_dir: Path, *, port: int = 0, endpoints: Sequence[str] = ()
+    state_dir: Path,
+    *,
+    port: int = 0,
+    endpoints: Sequence[str] = (),
+    runpod_only: bool = False,
 ) -> DaemonStart:
     """Start the daemon for ``state_dir`` in the background and wait until it listens.
 
@@ -169,6 +173,8 @@ async def start_daemon(
             refused, see `flash_actors._private.secure_state_dir`).
         port: the port on 127.0.0.1 (0: any free one).
         endpoints: handler endpoints to serve, ``NAME=HANDLER.py[:WORKERS_MAX]`` each.
+        runpod_only: answer as RunPod does, without the daemon's extensions (the RunPod
+            provider's tests use it).
 
     Raises:
         StateDirError: the state folder is not safely ours.
@@ -190,6 +196,8 @@ async def start_daemon(
             raise DaemonControlError(msg)
         return DaemonStart(record, started=False, log_path=log_path)
     command = _daemon_command(state_dir, port, endpoints)
+    if runpod_only:
+        command.append("--runpod-only")
     process = await anyio.to_thread.run_sync(_spawn, command, log_path)
     try:
         return await _wait_started(process, state_dir, log_path)

@@ -1,9 +1,11 @@
 """The data plane's routes (PROTOCOL.md section 1) under ``/v2/{endpoint_id}/``.
 
 ``run``, ``runsync``, ``status/{id}``, ``stream/{id}``, ``cancel/{id}``, ``retry/{id}``,
-``purge-queue``, ``health``, ``metrics``. ``status`` also takes ``?wait=ms`` (wait for the job to end)
-and ``run`` an ``id`` and ``stream`` field: extensions our own client uses, ignored by
-stock clients.
+``purge-queue``, ``health``, ``metrics``. ``status`` also takes ``?wait=ms`` (wait for the job
+to end), ``run`` an ``id`` and ``stream`` field and the policy an ``abandonAfter``: extensions
+our own client uses, ignored by stock clients. With ``runpod_only`` (``flash local up
+--runpod-only``) they are not offered: ``id`` and ``stream`` are ignored and ``?wait`` on
+``status`` too, and ``abandonAfter`` is an unknown policy field, as on RunPod.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["add_dataplane_routes"]
 
 _POLICY_FIELDS = ("abandonAfter", "executionTimeout", "lowPriority", "ttl")
+_RUNPOD_POLICY_FIELDS = ("executionTimeout", "lowPriority", "ttl")
 
 
 class _RunBody(msgspec.Struct):
@@ -47,10 +50,11 @@ _run_decoder = msgspec.json.Decoder(_RunBody)
 
 
 def add_dataplane_routes(
-    app: web.Application, gateway: Gateway, bodies: Bodies
+    app: web.Application, gateway: Gateway, bodies: Bodies, *, runpod_only: bool = False
 ) -> None:
     """Add the data plane's routes, served by ``gateway``, to ``app``."""
     catalog, book, plane = gateway.catalog, gateway.book, gateway.plane
+    known_policy = _RUNPOD_POLICY_FIELDS if runpod_only else _POLICY_FIELDS
 
     async def send_envelope(request: web.Request, job: Job) -> web.StreamResponse:
         """The job's envelope, its output read from the store under the budget."""
@@ -79,16 +83,18 @@ def add_dataplane_routes(
             if len(raw_input) <= 4 and bytes(raw_input) in {b"null", b""}:
                 raise GatewayError(400, "invalid request: input is required")
             options: dict[str, Any] = dict(parsed.policy or {})
-            unknown = set(options) - set(_POLICY_FIELDS)
+            unknown = set(options) - set(known_policy)
             if unknown:
                 msg = (
                     f"unknown policy field(s) {sorted(unknown)}; known: "
-                    f"{', '.join(_POLICY_FIELDS)}"
+                    f"{', '.join(known_policy)}"
                 )
                 raise GatewayError(400, msg)
             options["webhook"] = parsed.webhook
-            options["stream"] = parsed.stream
-            return plane.submit(ep, raw_input, options, parsed.id)
+            options["stream"] = parsed.stream and not runpod_only
+            return plane.submit(
+                ep, raw_input, options, None if runpod_only else parsed.id
+            )
 
     async def run(request: web.Request) -> web.Response:
         job = await submit(request, RUN_LIMIT)
@@ -104,7 +110,7 @@ def add_dataplane_routes(
 
     async def status(request: web.Request) -> web.StreamResponse:
         _, job = job_of(request)
-        wait = wait_ms(request, 0, 0, 300_000)
+        wait = 0 if runpod_only else wait_ms(request, 0, 0, 300_000)
         if wait:
             await plane.wait(job, wait)
         return await send_envelope(request, job)

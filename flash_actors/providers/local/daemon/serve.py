@@ -175,6 +175,7 @@ async def _serve_locked(
                 * 1024
                 * 1024,
                 graphql=control.handle,
+                runpod_only=runpod_only(),
             ),
             sock,
             idle_timeout_s=idle_s,
@@ -282,6 +283,14 @@ async def _watch_parent(pid: int, shutdown: anyio.Event) -> None:
     shutdown.set()
 
 
+RUNPOD_ONLY_ENV = "FLASH_LOCAL_RUNPOD_ONLY"
+
+
+def runpod_only() -> bool:
+    """Whether the daemon hides its extensions and answers as RunPod (``--runpod-only``)."""
+    return os.environ.get(RUNPOD_ONLY_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and serve."""
     parser = argparse.ArgumentParser(
@@ -296,7 +305,14 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="NAME=HANDLER.py[:WORKERS_MAX]",
     )
+    parser.add_argument(
+        "--runpod-only",
+        action="store_true",
+        help="answer as RunPod does: no caller job ids, long-polled status or stream flag",
+    )
     args = parser.parse_args(argv)
+    if args.runpod_only:
+        os.environ[RUNPOD_ONLY_ENV] = "1"
     log_to_stderr()  # jobs that fail, time out or are requeued: .flash/logs/gateway.log
     handlers = []
     for spec in args.endpoint:

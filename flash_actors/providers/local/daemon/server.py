@@ -2,6 +2,8 @@
 
 - Data plane (PROTOCOL.md section 1): `flash_actors.providers.local.daemon.dataplane_routes`.
 - Worker side (section 2): `flash_actors.providers.local.daemon.worker_routes`.
+- Load balancers on their own host (``POST /execute``):
+  `flash_actors.providers.local.daemon.lb_routes`.
 - Control plane (section 4): ``POST /graphql``, answered by the ``graphql`` callable
   (`flash_actors.providers.local.controlplane`).
 - Our own: ``/flash/v1/status``, ``PUT /flash/v1/endpoints/{name}``, ``/flash/v1/shutdown``.
@@ -32,6 +34,7 @@ from flash_actors.providers.local.daemon.bodies import (
 )
 from flash_actors.providers.local.daemon.dataplane_routes import add_dataplane_routes
 from flash_actors.providers.local.daemon.errors import GatewayError
+from flash_actors.providers.local.daemon.lb_routes import add_lb_routes
 from flash_actors.providers.local.daemon.worker_routes import add_worker_routes
 
 if TYPE_CHECKING:
@@ -55,8 +58,13 @@ def make_app(
     idle_timeout_s: float = IDLE_TIMEOUT_S,
     large_budget: int = LARGE_BUDGET,
     graphql: Callable[[bytes], Awaitable[tuple[int, bytes]]] | None = None,
+    runpod_only: bool = False,
 ) -> web.Application:
     """The aiohttp application serving ``gateway``.
+
+    ``runpod_only`` hides the data plane's extensions (see
+    `flash_actors.providers.local.daemon.dataplane_routes`), so the daemon answers exactly
+    as RunPod does.
 
     ``graphql`` answers ``POST /graphql`` bodies (RunPod's control plane): the HTTP status
     and the JSON answer.
@@ -114,7 +122,8 @@ def make_app(
         return json_response({"status": "stopping"})
 
     app = web.Application(middlewares=[guard], client_max_size=SMALL_LIMIT)
-    add_dataplane_routes(app, gateway, bodies)
+    add_dataplane_routes(app, gateway, bodies, runpod_only=runpod_only)
+    add_lb_routes(app, gateway, bodies)
     add_worker_routes(app, gateway, bodies)
     app.router.add_get("/flash/v1/status", flash_status)
     app.router.add_put("/flash/v1/endpoints/{name}", put_endpoint)
