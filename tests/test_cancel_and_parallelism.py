@@ -508,7 +508,8 @@ async def test_a_freed_worker_takes_back_jobs_waiting_behind_a_busy_one(
             # that frees up first must take back those queued behind the long jobs.
             tg.start_soon(_extend, records, [1.0, 1.0, 1.0])
     assert len(records) == 6
-    assert _idle_while_waiting(records, since) < 0.8
+    # Jobs left behind the 3 s ones would show ~2.9 s; slack for a loaded machine.
+    assert _idle_while_waiting(records, since) < 1.5
 
 
 async def _extend(records: list[Record], durations: list[float]) -> None:
