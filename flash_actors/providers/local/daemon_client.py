@@ -50,11 +50,12 @@ from flash_actors.providers.runpod.dataplane import FLASH_LOCAL, DataPlane, erro
 from flash_actors.serialization import derive_key, master_secret
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping
     from types import TracebackType
 
     from anyio.abc import Process
 
+    from flash_actors.providers.runpod.transport import Response
     from flash_actors.resources import ServerlessResource
 
 __all__ = [
@@ -94,6 +95,37 @@ def reconnect_window() -> float:
 
 class _Unreachable(DeliveryError):
     """The gateway could not be reached, or went away in the middle of an answer."""
+
+
+class _DaemonTransport:
+    """The loopback transport, its failures told apart as "the daemon is unreachable".
+
+    `GatewayProvider.reconnecting` rides those out; an error answer (5xx, 429) stays a plain
+    delivery error for the Endpoint actor's retries.
+    """
+
+    def __init__(self, provider: GatewayProvider) -> None:
+        self.provider = provider
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> Response:
+        try:
+            return await self.provider.transport.request(
+                method, url, body=body, headers=headers, timeout_s=timeout_s
+            )
+        except DeliveryError as exc:
+            msg = f"{self.provider.describe()} cannot be reached ({_reason(exc)})"
+            raise _Unreachable(msg) from exc
+
+    async def aclose(self) -> None:
+        await self.provider.transport.aclose()
 
 
 class GatewayProvider:
@@ -142,7 +174,7 @@ class GatewayProvider:
             record.port, record.api_key, limit=MAX_CONNECTIONS
         )
         self.plane = DataPlane(
-            self.transport,
+            _DaemonTransport(self),
             f"{self.transport.origin}/v2",
             record.api_key,
             capabilities=FLASH_LOCAL,
@@ -261,7 +293,7 @@ class GatewayProvider:
                 record.port, record.api_key, limit=MAX_CONNECTIONS
             )
             self.plane.retarget(
-                self.transport, f"{self.transport.origin}/v2", record.api_key
+                _DaemonTransport(self), f"{self.transport.origin}/v2", record.api_key
             )
             self.plane.service = self.describe()
             await stale.aclose()

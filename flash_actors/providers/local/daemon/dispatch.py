@@ -8,6 +8,7 @@ again (`JobBook.requeue`), one that ran past its execution timeout ends TIMED_OU
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -113,9 +114,13 @@ class FlashDispatch:
                 function=request.function_name or request.class_name or "?",
                 request=request,
                 policy=CallPolicy(
-                    retry=RetryPolicy.never(),
+                    retry=RetryPolicy.never(),  # a lost worker: requeued below
                     execution_timeout_s=job.execution_timeout_ms / 1000,
-                    ttl_s=job.ttl_ms / 1000,
+                    # what is left of the TTL: one TTL from submission to start, whether
+                    # the job waited here (the janitor) or in the pool
+                    ttl_s=max(
+                        0.001, job.ttl_ms / 1000 - (time.time() - job.record.created)
+                    ),
                 ),
             )
             with anyio.CancelScope() as scope:

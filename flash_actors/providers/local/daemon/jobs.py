@@ -18,6 +18,11 @@ import anyio
 import msgspec
 
 from flash_actors._logging import get_logger
+from flash_actors.policies import (
+    DEFAULT_EXECUTION_TIMEOUT_S,
+    DEFAULT_TTL_S,
+    RetryPolicy,
+)
 from flash_actors.providers.local.daemon.errors import GatewayError
 from flash_actors.providers.local.daemon.store import TERMINAL, JobRecord, JobStore
 
@@ -39,11 +44,11 @@ __all__ = [
 
 log = get_logger(__name__)
 
-DEFAULT_EXECUTION_TIMEOUT_MS = 600_000
-DEFAULT_TTL_MS = 86_400_000
-MAX_ATTEMPTS = (
-    3  # a job whose worker dies is queued again, at most this many runs in all
-)
+DEFAULT_EXECUTION_TIMEOUT_MS = int(DEFAULT_EXECUTION_TIMEOUT_S * 1000)
+DEFAULT_TTL_MS = int(DEFAULT_TTL_S * 1000)
+MAX_ATTEMPTS = RetryPolicy.queue_default().attempts
+"""A job whose worker dies is queued again, at most this many runs in all: the daemon,
+standing in for RunPod, re-runs it inside one delivery, with the attempts a queue call gets."""
 RESULT_LIMIT = 20 * 1024 * 1024
 """The largest result a job may have (its output as JSON): RunPod's ``/runsync`` limit, so
 whatever a job returns can also be handed back in one ``/runsync`` answer."""
