@@ -30,6 +30,8 @@ from flash_actors.policies import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from flash_actors.jobs import JobOutput
 
 __all__ = [
@@ -52,6 +54,20 @@ __all__ = [
     "ServerlessScalerType",
     "check_endpoint_name",
 ]
+
+_submitter: (
+    Callable[[ServerlessResource, dict[str, Any]], Awaitable[JobOutput]] | None
+) = None
+"""How `ServerlessResource.run` reaches the runtime: set by `flash_actors.runtime` when it
+is imported (the runtime depends on resources, never the other way round)."""
+
+
+def set_submitter(
+    submit: Callable[[ServerlessResource, dict[str, Any]], Awaitable[JobOutput]],
+) -> None:
+    """Make ``submit`` run `ServerlessResource.run`'s jobs (the runtime's `submit_payload`)."""
+    global _submitter
+    _submitter = submit
 
 
 class GpuGroup(StrEnum):
@@ -488,10 +504,10 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
                 f"{self.handler!r} does not exist (relative paths start at {os.getcwd()!r})"
             )
             raise ConfigurationError(msg)
-        from flash_actors.runtime import get_runtime
-
-        runtime = await get_runtime()
-        return await runtime.submit(self, payload)
+        if _submitter is None:  # pragma: no cover - set when flash_actors is imported
+            msg = "no runtime: import flash_actors (its runtime runs handler jobs)"
+            raise ConfigurationError(msg)
+        return await _submitter(self, payload)
 
     async def runsync(self, payload: dict[str, Any]) -> JobOutput:
         """`run`, named as in Flash (both wait for the job's end)."""

@@ -21,6 +21,7 @@ from flash_actors.endpoint import EndpointActor
 from flash_actors.messages import PayloadCall
 from flash_actors.providers.registry import make_provider
 from flash_actors.registry import REGISTRY, Registry
+from flash_actors.resources import set_submitter
 from flash_actors.router import Router
 
 if TYPE_CHECKING:
@@ -179,3 +180,14 @@ async def get_runtime() -> FlashRuntime:
     if hosted_rt is not None:
         return hosted_rt
     return await hosted(FlashRuntime)
+
+
+async def submit_payload(
+    resource: ServerlessResource, payload: dict[str, Any]
+) -> JobOutput:
+    """``await resource.run(payload)``: the job on this context's runtime."""
+    runtime = await get_runtime()
+    return await runtime.submit(resource, payload)
+
+
+set_submitter(submit_payload)

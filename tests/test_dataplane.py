@@ -186,6 +186,43 @@ async def test_a_cancelled_caller_cancels_the_job() -> None:
     assert fake.cancelled == ["job-1"]
 
 
+async def test_every_operation_goes_to_its_route() -> None:
+    """run, runsync, status, stream, cancel, retry, purge-queue, health, metrics."""
+
+    def answer(request: RecordedRequest) -> Response:
+        if request.url.endswith(("/purge-queue",)):
+            return json_response({"removed": 2, "status": "completed"})
+        if request.url.endswith(("/health", "/metrics")):
+            return json_response({"jobs": {}, "workers": {}})
+        return json_response({"id": "j1", "status": "COMPLETED", "stream": []})
+
+    transport = RecordingTransport(answer)
+    dp = DataPlane(transport, BASE, KEY)
+    await dp.run("ep", {"a": 1}, policy={"ttl": 5000})
+    await dp.runsync("ep", {"a": 1}, wait_ms=2000)
+    await dp.status("ep", "j1")
+    await dp.stream("ep", "j1")
+    await dp.cancel("ep", "j1")
+    await dp.retry("ep", "j1")
+    assert (await dp.purge_queue("ep"))["removed"] == 2
+    await dp.health("ep")
+    await dp.metrics("ep")
+    assert [
+        (r.method, r.url.removeprefix(f"{BASE}/ep")) for r in transport.requests
+    ] == [
+        ("POST", "/run"),
+        ("POST", "/runsync?wait=2000"),
+        ("GET", "/status/j1"),
+        ("GET", "/stream/j1"),
+        ("POST", "/cancel/j1"),
+        ("POST", "/retry/j1"),
+        ("POST", "/purge-queue"),
+        ("GET", "/health"),
+        ("GET", "/metrics"),
+    ]
+    assert transport.requests[0].json() == {"input": {"a": 1}, "policy": {"ttl": 5000}}
+
+
 async def test_http_errors_map_onto_the_error_tree() -> None:
     def answer(request: RecordedRequest) -> Response:
         if "/health" in request.url:

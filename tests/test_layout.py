@@ -13,19 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "flash_actors"
 
-# Imports that close a cycle today, each to be removed by the work named beside it. Every
-# cycle of the package runs through this one edge:
-#   resources -> runtime -> registry -> resources, and
-#   providers.local.provider -> gateway.client -> providers.local.daemon.catalog
-#     -> resources -> runtime -> providers.local -> providers.local.provider
-# (runtime's `_default_provider` picks providers by an if-chain and `gateway/client.py`
-# reaches into the daemon's catalog for `config_of`: the coordinator's provider-layer
-# rewrite, issue 10 section 1, replaces both and `ServerlessResource.run`'s lazy reach
-# for the runtime).
-ALLOWED = {
-    # ServerlessResource.run() calls get_runtime() (a lazy import in resources.py)
-    ("flash_actors.resources", "flash_actors.runtime"),
-}
+# Imports allowed to close a cycle: none. (`ServerlessResource.run` reaches the runtime through
+# `resources.set_submitter`, which the runtime calls; providers are found by name through
+# `providers.registry`; the daemon's client imports the daemon, never the other way round.)
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

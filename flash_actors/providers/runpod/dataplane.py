@@ -255,6 +255,20 @@ class DataPlane:
         )
         return _envelope.decode(data)
 
+    async def runsync(
+        self,
+        endpoint_id: str,
+        payload: Any,
+        *,
+        wait_ms: int = 90_000,
+        policy: dict[str, int] | None = None,
+        job_id: str | None = None,
+    ) -> Envelope:
+        """Queue a job and wait up to ``wait_ms`` for it (``/runsync``); maybe not ended."""
+        return await self.run(
+            endpoint_id, payload, policy=policy, job_id=job_id, sync_wait_ms=wait_ms
+        )
+
     async def status(
         self, endpoint_id: str, job_id: str, *, wait_ms: int | None = None
     ) -> Envelope:
