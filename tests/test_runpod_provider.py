@@ -143,6 +143,7 @@ async def test_cancelling_the_caller_cancels_the_job_on_runpod(daemon: Daemon) -
     assert jobs["inQueue"] == 0
 
 
+@pytest.mark.timeout(600)  # 1,000 jobs each polled as RunPod is: minutes on a busy box
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_asyncio_gather_of_a_thousand_calls(daemon: Daemon) -> None:
     async with runtime(provider=provider_for(daemon)):
