@@ -24,7 +24,10 @@ from flash_actors import (
 )
 from flash_actors.providers.local import LocalProvider, volumes as local_volumes
 from flash_actors.providers.local.controlplane.schema import ControlPlane
+from flash_actors.providers.runpod.provider import RunPodProvider
+from flash_actors.providers.runpod.transport import HttpsTransport
 from flash_actors.volumes import apply_downloads
+from tests._daemon import Daemon
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -388,3 +391,68 @@ async def test_flash_local_takes_the_volume_from_graphql_and_refuses_hostile_ids
         "endpoint 'live-vol-bad': CpuLiveServerless(name="
     ), error
     assert "network volume id '../../etc' is not a plain id" in error["message"]
+
+
+DAEMON_WRITER = CpuLiveServerless(
+    name="vol-daemon-writer", networkVolumeId="vol-daemon"
+)
+DAEMON_READER = CpuLiveServerless(
+    name="vol-daemon-reader", networkVolumeId="vol-daemon"
+)
+
+
+@remote(DAEMON_WRITER)
+async def daemon_write(text: str) -> str:
+    from flash_actors import volume_path
+
+    (volume_path() / "from-daemon.txt").write_text(text)
+    return str(volume_path())
+
+
+@remote(DAEMON_READER)
+async def daemon_read(link: str) -> dict[str, Any]:
+    import os
+
+    from flash_actors import volume_path
+
+    return {
+        "note": (volume_path() / "from-daemon.txt").read_text(),
+        "link": os.path.realpath(link),
+    }
+
+
+@pytest.fixture(scope="module")
+def volume_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A ``flash local`` daemon (as RunPod) keeping its volumes in a temporary folder."""
+    project = tmp_path_factory.mktemp("volume-daemon")
+    with (
+        pytest.MonkeyPatch.context() as patch
+    ):  # the daemon (and its workers) inherit it
+        patch.setenv("FLASH_VOLUMES_DIR", str(project / "volumes"))
+        patch.setenv("FLASH_RUNPOD_VOLUME_LINK", str(project / "runpod-volume"))
+        started = Daemon(project / ".flash", runpod_only=True)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.mark.slow
+async def test_flash_local_workers_share_a_volume_named_through_graphql(
+    volume_daemon: Daemon,
+) -> None:
+    record = volume_daemon.record
+    assert record is not None
+    project = volume_daemon.state_dir.parent
+    provider = RunPodProvider(
+        api_key=record.api_key,
+        api_url=record.url,
+        endpoint_url=f"{record.url}/v2",
+        transport=HttpsTransport(),
+    )
+    async with runtime(provider=provider):  # saveEndpoint carries networkVolumeId
+        written = output(await daemon_write("through flash local"))
+        read = output(await daemon_read(str(project / "runpod-volume")))
+    folder = project / "volumes" / "vol-daemon"
+    assert written == str(folder)
+    assert read == {"note": "through flash local", "link": str(folder)}

@@ -168,7 +168,10 @@ def claim_link(folder: Path) -> bool:
             if current is None:
                 return _taken(link, target, "something that is not our link")
             if current == target:
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                try:  # never waits: an exclusive hold lasts only while a link moves
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     if _points_at(link) == target:
                         _claims[str(link)] = (target, fd)
