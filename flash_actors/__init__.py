@@ -62,6 +62,7 @@ from flash_actors.runtime import (
     current_runtime as current_runtime,
     runtime as runtime,
 )
+from flash_actors.volumes import volume_path as volume_path
 
 __version__ = "0.1.0"
 
@@ -113,4 +114,5 @@ __all__ = [
     "current_runtime",
     "remote",
     "runtime",
+    "volume_path",
 ]

@@ -53,6 +53,7 @@ __all__ = [
     "ServerlessResource",
     "ServerlessScalerType",
     "check_endpoint_name",
+    "check_volume_id",
 ]
 
 _submitter: (
@@ -237,6 +238,41 @@ def check_endpoint_name(name: str, owner: str = "endpoint") -> None:
         f"{owner}(name={shown!r}): the endpoint name {problem} (RunPod's endpoint name "
         "rules; the name is also the endpoint id in URLs and names its log folder): "
         "choose a shorter, plain name such as 'my-endpoint'"
+    )
+    raise ConfigurationError(msg)
+
+
+VOLUME_ID_MAX = 64
+"""Longest network volume id (RunPod's are 10 characters)."""
+
+_VOLUME_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def check_volume_id(volume_id: object, owner: str = "endpoint") -> str:
+    """Refuse a network volume id that cannot name a folder safely; the id.
+
+    The rule: 1 to `VOLUME_ID_MAX` (64) letters, digits, ``-`` and ``_``, starting with a
+    letter or digit (RunPod's ids are like ``agv6w2qcg7``). The local provider keeps each
+    volume in a folder named by its id, so an id never holds a path separator, a dot or
+    anything else that could lead out of the volumes folder.
+
+    Raises:
+        ConfigurationError: naming ``owner``, the rule and the fix.
+    """
+    if (
+        isinstance(volume_id, str)
+        and len(volume_id) <= VOLUME_ID_MAX
+        and _VOLUME_ID.fullmatch(volume_id)
+    ):
+        return volume_id
+    shown = repr(volume_id)
+    if len(shown) > 60:
+        shown = f"{shown[:40]}...({len(shown)} characters)"
+    msg = (
+        f"{owner}: network volume id {shown} is not a plain id: it may hold only 1 to "
+        f"{VOLUME_ID_MAX} letters, digits, '-' and '_', starting with a letter or digit "
+        "(it names the volume's folder on this machine); pass the volume's id as RunPod "
+        "shows it, such as networkVolumeId='agv6w2qcg7'"
     )
     raise ConfigurationError(msg)
 
@@ -441,6 +477,7 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
             if not isinstance(handler, str) or not handler.endswith(".py"):
                 msg = f"{owner}: handler must be the path of a .py file, got {self.handler!r}"
                 raise ConfigurationError(msg)
+        self.volume_id  # noqa: B018 (checks the volume id, raising ConfigurationError)
         if self.env is not None:
             env_values: dict[str, object] = dict(self.env)
             bad = {k: v for k, v in env_values.items() if not isinstance(v, str)}
@@ -452,6 +489,33 @@ class ServerlessResource(msgspec.Struct, kw_only=True):
     def is_cpu(self) -> bool:
         """True for CPU endpoints: the Cpu* classes, or any config given ``instanceIds``."""
         return self.cpu_class or bool(self.instanceIds)
+
+    @property
+    def volume_id(self) -> str | None:
+        """The network volume the workers mount, or ``None``.
+
+        ``networkVolumeId``, else ``networkVolume``'s ``id``, else (for the local providers,
+        which need no RunPod id) ``networkVolume``'s ``name``; checked by `check_volume_id`.
+
+        Raises:
+            ConfigurationError: a bad id, or two different ids given.
+        """
+        owner = f"{type(self).__name__}(name={self.name!r})"
+        volume = self.networkVolume
+        given = self.networkVolumeId
+        if volume is not None and volume.id is not None:
+            if given is not None and given != volume.id:
+                msg = (
+                    f"{owner}: networkVolumeId {given!r} and networkVolume's id "
+                    f"{volume.id!r} differ: give one of them"
+                )
+                raise ConfigurationError(msg)
+            given = volume.id
+        if given is None and volume is not None:
+            given = volume.name
+        if given is None:
+            return None
+        return check_volume_id(given, owner)
 
     @property
     def delivery(self) -> str:

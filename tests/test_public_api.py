@@ -54,6 +54,7 @@ EXPECTED = {
     "AskTimeoutError",
     "MailboxFullError",
     "RuntimeNotRunningError",
+    "volume_path",
 }
 
 

@@ -41,6 +41,7 @@ from flash_actors.serialization import (
     encode_result,
     to_json,
 )
+from flash_actors.volumes import apply_downloads
 from flash_actors.worker._capture import capture_stdout
 from flash_actors.worker.installer import activate
 
@@ -226,6 +227,7 @@ class Executor:
         try:
             if req.dependencies:
                 await activate(req.dependencies)
+            apply_downloads(req.accelerate_downloads)
             target = self._target(req, decoded)
             with capture_stdout() if self._capture else nullcontext() as printed:
                 try:

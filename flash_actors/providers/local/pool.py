@@ -57,6 +57,7 @@ from flash_actors.policies import expired_error, timeout_error
 from flash_actors.providers.base import ENFORCES_ALL
 from flash_actors.providers.local._http import Connection
 from flash_actors.providers.local._processes import PidfdProcess, stop_process
+from flash_actors.providers.local.volumes import apply_volume
 from flash_actors.serialization import verify_request
 from flash_actors.worker.installer import (
     cache_root,
@@ -471,6 +472,7 @@ class WorkerPool:
                 "MALLOC_TRIM_THRESHOLD_": "268435456",
             }
             env.pop("FLASH_SECRET", None)  # workers hold their endpoint's key only
+            apply_volume(self.resource, env)  # its network volume, if it has one
             log.info(
                 "worker.start", endpoint=self.resource.name, worker=worker_id, port=port
             )

@@ -233,7 +233,16 @@ def resource_for(
             idleTimeout=endpoint.idleTimeout,
             executionTimeoutMs=endpoint.executionTimeoutMs,
             env=env or None,
-            networkVolumeId=endpoint.networkVolumeId,
+            # one data center here: the first of networkVolumeIds when no networkVolumeId
+            networkVolumeId=endpoint.networkVolumeId
+            or next(
+                (
+                    v["networkVolumeId"]
+                    for v in endpoint.networkVolumeIds
+                    if v.get("networkVolumeId")
+                ),
+                None,
+            ),
             scalerType=resources.ServerlessScalerType(endpoint.scalerType),
             scalerValue=endpoint.scalerValue,
             imageName=image,

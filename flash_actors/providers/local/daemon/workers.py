@@ -39,6 +39,7 @@ from flash_actors.providers.local._processes import stop_process
 from flash_actors.providers.local.daemon import launch
 from flash_actors.providers.local.daemon.catalog import HandlerWorker
 from flash_actors.providers.local.pool import default_start_backoff_max_s, log_tail
+from flash_actors.providers.local.volumes import apply_volume
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -122,6 +123,7 @@ def worker_env(gateway: Gateway, endpoint: Endpoint, worker_id: str) -> dict[str
             "PYTHONUNBUFFERED": "1",
         }
     )
+    apply_volume(endpoint.resource, env)  # its network volume, if it has one
     return env
 
 
