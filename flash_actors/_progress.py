@@ -186,10 +186,10 @@ class Progress:
         if self.total_bytes:
             parts.append(self._bytes_text())
         parts.append(f"{self.elapsed:.1f} s")
-        line = " · ".join(parts)
+        line = " | ".join(parts)  # ASCII: any terminal encoding can show it
         width = shutil.get_terminal_size((100, 20)).columns - 1
         if len(line) > width:
-            line = line[: max(width - 1, 0)] + "…"
+            line = line[: max(width - 3, 0)] + "..."
         sys.stderr.write(f"\r{line}\x1b[K")
         sys.stderr.flush()
 

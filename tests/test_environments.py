@@ -247,6 +247,40 @@ def test_progress_is_log_lines_off_a_terminal_and_a_live_line_on_one(
         proc.wait(timeout=30)
     assert proc.returncode == 0, shown
     text = shown.decode()
-    assert "\rflash: installing idna for an endpoint · " in text
+    assert "\rflash: installing idna for an endpoint | " in text
     assert "\rflash: installing idna for an endpoint: done in " in text
     assert "progress." not in text  # no log lines on the terminal
+
+
+WITHOUT_UV = """
+import sys
+sys.modules["uv"] = None  # as on a platform uv publishes no binary for: the import fails
+import anyio
+from flash_actors._logging import log_to_stderr
+from flash_actors.worker.installer import ensure_environment
+log_to_stderr()
+env = anyio.run(ensure_environment, ["six"])
+print(env)
+"""
+
+
+def test_pip_is_the_fallback_where_uv_cannot_run_and_says_why(tmp_path: Path) -> None:
+    env = {**os.environ, "FLASH_CACHE_DIR": str(tmp_path)}
+    env.pop("FLASH_INSTALLER", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_UV],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "WARNING flash_actors.worker.installer: deps.installer installer=pip "
+        "reason='uv is not available for this platform (" in proc.stderr
+    )
+    made = Path(proc.stdout.strip())
+    assert made.parent == tmp_path / "envs"
+    assert not (tmp_path / "uv").exists()
+    imports(made, "six")

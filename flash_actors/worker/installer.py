@@ -687,7 +687,7 @@ async def activate(dependencies: list[str]) -> None:
 
     Raises:
         ConfigurationError: an entry is not a requirement (nothing was installed).
-        DependencyInstallError: pip could not install them.
+        DependencyInstallError: the installer (uv or pip) could not install them.
     """
     env_dir = await ensure_environment(dependencies)
     if env_dir is None or env_dir.name in _active:
