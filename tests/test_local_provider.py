@@ -349,7 +349,7 @@ async def needs_missing() -> None:
 async def test_dependencies_are_installed_once_into_a_cached_venv(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("FLASH_CACHE_DIR", str(tmp_path / "envs"))
+    monkeypatch.setenv("FLASH_CACHE_DIR", str(tmp_path))  # environments in envs/
     with pytest.raises(ImportError):
         import humanize  # noqa: F401  (the test process itself does not have it)
     provider = LocalProvider(state_dir=tmp_path / ".flash")
