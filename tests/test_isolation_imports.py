@@ -154,7 +154,13 @@ async def test_undeclared_package_fails_as_on_runpod_with_the_hint(
     assert out["json"] == "[1]"
     assert out["httpx"] == "httpx"
     assert out["find_spec"] is None  # a probe says "not installed", as on RunPod
-    assert str(out["cwd_helper"]).startswith("No module named 'cwd_helper': ")
+    helper = (tmp_path / "cwd_helper.py").resolve()
+    assert str(out["cwd_helper"]) == (
+        f"No module named 'cwd_helper': it is the caller's own code ({helper}), which a "
+        "live endpoint is not sent, so it would fail on RunPod. Define what the function "
+        "needs inside it, or pass plain values as arguments; FLASH_STRICT_IMPORTS=0 lets "
+        "local workers import the caller's packages."
+    )
     assert out["made_here"] == 42
 
 
@@ -193,6 +199,10 @@ def test_image_kinds_follow_the_runpod_provider() -> None:
     assert isolation.image_kind(ServerlessEndpoint(name="k5", imageName="me/x:1")) == (
         "custom"
     )
+    flash_gpu = LiveServerless(name="k7", imageName="runpod/flash:py3.12-latest")
+    assert isolation.image_kind(flash_gpu) == "gpu"  # as flash local's GraphQL saves it
+    flash_cpu = LiveServerless(name="k8", imageName="runpod/flash-lb-cpu:py3.12-1.0")
+    assert isolation.image_kind(flash_cpu) == "cpu"
     assert isolation.endpoint_env(CpuLiveServerless(name="k6")) == {
         "FLASH_WORKER_IMAGE": "cpu"
     }

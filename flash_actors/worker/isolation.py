@@ -91,10 +91,20 @@ def image_kind(resource: ServerlessResource) -> str:
     """``gpu`` or ``cpu`` for the image RunPod runs the endpoint on; ``custom`` for its own.
 
     As the RunPod provider chooses it: the ``Cpu*`` classes get Flash's CPU images, every
-    other Live class its GPU images (``runpod/flash``, ``runpod/flash-lb``).
+    other Live class its GPU images (``runpod/flash``, ``runpod/flash-lb``). An endpoint
+    that names one of Flash's images (as one saved through ``flash local``'s GraphQL does)
+    gets that image's kind; any other image, or a ``templateId``, is ``custom``.
     """
     template = resource.template
-    if resource.imageName or (template and template.imageName) or resource.templateId:
+    image = resource.imageName or (template.imageName if template else "")
+    if image:
+        from flash_actors.providers.local.controlplane.images import flash_image_kind
+
+        kind = flash_image_kind(image)
+        if kind is None:
+            return "custom"
+        return "cpu" if kind.endswith("cpu") else "gpu"
+    if resource.templateId:
         return "custom"
     return "cpu" if type(resource).cpu_class else "gpu"
 
@@ -163,21 +173,35 @@ def image_distributions(kind: str) -> frozenset[str]:
 
 
 @functools.cache
-def _modules_by_distribution() -> dict[str, frozenset[str]]:
-    """Canonical distribution name -> its top-level modules, for this environment."""
-    mapping: dict[str, set[str]] = {}
-    for module, dists in importlib.metadata.packages_distributions().items():
-        for dist in dists:
-            mapping.setdefault(_canonical(dist), set()).add(module)
-    return {dist: frozenset(modules) for dist, modules in mapping.items()}
+def _modules_of(dist_name: str) -> frozenset[str]:
+    """The top-level modules of one installed distribution (empty when it is not here)."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return frozenset()
+    listed = dist.read_text("top_level.txt")
+    if listed:
+        return frozenset(line.strip() for line in listed.splitlines() if line.strip())
+    found: set[str] = set()
+    for file in dist.files or []:
+        parts = file.parts
+        if not parts or parts[0] in ("..", "__pycache__") or ".dist-info" in parts[0]:
+            continue
+        if len(parts) > 1:
+            if parts[0].isidentifier():
+                found.add(parts[0])
+        elif file.suffix in (".py", ".so", ".pyd"):
+            name = parts[0].split(".", 1)[0]
+            if name.isidentifier():
+                found.add(name)
+    return frozenset(found)
 
 
 def top_level_modules(distributions: Iterable[str]) -> frozenset[str]:
     """The top-level modules the installed ``distributions`` provide."""
-    mapping = _modules_by_distribution()
     found: set[str] = set()
     for dist in distributions:
-        found |= mapping.get(_canonical(dist), frozenset())
+        found |= _modules_of(_canonical(dist))
     return frozenset(found)
 
 
@@ -189,9 +213,7 @@ def _distribution_of(module: str) -> str | None:
 
 def prepare() -> None:
     """Read the package metadata once (the template does it, so that each fork has it)."""
-    runtime_distributions()
-    image_distributions("gpu")
-    _modules_by_distribution()
+    top_level_modules(runtime_distributions() | image_distributions("gpu"))
 
 
 def _real(path: str) -> str:
@@ -280,21 +302,31 @@ class StrictImports:
         """``finder`` (an entry of ``sys.meta_path``) behind this policy."""
         return Guard(finder, self)
 
-    def message(self, module: str) -> str:
-        """The refusal: what RunPod would say, the package to declare, and the way out."""
+    def message(self, module: str, where: str | None = None) -> str:
+        """The refusal: what RunPod would say, the package to declare, and the way out.
+
+        ``where`` is the module's file here, for a module no distribution provides (the
+        caller's own code, which a live endpoint is not sent).
+        """
+        image = {"gpu": "GPU", "cpu": "CPU"}.get(self.image, self.image)
+        head = f"No module named {module!r}: "
+        tail = f"; {ENV_STRICT}=0 lets local workers import the caller's packages."
         dist = _distribution_of(module)
-        package = dist or module
+        if dist is None and where is not None:
+            return (
+                f"{head}it is the caller's own code ({where}), which a live endpoint is "
+                "not sent, so it would fail on RunPod. Define what the function needs "
+                "inside it, or pass plain values as arguments" + tail
+            )
         source = (
             f"the caller's environment has it from the distribution {dist!r}"
             if dist
             else "the caller's environment has it"
         )
-        image = {"gpu": "GPU", "cpu": "CPU"}.get(self.image, self.image)
         return (
-            f"No module named {module!r}: this endpoint does not declare it and Flash's "
-            f"{image} worker image does not have it, so it would fail on RunPod ({source}). "
-            f"Declare it: @remote(..., dependencies=[{package!r}]); "
-            f"{ENV_STRICT}=0 lets local workers import the caller's packages."
+            f"{head}this endpoint does not declare it and Flash's {image} worker image "
+            f"does not have it, so it would fail on RunPod ({source}). Declare it: "
+            f"@remote(..., dependencies=[{dist or module!r}])" + tail
         )
 
 
@@ -338,7 +370,8 @@ class Guard(importlib.abc.MetaPathFinder):
             return admitted
         if not _importing(sys._getframe(1)):  # noqa: SLF001 (who asks decides the answer)
             return None  # importlib.util.find_spec & co.: "not installed", as on RunPod
-        raise ModuleNotFoundError(self.policy.message(fullname), name=fullname)
+        where = _real(spec.origin) if spec.has_location and spec.origin else None
+        raise ModuleNotFoundError(self.policy.message(fullname, where), name=fullname)
 
 
 def _importing(frame: object) -> bool:
