@@ -22,17 +22,21 @@ A top-level module is importable when it is:
 
 Anything else that the caller's environment has fails with the `ModuleNotFoundError` RunPod
 would raise, its message naming the distribution that provides the module here and the
-``dependencies=[...]`` to declare. Probes stay faithful: ``importlib.util.find_spec`` answers
-``None`` for such a module, as it would on RunPod, so optional imports behave as there.
+``dependencies=[...]`` to declare (or, for a module of the caller's own code, such as one in
+its working directory, saying that live endpoints are not sent it). Probes stay faithful:
+``importlib.util.find_spec`` answers ``None`` for such a module, as it would on RunPod, so
+optional imports behave as there.
 
-Modules already imported when the hook is installed (the standard library and the runtime's,
-and what ``.pth`` files load at interpreter start) stay importable; only the submodules of an
-allowed top-level module are not checked again. ``importlib.metadata`` still sees the caller's
-distributions.
+Only top-level modules are judged; the submodules of an admitted one follow it. Modules
+already imported when the guards go in (the standard library's and the runtime's, and what
+``.pth`` files load at interpreter start) stay importable. ``importlib.metadata`` still sees
+the caller's distributions. A request's ``modules`` are not written out by the worker (no
+client sends any); a directory that holds them once they are would be allowed as above.
 
 The endpoint's image reaches the worker as ``FLASH_WORKER_IMAGE`` (`endpoint_env`, set by the
-local pool): ``gpu``, ``cpu``, or ``custom`` for an endpoint on its own image (``imageName``,
-``templateId``), whose contents cannot be known here, so its workers are not restricted.
+local pool; ``cpu`` when absent): ``gpu``, ``cpu``, or ``custom`` for an endpoint on its own
+image (``imageName`` other than Flash's, ``templateId``), whose contents cannot be known here,
+so its workers are not restricted.
 ``FLASH_STRICT_IMPORTS=0`` (in the caller's environment, or in one endpoint's ``env``) turns
 the check off. The in-process provider runs functions in the caller's own process and is not
 isolated.
