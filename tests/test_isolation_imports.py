@@ -164,6 +164,17 @@ async def test_undeclared_package_fails_as_on_runpod_with_the_hint(
     assert out["made_here"] == 42
 
 
+async def test_a_fresh_interpreter_worker_is_strict_too(tmp_path: Path) -> None:
+    """``python -m flash_actors.worker`` (no fork template) installs the same guards."""
+    provider = LocalProvider(state_dir=tmp_path / ".flash", fast_start=False)
+    async with runtime(provider=provider):
+        failed = await import_undeclared()
+    assert failed.status == JobStatus.FAILED
+    assert str(failed.exception).startswith(
+        "No module named 'iniconfig': this endpoint "
+    )
+
+
 async def test_declared_dependency_and_the_switch_make_it_importable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
