@@ -29,6 +29,7 @@ from flash_actors.errors import (
     PayloadSignatureError as PayloadSignatureError,
     PayloadTooLargeError as PayloadTooLargeError,
     RemoteExecutionError as RemoteExecutionError,
+    ResultTypeUnavailableError as ResultTypeUnavailableError,
     RuntimeNotRunningError as RuntimeNotRunningError,
     SerializationError as SerializationError,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "RemoteExecutionError",
     "RemoteFunction",
     "RemoteInstance",
+    "ResultTypeUnavailableError",
     "RetryPolicy",
     "RuntimeNotRunningError",
     "ScopeWarning",

@@ -54,17 +54,24 @@ def new_job_id() -> str:
     return secrets.token_hex(12)
 
 
-def response_value(response: FunctionResponse, key: bytes | None) -> Any:
+def response_value(
+    response: FunctionResponse, key: bytes | None, call: Call | None = None
+) -> Any:
     """The value of a successful response, or raise the remote error it carries.
+
+    ``call`` names the endpoint and function in a result's decoding errors.
 
     Raises:
         RemoteExecutionError: the function raised (typed as the remote exception).
         PayloadSignatureError: the result's signature does not match.
+        ResultTypeUnavailableError: the call succeeded, but its result's type cannot be
+            loaded in this process.
     """
     if response.success:
         if response.result is None:
             return response.json_result
-        return decode_result(response.result, response.signature, key)
+        source = f"{call.function}() on endpoint {call.endpoint!r}" if call else ""
+        return decode_result(response.result, response.signature, key, source=source)
     error = response.error or "the remote function failed without an error message"
     message = response.error_message
     if message is None:
@@ -131,13 +138,13 @@ class EndpointActor(Actor[Routed]):
             async def pump() -> None:
                 async with receive:
                     async for chunk in receive:
-                        await out.send(response_value(chunk, self.key))
+                        await out.send(response_value(chunk, self.key, call))
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(pump)
                 async with send:
                     final = await self._execute(call, job_id, send)
-        response_value(final, self.key)  # raises the remote error, if any
+        response_value(final, self.key, call)  # raises the remote error, if any
 
     async def _run_direct(self, call: Call) -> Any:
         """A load-balancer call: straight to a worker, no queue, no retry; value or error."""
@@ -147,7 +154,7 @@ class EndpointActor(Actor[Routed]):
             response = await self._attempts(call, new_job_id())
         finally:
             self._slots.release()
-        return response_value(response, self.key)
+        return response_value(response, self.key, call)
 
     async def _run_job(self, call: Call) -> JobOutput:
         """A queue job: wait for capacity within the TTL, run with retries, wrap in JobOutput."""
@@ -198,7 +205,7 @@ class EndpointActor(Actor[Routed]):
         ended_at = datetime.now(UTC)
         execution_ms = int((time.monotonic() - started) * 1000)
         try:
-            value = response_value(response, self.key)
+            value = response_value(response, self.key, call)
         except FlashRuntimeError as exc:
             return JobOutput(
                 id=job_id,

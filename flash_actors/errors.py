@@ -5,7 +5,8 @@ FlashRuntimeError                   base of everything this package raises
 ├── RemoteExecutionError            the remote function raised; typed as the remote error too
 ├── SerializationError              cloudpickle/base64 failed, or a payload cannot travel
 │   ├── PayloadTooLargeError        the encoded payload is over the message's limit
-│   └── PayloadSignatureError       a payload is unsigned or its HMAC does not match
+│   ├── PayloadSignatureError       a payload is unsigned or its HMAC does not match
+│   └── ResultTypeUnavailableError  the call succeeded remotely; its result's type cannot load here
 ├── GraphQLError                    the RunPod control plane answered with errors
 │   ├── GraphQLMutationError
 │   └── GraphQLQueryError
@@ -58,6 +59,7 @@ __all__ = [
     "PayloadSignatureError",
     "PayloadTooLargeError",
     "RemoteExecutionError",
+    "ResultTypeUnavailableError",
     "RuntimeNotRunningError",
     "SerializationError",
 ]
@@ -83,6 +85,37 @@ class PayloadSignatureError(SerializationError):
 
     Raised before anything is unpickled.
     """
+
+
+class ResultTypeUnavailableError(SerializationError):
+    """The call succeeded remotely, but its result holds a type this process cannot load.
+
+    A numpy array or a torch tensor returned to a caller without numpy or torch, say. The
+    message names the endpoint, the function, the module that is missing here and the names
+    the result's pickle refers to. ``missing_module`` is that module; ``names`` those
+    ``module.qualname`` references.
+    """
+
+    def __init__(
+        self, message: str, *, missing_module: str = "", names: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.missing_module = missing_module
+        self.names = names
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_result_type_error,
+            (str(self), self.missing_module, self.names),
+        )
+
+
+def _rebuild_result_type_error(
+    message: str, missing_module: str, names: tuple[str, ...]
+) -> ResultTypeUnavailableError:
+    return ResultTypeUnavailableError(
+        message, missing_module=missing_module, names=names
+    )
 
 
 class GraphQLError(FlashRuntimeError):

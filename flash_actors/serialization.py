@@ -31,6 +31,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import secrets
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,11 @@ import msgspec
 import pybase64
 
 from flash_actors._memory import tune_allocator
-from flash_actors.errors import PayloadSignatureError, SerializationError
+from flash_actors.errors import (
+    PayloadSignatureError,
+    ResultTypeUnavailableError,
+    SerializationError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -628,25 +633,152 @@ def encode_result(value: Any, key: bytes) -> tuple[str, str]:
     return _b64encode(raw), _result_mac(key, raw)
 
 
-def decode_result(text: str, signature: str | None, key: bytes | None) -> Any:
+def decode_result(
+    text: str, signature: str | None, key: bytes | None, *, source: str = ""
+) -> Any:
     """Authenticate and unpickle a result made by `encode_result`.
 
     With ``key`` None (a provider whose endpoints are not signed, such as RunPod's, reached
-    over TLS with the account's key) the result is trusted as Flash trusts it.
+    over TLS with the account's key) the result is trusted as Flash trusts it. ``source``
+    names the call for messages (``"f() on endpoint 'e'"``).
 
     Raises:
         PayloadSignatureError: the result is unsigned or its signature does not match.
+        ResultTypeUnavailableError: the result holds a type this process cannot import
+            (the call itself succeeded).
+        SerializationError: the result cannot be unpickled for another reason.
     """
     raw = _b64decode(text, "the result")
-    if key is None:
-        return loads(raw, what="the result")
-    if not signature or not hmac.compare_digest(_result_mac(key, raw), signature):
+    if key is not None and (
+        not signature or not hmac.compare_digest(_result_mac(key, raw), signature)
+    ):
         msg = (
             "refusing a result whose signature is missing or does not match "
             "(the worker does not hold this endpoint's key, or the result was changed)"
         )
         raise PayloadSignatureError(msg)
-    return loads(raw, what="the result")
+    try:
+        return cloudpickle.loads(raw)
+    except (ImportError, AttributeError) as exc:
+        missing = _missing_types(raw, exc)
+        if missing is None:
+            raise SerializationError(_undecodable("the result", exc)) from exc
+        module, names = missing
+        raise ResultTypeUnavailableError(
+            _unloadable_message(source, module, names, exc),
+            missing_module=module,
+            names=names,
+        ) from exc
+    except Exception as exc:
+        raise SerializationError(_undecodable("the result", exc)) from exc
+
+
+def _undecodable(what: str, exc: BaseException) -> str:
+    return f"cannot deserialize {what}: {type(exc).__name__}: {exc}"
+
+
+_STRING_OPS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+     "BINSTRING", "SHORT_BINSTRING"}
+)  # fmt: skip
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def _pickle_globals(raw: bytes) -> list[str]:
+    """The ``module.qualname`` references of a pickle, in order, read without loading it.
+
+    ``GLOBAL`` carries both names; ``STACK_GLOBAL`` takes the two strings pushed (or fetched
+    from the memo) just before it. A pickle that does not parse to the end gives what was
+    read until then.
+    """
+    found: list[str] = []
+    memo: dict[int, str | None] = {}
+    pushed: list[str | None] = []  # what each of the last opcodes pushed (strings only)
+    try:
+        for opcode, arg, _ in pickletools.genops(raw):
+            name = opcode.name
+            if name == "GLOBAL" and isinstance(arg, str):
+                found.append(arg.replace(" ", ".", 1))
+                value: str | None = None
+            elif name == "STACK_GLOBAL":
+                if len(pushed) >= 2 and pushed[-2] and pushed[-1]:
+                    found.append(f"{pushed[-2]}.{pushed[-1]}")
+                value = None
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+                continue  # pushes nothing
+            elif name in _PUT_OPS and isinstance(arg, int):
+                memo[arg] = pushed[-1] if pushed else None
+                continue
+            elif name in _GET_OPS and isinstance(arg, int):
+                value = memo.get(arg)
+            elif name in _STRING_OPS:
+                value = arg if isinstance(arg, str) else None
+            else:
+                value = None
+            pushed = [*pushed[-1:], value]
+    except Exception:  # noqa: BLE001, S110 (a truncated or odd pickle: what was read so far)
+        pass
+    return found
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _missing_types(
+    raw: bytes, exc: BaseException
+) -> tuple[str, tuple[str, ...]] | None:
+    """The module this process lacks and the result's references into it, if that is why.
+
+    ``None`` when the failure is not a missing module (or a missing name in one).
+    """
+    refs = _pickle_globals(raw)
+    missing = getattr(exc, "name", None) if isinstance(exc, ImportError) else None
+    if missing is None:
+        if isinstance(exc, ImportError):
+            unknown = [r for r in refs if not _importable(r)]
+            if not unknown:
+                return None
+            missing = unknown[0].split(".")[0]
+        elif str(exc).startswith("Can't get attribute"):  # a name the module lacks here
+            parts = str(exc).split("'")
+            attribute = parts[1] if len(parts) > 1 else ""
+            hits = [r for r in refs if r.endswith("." + attribute)] if attribute else []
+            if not hits:
+                return None
+            module = hits[0].rsplit(".", 1)[0]
+            return module, tuple(hits)
+        else:
+            return None
+    top = missing.split(".")[0]
+    names = [r for r in refs if r == missing or r.startswith(f"{top}.")]
+    names.sort(key=lambda r: not r.rsplit(".", 1)[-1][:1].isupper())  # classes first
+    return missing, tuple(dict.fromkeys(names))
+
+
+def _unloadable_message(
+    source: str, module: str, names: tuple[str, ...], exc: BaseException
+) -> str:
+    call = source or "the remote call"
+    if names:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        what = f"it holds {shown}"
+    else:
+        what = f"it holds objects from {module!r}"
+    top = module.split(".")[0]
+    return (
+        f"{call} succeeded remotely, but its result cannot be loaded here: {what}, and "
+        f"this process cannot import them ({type(exc).__name__}: {exc}). Return plain "
+        "Python values (dicts, lists, str, int, float, bytes; e.g. .tolist() or .item()) "
+        f"from the function, or install {top!r} in the caller's environment too."
+    )
 
 
 # --- serialization_format "json" ----------------------------------------------------------------

@@ -23,6 +23,7 @@ EXPECTED = {
     "JobOutput",
     "FlashRuntimeError",
     "RemoteExecutionError",
+    "ResultTypeUnavailableError",
     "SerializationError",
     "GraphQLError",
     "GraphQLMutationError",

@@ -2,7 +2,9 @@
 
 It stands in until the local provider's worker processes exist, and it is the "no worker"
 path of the call-latency benchmark. Requests still cross the wire format (JSON encode and
-decode, signed base64 cloudpickle payloads), so what cannot travel fails here too.
+decode, signed base64 cloudpickle payloads), so what cannot travel fails here too. It is not
+isolated: functions import whatever the caller's environment has (strict imports,
+`flash_actors.worker.isolation`, hold in worker processes only).
 """
 
 from __future__ import annotations

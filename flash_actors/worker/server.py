@@ -53,7 +53,7 @@ from flash_actors._lifeline import die_with_parent
 from flash_actors._private import open_private
 from flash_actors.messages import FunctionRequest, FunctionResponse, Route
 from flash_actors.serialization import verify_request
-from flash_actors.worker import _capture
+from flash_actors.worker import _capture, isolation
 from flash_actors.worker.executor import BLOCKING, Blocking, Executor, invoke
 
 if TYPE_CHECKING:
@@ -496,6 +496,7 @@ def _run(sock: socket.socket, routes_path: str | None) -> None:
         with open(routes_path, "rb") as f:
             routes = msgspec.json.decode(f.read(), type=list[Route])
     sock.setblocking(False)  # noqa: FBT003
+    isolation.install()  # before any user code: only what RunPod's image would have
     deployed = load_deployed(os.environ.get("FLASH_DEPLOYED_MODULES", ""))
     with contextlib.suppress(KeyboardInterrupt):
         _event_loop_run(serve(WorkerApp(key, token, routes, deployed), sock))

@@ -21,7 +21,7 @@ import socket
 import sys
 
 from flash_actors._lifeline import die_with_parent
-from flash_actors.worker import server  # the point: imported once, here
+from flash_actors.worker import isolation, server  # the point: imported once, here
 
 __all__ = ["main"]
 
@@ -58,6 +58,7 @@ def main() -> None:
     control = socket.socket(fileno=int(sys.argv[2]))
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
+    isolation.prepare()  # package metadata read once, for every fork
     try:
         _serve_forks(control)
     except (OSError, ValueError):

@@ -59,6 +59,7 @@ from flash_actors.providers.local._http import Connection
 from flash_actors.providers.local._processes import PidfdProcess, stop_process
 from flash_actors.providers.local.volumes import apply_volume
 from flash_actors.serialization import verify_request
+from flash_actors.worker import isolation
 from flash_actors.worker.installer import (
     cache_root,
     ensure_environment,
@@ -462,6 +463,7 @@ class WorkerPool:
             env = {
                 **os.environ,
                 **self.resource.worker_env(),
+                **isolation.endpoint_env(self.resource),  # its RunPod image's kind
                 "FLASH_ENDPOINT_KEY": self.key.hex(),
                 "FLASH_WORKER_TOKEN": token,
                 "FLASH_WORKER_ID": worker_id,
