@@ -6,10 +6,13 @@ the workers (real processes) report the ``CUDA_VISIBLE_DEVICES`` they were given
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -317,3 +320,69 @@ async def test_a_machine_without_gpus_says_so_and_the_cpu_setting_runs_them(
             ConfigurationError, match=r"^FLASH_LOCAL_GPUS: entry '0:H200'"
         ):
             (await any_devices()).raise_for_error()
+
+
+DAEMON_SCRIPT = """
+import json, sys
+import anyio
+from flash_actors import CpuLiveServerless, GpuGroup, LiveServerless, remote
+
+@remote(LiveServerless(name="d-hopper", gpus=[GpuGroup.HOPPER_141]))
+def hopper():
+    import os
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+@remote(CpuLiveServerless(name="d-cpu"))
+def cpu():
+    import os
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+@remote(LiveServerless(name="d-ampere", gpus=[GpuGroup.AMPERE_80], gpuCount=2))
+def ampere():
+    return 1
+
+async def main():
+    failed = await ampere()
+    print(json.dumps({
+        "hopper": (await hopper()).output,
+        "cpu": (await cpu()).output,
+        "ampere": [str(failed.status), failed.error],
+    }))
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+def test_the_flash_local_daemon_assigns_gpus_the_same_way(
+    tmp_path: Path, gpus: pytest.MonkeyPatch
+) -> None:
+    """The daemon runs the same local provider: it reads the inventory where it starts."""
+    from tests._daemon import Daemon
+
+    gpus.setenv("FLASH_LOCAL_GPUS", "3:NVIDIA H200:141,5:NVIDIA A100 80GB PCIe:80")
+    script = tmp_path / "gpu_script.py"
+    script.write_text(DAEMON_SCRIPT)
+    d = Daemon(tmp_path / ".flash")
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script), "asyncio"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout)
+        assert out["hopper"] == "3"
+        assert out["cpu"] == ""
+        assert out["ampere"][0] == "FAILED"
+        assert re.match(
+            r"^endpoint 'd-ampere' asks for 2 GPU\(s\) per worker of "
+            r"\[GpuGroup.AMPERE_80\], and this machine has 3: NVIDIA H200, 141 GB; "
+            r"5: NVIDIA A100 80GB PCIe, 80 GB \(1 of them match\)\. To run it: allow any "
+            r"local GPU \(gpus=\[GpuGroup.ANY\]\), or run it on RunPod",
+            out["ampere"][1],
+        ), out["ampere"][1]
+    finally:
+        d.stop()
