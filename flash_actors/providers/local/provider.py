@@ -4,6 +4,8 @@ No account, no Docker: ``await f(x)`` runs in a real ``python -m flash_actors.wo
 process on 127.0.0.1. Worker logs go to ``.flash/logs/<endpoint>/<worker>.log`` (endpoint
 names are checked by `flash_actors.resources.check_endpoint_name`, so these paths are safe).
 Leaving the runtime (normal exit, exception, Ctrl-C) stops every worker the provider started.
+Each worker of a GPU endpoint holds devices of its own (``CUDA_VISIBLE_DEVICES``), CPU
+endpoints' workers none: see `flash_actors.providers.local.gpus`.
 
 Endpoints are isolated from each other: a pool whose workers cannot start fails its own jobs
 (see `flash_actors.providers.local.pool`), and a pool that fails outright is logged, its jobs
