@@ -24,6 +24,8 @@ def _run_in_tmp_path(
 ) -> None:
     """Every test runs in its own directory, so `.flash/` state never lands in the repo."""
     monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
+    # GPU endpoints run on the CPU (this machine has none); tests/test_gpus.py declares GPUs
+    monkeypatch.setenv("FLASH_LOCAL_GPU", "cpu")
 
 
 @pytest.fixture

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from anyio.streams.memory import MemoryObjectSendStream
 
     from flash_actors.providers.local._processes import Template, WorkerProcess
+    from flash_actors.providers.local.gpus import EndpointGpus, GpuLease
     from flash_actors.resources import ServerlessResource
 
 __all__ = [
@@ -243,6 +244,8 @@ class WorkerPool:
         start_backoff_s: wait before the next start after a worker failed to start (doubled
             per failure in a row).
         start_backoff_max_s: the longest such wait (default: `default_start_backoff_max_s`).
+        gpus: the devices its workers may hold (`flash_actors.providers.local.gpus`): each
+            worker starts only with a lease of its own, given back when its process is gone.
     """
 
     def __init__(
@@ -256,8 +259,12 @@ class WorkerPool:
         template: Template | None = None,
         start_backoff_s: float = 0.5,
         start_backoff_max_s: float | None = None,
+        gpus: EndpointGpus | None = None,
     ) -> None:
         self.resource = resource
+        self.gpus = gpus
+        if gpus is not None:
+            gpus.on_release(lambda: self._wake.set())  # a device to start a worker with
         self.template = template
         self.routes = routes or []
         self.key = key
@@ -340,10 +347,23 @@ class WorkerPool:
 
     # --- workers -------------------------------------------------------------------------
 
-    def _start_worker(self) -> None:
+    def _start_worker(self) -> bool:
+        """Start a worker; False when its GPUs are held by others (a release wakes us)."""
         assert self._tg is not None  # noqa: S101
+        lease = self.gpus.take() if self.gpus is not None else None
+        if self.gpus is not None and lease is None:
+            return False
         self.starting += 1
-        self._tg.start_soon(self._run_worker)
+        self._tg.start_soon(self._run_leased, lease)
+        return True
+
+    async def _run_leased(self, lease: GpuLease | None) -> None:
+        """`_run_worker` with the worker's GPUs, given back once its process is gone."""
+        try:
+            await self._run_worker(lease.env if lease is not None else {})
+        finally:
+            if lease is not None:
+                lease.release()
 
     def _may_start(self) -> bool:
         """False while the pool is closed or backing off after failed starts."""
@@ -355,7 +375,8 @@ class WorkerPool:
         """Start the workers ``workersMin`` calls for, unless backing off."""
         if self._may_start():
             while len(self.workers) + self.starting < self.resource.workersMin:
-                self._start_worker()
+                if not self._start_worker():
+                    break
 
     def _start_blocked(self) -> DeliveryError | None:
         """The error new jobs get while the endpoint's workers cannot start, else ``None``."""
@@ -372,7 +393,7 @@ class WorkerPool:
         )
         return DeliveryError(msg)
 
-    async def _run_worker(self) -> None:
+    async def _run_worker(self, gpu_env: dict[str, str]) -> None:
         """Start one worker, wait until it answers, then watch it until it exits.
 
         Never raises (but for cancellation): a worker that cannot start or exits before it
@@ -387,7 +408,7 @@ class WorkerPool:
         )
         started = anyio.current_time()
         try:
-            process, port = await self._spawn(worker_id, token, log_path)
+            process, port = await self._spawn(worker_id, token, log_path, gpu_env)
         except ProcessLookupError:  # a fork that was gone before we could follow it
             await self._start_failed(worker_id, "exited before it answered", log_path)
             return
@@ -451,7 +472,7 @@ class WorkerPool:
             await self._start_failed(worker_id, what, log_path)
 
     async def _spawn(
-        self, worker_id: str, token: str, log_path: Path
+        self, worker_id: str, token: str, log_path: Path, gpu_env: dict[str, str]
     ) -> tuple[WorkerProcess, int]:
         """Start the worker process (a fork of the template, or a fresh interpreter)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -464,6 +485,7 @@ class WorkerPool:
                 **os.environ,
                 **self.resource.worker_env(),
                 **isolation.endpoint_env(self.resource),  # its RunPod image's kind
+                **gpu_env,  # CUDA_VISIBLE_DEVICES: its own GPUs, or "" (none)
                 "FLASH_ENDPOINT_KEY": self.key.hex(),
                 "FLASH_WORKER_TOKEN": token,
                 "FLASH_WORKER_ID": worker_id,
@@ -643,6 +665,8 @@ class WorkerPool:
         blocked = self._start_blocked()
         if blocked is not None:
             raise blocked
+        if self.gpus is not None:
+            self.gpus.check()  # no local GPU can serve the endpoint: say so
         await self._provision(call.request)
         job = _Job(job_id, call.request, chunks, self._event_class)
         self.queue.append(job)
@@ -785,7 +809,8 @@ class WorkerPool:
             if self._may_start():
                 wanted = -(-len(self.queue) // self.slots) - coming
                 for _ in range(min(room, wanted)):
-                    self._start_worker()
+                    if not self._start_worker():
+                        break  # its GPUs are held elsewhere: a release wakes us
             return
         if coming:
             return

@@ -4,6 +4,8 @@ No account, no Docker: ``await f(x)`` runs in a real ``python -m flash_actors.wo
 process on 127.0.0.1. Worker logs go to ``.flash/logs/<endpoint>/<worker>.log`` (endpoint
 names are checked by `flash_actors.resources.check_endpoint_name`, so these paths are safe).
 Leaving the runtime (normal exit, exception, Ctrl-C) stops every worker the provider started.
+Each worker of a GPU endpoint holds devices of its own (``CUDA_VISIBLE_DEVICES``), CPU
+endpoints' workers none: see `flash_actors.providers.local.gpus`.
 
 Endpoints are isolated from each other: a pool whose workers cannot start fails its own jobs
 (see `flash_actors.providers.local.pool`), and a pool that fails outright is logged, its jobs
@@ -17,11 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 
 from flash_actors._logging import get_logger
 from flash_actors.errors import RuntimeNotRunningError
 from flash_actors.messages import Route
 from flash_actors.providers.local._processes import Template, template_supported
+from flash_actors.providers.local.gpus import GpuAllocator
 from flash_actors.providers.local.pool import (
     LocalBackend,
     WorkerPool,
@@ -80,6 +84,7 @@ class LocalProvider:
         self.registry = registry or REGISTRY
         self.batch_size = batch_size
         self.pools: dict[str, WorkerPool] = {}
+        self.gpus = GpuAllocator()  # this machine's GPUs, shared by every endpoint
         self._tg: TaskGroup | None = None
         self._gateway: GatewayProvider | None = None
         self._gateway_lock = anyio.Lock()
@@ -132,6 +137,15 @@ class LocalProvider:
 
                     self._gateway = await start_private_gateway(self.state_dir / "logs")
             return await self._gateway.open_endpoint(resource, key)
+        # Each worker holds GPUs of its own (CPU endpoints: none), and workersMax is capped
+        # by the matching ones; an endpoint no GPU here can serve fails its calls with why.
+        gpus = await self.gpus.for_endpoint(resource)
+        if gpus.workers_max < resource.workersMax:
+            resource = msgspec.structs.replace(
+                resource,
+                workersMax=gpus.workers_max,
+                workersMin=min(resource.workersMin, gpus.workers_max),
+            )
         routes = [
             Route(
                 method=method,
@@ -148,6 +162,7 @@ class LocalProvider:
             log_dir=self.state_dir / "logs" / resource.name,
             batch_size=self.batch_size,
             start_backoff_max_s=self.start_backoff_max_s,
+            gpus=gpus,
         )
         self.pools[resource.name] = pool
         scope = anyio.CancelScope()
