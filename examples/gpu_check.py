@@ -1,9 +1,12 @@
-"""A GPU endpoint: runs anywhere, and code that needs CUDA fails with the remote error.
+"""A GPU endpoint: each worker sees its own GPU (``CUDA_VISIBLE_DEVICES``).
 
-On a machine with an NVIDIA driver this prints the number of CUDA devices; without one the
-remote ``OSError`` comes back typed, with its traceback, instead of hanging.
+On a machine with an NVIDIA GPU this prints the number of CUDA devices the worker sees (one
+per worker: ``gpuCount``). On a machine without one the call fails at once with a message
+saying what was asked, what the machine has and how to run it; with
+``FLASH_LOCAL_GPU=cpu`` the endpoint runs on the CPU instead, and the remote ``OSError``
+(no CUDA driver) comes back typed, with its traceback.
 
-Run: python examples/gpu_check.py
+Run: python examples/gpu_check.py      (or FLASH_LOCAL_GPU=cpu python examples/gpu_check.py)
 """
 
 import asyncio
