@@ -11,6 +11,7 @@ FlashRuntimeError                   base of everything this package raises
 │   ├── GraphQLMutationError
 │   └── GraphQLQueryError
 ├── ManifestError                   the manifest is missing or invalid
+│   └── BuildError                  the project scan found nothing, or bad source or configs
 ├── ManifestServiceUnavailableError the state manager cannot be reached
 ├── ConfigurationError (ValueError) bad arguments to @remote or to a resource config
 │   └── InvalidRemoteTargetError (TypeError)  @remote on something not a function or class
@@ -42,6 +43,7 @@ __all__ = [
     "ActorError",
     "ActorStoppedError",
     "AskTimeoutError",
+    "BuildError",
     "ConfigurationError",
     "DeliveryError",
     "DeliveryUncertainError",
@@ -132,6 +134,10 @@ class GraphQLQueryError(GraphQLError):
 
 class ManifestError(FlashRuntimeError):
     """The flash manifest is missing, unreadable, or does not describe a function."""
+
+
+class BuildError(ManifestError):
+    """`flash build` cannot describe the project: no ``@remote`` found, or bad source or configs."""
 
 
 class ManifestServiceUnavailableError(FlashRuntimeError):
