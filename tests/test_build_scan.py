@@ -403,3 +403,78 @@ def test_fingerprint_tracks_paths_and_bytes(tmp_path: Path) -> None:
     assert second != first
     (tmp_path / "other.py").rename(tmp_path / "renamed.py")
     assert scan_project(tmp_path).fingerprint not in {first, second}
+
+
+def test_import_inside_the_function_is_an_edge(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "gpu.py": "from flash_actors import remote, LiveServerless\n@remote(LiveServerless(name='gpu'))\nasync def infer(x): return x\n",
+            "cpu.py": "from flash_actors import remote, CpuLiveServerless\n"
+            "@remote(CpuLiveServerless(name='cpu'))\nasync def pre(x):\n"
+            "    from gpu import infer\n    import gpu as g\n    return await infer(x), await g.infer(x)\n",
+        },
+    )
+    result = scan_project(tmp_path)
+    assert [f.calls for f in result.functions] == [["gpu:infer"], []]
+    assert result.endpoint_calls == {"cpu": ["gpu"]}
+
+
+def test_main_guard_and_redefinition(tmp_path: Path) -> None:
+    head = "from flash_actors import remote, LiveServerless\ncfg = LiveServerless(name='x')\n"
+    write(
+        tmp_path,
+        {
+            "main.py": head
+            + "@remote(cfg)\ndef f(): ...\nif __name__ == '__main__':\n    @remote(cfg)\n    def g(): ...\n"
+        },
+    )
+    assert [f.qualname for f in scan_project(tmp_path).functions] == ["f"]
+    write(
+        tmp_path,
+        {"main.py": head + "@remote(cfg)\ndef f(): ...\n@remote(cfg)\ndef f(): ...\n"},
+    )
+    with pytest.raises(
+        BuildError,
+        match=r"^main\.py:6: @remote f is defined twice \(also at line 4\): rename one",
+    ):
+        scan_project(tmp_path)
+
+
+def test_config_import_cycle(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "a.py": "from b import cfg\n",
+            "b.py": "from a import cfg\n",
+            "main.py": "from flash_actors import remote\nfrom a import cfg\n@remote(cfg)\ndef f(): ...\n",
+        },
+    )
+    with pytest.raises(
+        BuildError, match=r"^main\.py:3: resource config 'cfg' is imported in a cycle"
+    ):
+        scan_project(tmp_path)
+
+
+def test_fifo_and_unreadable_folder(tmp_path: Path) -> None:
+    write(
+        tmp_path,
+        {
+            "main.py": "from flash_actors import remote, LiveServerless\n@remote(LiveServerless(name='x'))\ndef f(): ...\n"
+        },
+    )
+    os.mkfifo(tmp_path / "pipe.py")  # reading it would block forever
+    assert scan_project(tmp_path).files == ["main.py"]
+    if os.geteuid() == 0:
+        return  # root reads every folder
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0)
+    try:
+        with pytest.raises(
+            BuildError, match=r"^locked: cannot list the folder: .*\.flashignore"
+        ):
+            scan_project(tmp_path)
+        (tmp_path / ".flashignore").write_text("locked/\n")
+        assert scan_project(tmp_path).files == ["main.py"]
+    finally:
+        locked.chmod(0o700)
