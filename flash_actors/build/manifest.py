@@ -163,7 +163,7 @@ _KEYED_FIELDS: dict[str, object] = {
 
 
 def _keyed(data: bytes) -> str | None:
-    """msgspec's error with the dict key it hides as ``[...]`` filled in, when one is to blame."""
+    """The msgspec error, with the dict key it hides as ``[...]`` filled in, when one is to blame."""
     raw = msgspec.json.decode(data)
     if not isinstance(raw, dict):
         return None
