@@ -158,11 +158,17 @@ def _source_files(root: Path) -> list[str]:
         return False
 
     def unreadable(exc: OSError) -> None:
-        where = Path(exc.filename).relative_to(root).as_posix() if exc.filename else str(root)
+        where = (
+            Path(exc.filename).relative_to(root).as_posix()
+            if exc.filename
+            else str(root)
+        )
         msg = f"{where}: cannot list the folder: {exc.strerror or exc}: fix its permissions or add it to .flashignore"
         raise BuildError(msg)
 
-    for current, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=False):
+    for current, dirnames, filenames in os.walk(
+        root, onerror=unreadable, followlinks=False
+    ):
         here = Path(current)
         rel_dir = PurePosixPath(here.relative_to(root).as_posix())
         spec = _ignore_spec(here)
@@ -664,11 +670,16 @@ class _Scanner:
         """Keys of the remote functions ``node``'s body names (directly or ``module.attr``)."""
         calls: set[str] = set()
         defs = {d.name for d in module.defs}
-        local: list[ast.stmt] = [c for c in ast.walk(node) if isinstance(c, ast.Import | ast.ImportFrom)]
+        local: list[ast.stmt] = [
+            c for c in ast.walk(node) if isinstance(c, ast.Import | ast.ImportFrom)
+        ]
         if local:
             # imports inside the body (Flash's advice for worker code) count with the module's
             probe = _Module(
-                module.name, module.rel, ast.Module(body=local, type_ignores=[]), is_package=module.rel.endswith("__init__.py")
+                module.name,
+                module.rel,
+                ast.Module(body=local, type_ignores=[]),
+                is_package=module.rel.endswith("__init__.py"),
             )
             view = copy.copy(module)
             view.imports = {name: list(bound) for name, bound in module.imports.items()}
