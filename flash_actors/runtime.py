@@ -3,8 +3,9 @@
 ``async with flash_actors.runtime():`` scopes one explicitly; remote calls made inside the block
 (and in tasks started inside it) use it, and leaving the block stops every endpoint and worker
 it started. Calls from other tasks of the same event loop while the block is open (a web
-server's request handlers, when a service enters the runtime in its lifespan task) use it too. Without such a block the first awaited remote call starts a runtime hosted by the
-running event loop (see `flash_actors.actors._hosting`), shut down cleanly when the loop ends,
+server's request handlers, when a service enters the runtime in its lifespan task) use it too.
+Without such a block the first awaited remote call starts a runtime hosted by the running event
+loop (see `flash_actors.actors._hosting`), shut down cleanly when the loop ends,
 so a plain ``asyncio.run(main())`` or ``trio.run(main)`` script needs nothing more.
 """
 
@@ -156,7 +157,8 @@ async def runtime(
 ) -> AsyncIterator[FlashRuntime]:
     """Run a flash-actors runtime for the duration of the block.
 
-    Remote calls inside the block (and in tasks it starts) go through this runtime. On exit,
+    Remote calls inside the block (and in tasks it starts) go through this runtime, and so do
+    calls from other tasks of this event loop while it is open (the innermost one, if several). On exit,
     queued work is finished (normal exit) or cancelled (exception, cancellation), and every
     endpoint and worker the runtime started is stopped.
     """
