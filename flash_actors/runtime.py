@@ -158,9 +158,9 @@ async def runtime(
     """Run a flash-actors runtime for the duration of the block.
 
     Remote calls inside the block (and in tasks it starts) go through this runtime, and so do
-    calls from other tasks of this event loop while it is open (the innermost one, if several). On exit,
-    queued work is finished (normal exit) or cancelled (exception, cancellation), and every
-    endpoint and worker the runtime started is stopped.
+    calls from other tasks of this event loop while it is open (the innermost one, if several).
+    On exit, queued work is finished (normal exit) or cancelled (exception, cancellation), and
+    every endpoint and worker the runtime started is stopped.
     """
     async with FlashRuntime(provider=provider, registry=registry) as rt:
         token = _current.set(rt)
