@@ -2,8 +2,10 @@
 
 ``async with flash_actors.runtime():`` scopes one explicitly; remote calls made inside the block
 (and in tasks started inside it) use it, and leaving the block stops every endpoint and worker
-it started. Without such a block the first awaited remote call starts a runtime hosted by the
-running event loop (see `flash_actors.actors._hosting`), shut down cleanly when the loop ends,
+it started. Calls from other tasks of the same event loop while the block is open (a web
+server's request handlers, when a service enters the runtime in its lifespan task) use it too.
+Without such a block the first awaited remote call starts a runtime hosted by the running event
+loop (see `flash_actors.actors._hosting`), shut down cleanly when the loop ends,
 so a plain ``asyncio.run(main())`` or ``trio.run(main)`` script needs nothing more.
 """
 
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from flash_actors.actors import ActorRef, ActorSystem
-from flash_actors.actors._hosting import current_hosted, hosted
+from flash_actors.actors._hosting import current_hosted, hosted, loop_identity
 from flash_actors.endpoint import EndpointActor
 from flash_actors.messages import PayloadCall
 from flash_actors.providers.registry import make_provider
@@ -41,6 +43,11 @@ ENDPOINT_CONCURRENCY = 4096
 _current: ContextVar[FlashRuntime | None] = ContextVar(
     "flash_actors_runtime", default=None
 )
+
+# Runtimes open in each event loop (id of the loop -> the loop, innermost last). A task that did
+# not inherit a block's context (uvicorn runs the ASGI lifespan in a task of its own, and each
+# request in another) uses the innermost open one, not a second, implicit runtime.
+_open: dict[int, tuple[object, list[FlashRuntime]]] = {}
 
 
 class FlashRuntime:
@@ -150,21 +157,38 @@ async def runtime(
 ) -> AsyncIterator[FlashRuntime]:
     """Run a flash-actors runtime for the duration of the block.
 
-    Remote calls inside the block (and in tasks it starts) go through this runtime. On exit,
-    queued work is finished (normal exit) or cancelled (exception, cancellation), and every
-    endpoint and worker the runtime started is stopped.
+    Remote calls inside the block (and in tasks it starts) go through this runtime, and so do
+    calls from other tasks of this event loop while it is open (the innermost one, if several).
+    On exit, queued work is finished (normal exit) or cancelled (exception, cancellation), and
+    every endpoint and worker the runtime started is stopped.
     """
     async with FlashRuntime(provider=provider, registry=registry) as rt:
         token = _current.set(rt)
+        loop = loop_identity()[1]
+        entry = _open.get(id(loop))
+        if entry is None or entry[0] is not loop:
+            entry = _open[id(loop)] = (loop, [])
+        entry[1].append(rt)
         try:
             yield rt
         finally:
+            entry[1].remove(rt)
+            if not entry[1] and _open.get(id(loop)) is entry:
+                del _open[id(loop)]
             _current.reset(token)
+
+
+def _open_in_loop() -> FlashRuntime | None:
+    loop = loop_identity()[1]
+    entry = _open.get(id(loop))
+    if entry is None or entry[0] is not loop or not entry[1]:
+        return None
+    return entry[1][-1]
 
 
 def current_runtime() -> FlashRuntime | None:
     """The runtime remote calls made here would use, if one is running (no await)."""
-    rt = _current.get()
+    rt = _current.get() or _open_in_loop()
     if rt is not None:
         return rt
     hosted_rt: FlashRuntime | None = current_hosted()
@@ -172,8 +196,11 @@ def current_runtime() -> FlashRuntime | None:
 
 
 async def get_runtime() -> FlashRuntime:
-    """The runtime of this context, starting the loop's implicit one if there is none."""
-    rt = _current.get()
+    """The runtime of this context, else the innermost one open in this event loop.
+
+    With neither, the loop's implicit runtime is started (or joined).
+    """
+    rt = _current.get() or _open_in_loop()
     if rt is not None:
         return rt
     hosted_rt: FlashRuntime | None = current_hosted()

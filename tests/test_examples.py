@@ -30,6 +30,8 @@ EXPECTED = {
         "COMPLETED {'label': 'positive', 'score': 2}",
         "COMPLETED {'label': 'negative', 'score': -2}",
     ],
+    "embedded_aiohttp.py": ["{'text': 'hello remote world', 'words': 3}", "[1, 2, 3]"],
+    "embedded_fastapi.py": ["{'text': 'hello remote world', 'words': 3}", "[1, 2, 3]"],
     # either machine: a CUDA driver answers, or the remote OSError comes back (no hang)
     "gpu_check.py": [
         r"re:(CUDA devices: \d+|no CUDA here: OSError: libcuda\.so\.1: cannot open .*)"

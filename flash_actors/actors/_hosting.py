@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
     from contextlib import AbstractAsyncContextManager
 
-__all__ = ["hosted"]
+__all__ = ["current_hosted", "hosted", "loop_identity"]
 
 T = TypeVar("T")
 log = get_logger(__name__)
@@ -40,7 +40,8 @@ class _Hosted:
 _hosted: dict[int, tuple[object, _Hosted]] = {}
 
 
-def _loop_identity() -> tuple[str, object]:
+def loop_identity() -> tuple[str, object]:
+    """The running async library and its loop (asyncio) or trio token: one per event loop."""
     library = sniffio.current_async_library()
     if library == "asyncio":
         import asyncio
@@ -62,7 +63,7 @@ def current_hosted() -> Any | None:
 
         loop: object = asyncio.get_running_loop()
     else:
-        loop = _loop_identity()[1]
+        loop = loop_identity()[1]
     entry = _hosted.get(id(loop))
     if entry is None or entry[0] is not loop or not entry[1].ready.is_set():
         return None
@@ -79,7 +80,7 @@ async def hosted(factory: Callable[[], AbstractAsyncContextManager[T]]) -> T:
     Raises:
         RuntimeNotRunningError: the host could not enter the context (the cause is chained).
     """
-    library, loop = _loop_identity()
+    library, loop = loop_identity()
     entry = _hosted.get(id(loop))
     if entry is None or entry[0] is not loop:
         state = _Hosted()
