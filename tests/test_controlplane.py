@@ -536,6 +536,10 @@ async def test_refusals_change_nothing(tmp_path: Path) -> None:
         ),
         (flash_input(workersMin=3, workersMax=1), r"workersMin \(3\) is greater than"),
         (
+            flash_input(name="../../etc\x00x"),
+            r"^saveEndpoint\(input\)\.name holds control",
+        ),
+        (
             flash_input(instanceIds=["cpu9x-1-1"]),
             r"^instanceIds: unknown CPU instance type",
         ),

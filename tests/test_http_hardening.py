@@ -620,3 +620,18 @@ def test_the_open_file_limit_does_not_flood_the_log(project: Path, cap: str) -> 
         leftovers = [d.pid, *descendants(d.pid)]
         d.stop()
         kill_all(wait_gone(leftovers, 5))
+
+
+def test_execute_without_an_endpoint_label_says_how_to_address_one(
+    project: Path,
+) -> None:
+    daemon = Daemon(project / ".flash")
+    try:
+        with daemon.client() as client:
+            answer = client.post("/execute", json={})
+        assert answer.status_code == 404
+        assert answer.json()["error"].startswith(
+            "POST /execute is a load-balancer endpoint's route"
+        )
+    finally:
+        daemon.stop()

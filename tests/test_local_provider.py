@@ -21,6 +21,7 @@ from flash_actors import (
     remote,
     runtime,
 )
+from flash_actors.errors import ConfigurationError
 from flash_actors.providers.local import LocalProvider
 from flash_actors.serialization import endpoint_key
 
@@ -584,3 +585,27 @@ async def test_a_dead_worker_is_replaced_to_keep_workers_min(tmp_path: Path) -> 
                 await anyio.sleep(0.02)
         assert pool.started_total >= 3
         assert first not in worker_pids(provider, "local-warm")
+
+
+many = CpuLiveServerless(name="lp-many", workersMax=100_000)
+
+
+@remote(resource_config=many)
+async def one() -> int:
+    return 1
+
+
+async def test_an_endpoint_asking_for_huge_workers_gets_the_machines_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASH_LOCAL_MAX_WORKERS", "3")
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        job = await one()
+        assert job.output == 1
+        assert provider.pools["lp-many"].resource.workersMax == 3
+    monkeypatch.setenv("FLASH_LOCAL_MAX_WORKERS", "0")
+    with pytest.raises(ConfigurationError, match=r"^FLASH_LOCAL_MAX_WORKERS must be"):
+        from flash_actors.providers.local.provider import max_workers
+
+        max_workers()

@@ -15,6 +15,7 @@ endpoints or the runtime.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ import anyio
 import msgspec
 
 from flash_actors._logging import get_logger
-from flash_actors.errors import RuntimeNotRunningError
+from flash_actors.errors import ConfigurationError, RuntimeNotRunningError
 from flash_actors.messages import Route
 from flash_actors.providers.local._processes import Template, template_supported
 from flash_actors.providers.local.gpus import GpuAllocator
@@ -43,7 +44,26 @@ if TYPE_CHECKING:
     from flash_actors.providers.runpod.backend import QueueBackend
     from flash_actors.resources import ServerlessResource
 
-__all__ = ["LocalProvider"]
+__all__ = ["MAX_WORKERS_ENV", "LocalProvider", "max_workers"]
+
+MAX_WORKERS_ENV = "FLASH_LOCAL_MAX_WORKERS"
+DEFAULT_MAX_WORKERS = 64
+
+
+def max_workers() -> int:
+    """Most worker processes one endpoint may have here (``FLASH_LOCAL_MAX_WORKERS``, 64).
+
+    Raises:
+        ConfigurationError: the variable is not a whole number from 1 to 4096.
+    """
+    raw = os.environ.get(MAX_WORKERS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_WORKERS
+    if not raw.isdigit() or not 1 <= int(raw) <= 4096:
+        msg = f"{MAX_WORKERS_ENV} must be a whole number from 1 to 4096, got {raw!r}"
+        raise ConfigurationError(msg)
+    return int(raw)
+
 
 log = get_logger(__name__)
 
@@ -139,12 +159,23 @@ class LocalProvider:
             return await self._gateway.open_endpoint(resource, key)
         # Each worker holds GPUs of its own (CPU endpoints: none), and workersMax is capped
         # by the matching ones; an endpoint no GPU here can serve fails its calls with why.
+        # No endpoint starts more than FLASH_LOCAL_MAX_WORKERS processes here, whatever its
+        # config (a registration over HTTP may ask for millions).
         gpus = await self.gpus.for_endpoint(resource)
-        if gpus.workers_max < resource.workersMax:
+        limit = min(gpus.workers_max, max_workers())
+        if limit < resource.workersMax:
+            if limit < gpus.workers_max:
+                log.warning(
+                    "pool.workers_capped",
+                    endpoint=resource.name,
+                    asked=resource.workersMax,
+                    cap=limit,
+                    variable=MAX_WORKERS_ENV,
+                )
             resource = msgspec.structs.replace(
                 resource,
-                workersMax=gpus.workers_max,
-                workersMin=min(resource.workersMin, gpus.workers_max),
+                workersMax=limit,
+                workersMin=min(resource.workersMin, limit),
             )
         routes = [
             Route(

@@ -742,6 +742,11 @@ class ControlPlane:
         name = data.get("name") or (known.name if known else "")
         if not name.strip():
             raise RequestError("saveEndpoint(input).name is required")
+        if not name.isprintable():
+            msg = (
+                "saveEndpoint(input).name holds control characters; use printable text"
+            )
+            raise RequestError(msg)
         if len(name) > NAME_MAX:
             msg = f"saveEndpoint(input).name is {len(name)} characters long; the limit is {NAME_MAX}"
             raise RequestError(msg)

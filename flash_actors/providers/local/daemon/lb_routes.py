@@ -16,6 +16,7 @@ cannot start, 502 when its worker died, 504 past the execution timeout.
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from typing import TYPE_CHECKING
 
@@ -40,12 +41,22 @@ _request = msgspec.json.Decoder(FunctionRequest)
 POOL_WAIT_S = 30.0
 
 
+def _is_address(host: str) -> bool:
+    """``host`` (``name:port``) is a bare IP address: no endpoint label in front of it."""
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def add_lb_routes(app: web.Application, gateway: Gateway, bodies: Bodies) -> None:
     """Add ``POST /execute`` (load-balancer endpoints, chosen by ``Host``) to ``app``."""
 
     async def execute(request: web.Request) -> web.Response:
         endpoint_id, dot, _ = request.host.partition(".")
-        if not dot or not endpoint_id:
+        if not dot or not endpoint_id or _is_address(request.host):
             msg = (
                 "POST /execute is a load-balancer endpoint's route: send it with "
                 "Host: {endpoint_id}.<this daemon's host:port>"
