@@ -89,6 +89,18 @@ class FakeQueue:
         return json_response({"error": "not found"}, status=404)
 
 
+def runpod_over(fake: FakeQueue) -> tuple[RunPodProvider, RecordingTransport]:
+    """The RunPod provider with RunPod's URLs, its requests answered by ``fake``."""
+    transport = RecordingTransport(fake)
+    provider = RunPodProvider(
+        api_key=KEY,
+        api_url="https://api.runpod.io",
+        endpoint_url=BASE,
+        transport=transport,
+    )
+    return provider, transport
+
+
 def plane(fake: FakeQueue, **kwargs: Any) -> tuple[DataPlane, RecordingTransport]:
     transport = RecordingTransport(fake)
     backoff = Backoff(first_s=0.001, max_s=0.01)
@@ -133,13 +145,7 @@ async def test_a_refused_submission_is_retried_and_makes_one_job(
     del expected
     fake = FakeQueue()
     fake.faults.append(fault)
-    transport = RecordingTransport(fake)
-    provider = RunPodProvider(
-        api_key=KEY,
-        api_url="https://api.runpod.io",
-        endpoint_url=BASE,
-        transport=transport,
-    )
+    provider, transport = runpod_over(fake)
     await _call_one(provider, fake)
     runs = [r for r in transport.requests if r.url.endswith("/run")]
     assert len(runs) == 2
@@ -159,13 +165,7 @@ async def test_a_submission_that_may_have_arrived_is_not_sent_again(
 ) -> None:
     fake = FakeQueue()
     fake.faults.append(fault)
-    transport = RecordingTransport(fake)
-    provider = RunPodProvider(
-        api_key=KEY,
-        api_url="https://api.runpod.io",
-        endpoint_url=BASE,
-        transport=transport,
-    )
+    provider, transport = runpod_over(fake)
     job = await _call_one(provider, fake, expect=None)
     assert isinstance(job.exception, DeliveryUncertainError)
     assert "not sent again" in job.error
@@ -174,13 +174,7 @@ async def test_a_submission_that_may_have_arrived_is_not_sent_again(
 
 async def test_a_cancelled_caller_cancels_the_job() -> None:
     fake = FakeQueue(running_polls=10**9)
-    transport = RecordingTransport(fake)
-    provider = RunPodProvider(
-        api_key=KEY,
-        api_url="https://api.runpod.io",
-        endpoint_url=BASE,
-        transport=transport,
-    )
+    provider, _ = runpod_over(fake)
     with anyio.move_on_after(0.5):
         await _call_one(provider, fake)
     assert fake.cancelled == ["job-1"]

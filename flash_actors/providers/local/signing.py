@@ -18,12 +18,10 @@ from __future__ import annotations
 import msgspec
 
 from flash_actors.errors import SerializationError
-from flash_actors.messages import FunctionRequest, wire_encoder
+from flash_actors.messages import FunctionRequest, request_decoder, wire_encoder
 from flash_actors.serialization import endpoint_key, sign_request, to_json
 
 __all__ = ["sign_for_workers"]
-
-_decoder = msgspec.json.Decoder(FunctionRequest)
 
 
 def _refuse(problem: str) -> SerializationError:
@@ -77,7 +75,7 @@ def sign_for_workers(
             names the field.
     """
     try:
-        request = _decoder.decode(raw_input)
+        request = request_decoder.decode(raw_input)
     except (msgspec.DecodeError, RecursionError) as exc:
         raise _refuse(str(exc)) from exc
     _check(request)

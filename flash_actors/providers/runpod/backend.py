@@ -29,7 +29,7 @@ from flash_actors.errors import (
     RemoteExecutionError,
 )
 from flash_actors.jobs import JobOutput, JobStatus
-from flash_actors.messages import FunctionResponse
+from flash_actors.messages import FunctionResponse, response_decoder
 from flash_actors.providers.base import ENFORCES_ALL
 from flash_actors.providers.runpod.dataplane import LONG_WAIT_MS, TERMINAL
 
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["QueueBackend", "job_output", "keep_trying", "response_of"]
 
 _T = TypeVar("_T")
-_response = msgspec.json.Decoder(FunctionResponse)
 CANCEL_WITHIN_S = 10.0
 
 
@@ -219,7 +218,7 @@ class QueueBackend:
             while True:
                 envelope = await plane.stream(endpoint, submitted, wait_ms=30_000)
                 for chunk in envelope.stream:
-                    await chunks.send(_response.decode(chunk.output))
+                    await chunks.send(response_decoder.decode(chunk.output))
                 if envelope.status in TERMINAL and not envelope.stream:
                     return await plane.status(endpoint, submitted)
         except DeliveryError as exc:
@@ -292,7 +291,7 @@ def response_of(envelope: Envelope, service: str = "the server") -> FunctionResp
             msg = f"job {envelope.id} completed on {service} without an output"
             raise FlashRuntimeError(msg)
         try:
-            return _response.decode(envelope.output)
+            return response_decoder.decode(envelope.output)
         except msgspec.DecodeError as exc:
             msg = (
                 f"job {envelope.id} completed on {service}, but its output is not a Flash "

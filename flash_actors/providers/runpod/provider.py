@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from flash_actors.errors import ConfigurationError, FlashRuntimeError
-from flash_actors.messages import FunctionResponse, wire_encoder
+from flash_actors.messages import FunctionResponse, response_decoder, wire_encoder
 from flash_actors.providers.runpod import credentials
 from flash_actors.providers.runpod.backend import QueueBackend
 from flash_actors.providers.runpod.dataplane import RUNPOD, Capabilities, DataPlane
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RunPodBackend", "RunPodProvider", "lb_target"]
 
-_response = msgspec.json.Decoder(FunctionResponse)
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 
@@ -102,7 +101,7 @@ class RunPodBackend(QueueBackend):
         if response.status != 200:
             self.plane.raise_for(response, f"{self.endpoint_id} /execute")
         try:
-            return _response.decode(response.body)
+            return response_decoder.decode(response.body)
         except msgspec.DecodeError as exc:
             msg = (
                 f"{call.function}(): the load-balancer endpoint {self.endpoint_id!r} did not "

@@ -15,10 +15,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import msgspec
 
 from flash_actors.errors import FlashRuntimeError
-from flash_actors.messages import FunctionRequest
 from flash_actors.providers.local.daemon.errors import GatewayError
 from flash_actors.providers.local.daemon.jobs import Job
 from flash_actors.providers.local.daemon.store import JobRecord
@@ -33,7 +31,6 @@ __all__ = ["MAX_POLICY_MS", "DataPlane"]
 
 MAX_POLICY_MS = 7 * 86_400_000
 
-_request_decoder = msgspec.json.Decoder(FunctionRequest)
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 

@@ -20,7 +20,12 @@ from flash_actors.errors import (
     ExecutionTimeoutError,
     FlashRuntimeError,
 )
-from flash_actors.messages import Call, FunctionRequest, FunctionResponse, wire_encoder
+from flash_actors.messages import (
+    Call,
+    FunctionResponse,
+    request_decoder,
+    wire_encoder,
+)
 from flash_actors.policies import CallPolicy, RetryPolicy
 from flash_actors.providers.local.pool import LocalBackend
 from flash_actors.serialization import endpoint_key
@@ -33,8 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["FlashDispatch"]
 
 log = get_logger(__name__)
-
-_request_decoder = msgspec.json.Decoder(FunctionRequest)
 
 
 def _backoff(failures: int) -> float:
@@ -108,7 +111,7 @@ class FlashDispatch:
     ) -> None:
         book = self.book
         try:
-            request = _request_decoder.decode(book.input_of(job))
+            request = request_decoder.decode(book.input_of(job))
             call = Call(
                 endpoint=endpoint.name,
                 function=request.function_name or request.class_name or "?",

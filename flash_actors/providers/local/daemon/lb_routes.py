@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from flash_actors.errors import DeliveryError, ExecutionTimeoutError, FlashRuntimeError
-from flash_actors.messages import Call, FunctionRequest, wire_encoder
+from flash_actors.messages import Call, request_decoder, wire_encoder
 from flash_actors.policies import RetryPolicy
 from flash_actors.providers.local.daemon.bodies import RUNSYNC_LIMIT
 from flash_actors.providers.local.daemon.errors import GatewayError
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["add_lb_routes"]
 
-_request = msgspec.json.Decoder(FunctionRequest)
 POOL_WAIT_S = 30.0
 
 
@@ -71,7 +70,9 @@ def add_lb_routes(app: web.Application, gateway: Gateway, bodies: Bodies) -> Non
         async with bodies.large(request, RUNSYNC_LIMIT, "execute"):
             body = await bodies.read(request, RUNSYNC_LIMIT, "execute")
             try:
-                signed = _request.decode(sign_for_workers(body, ep.resource.name))
+                signed = request_decoder.decode(
+                    sign_for_workers(body, ep.resource.name)
+                )
             except FlashRuntimeError as exc:
                 raise GatewayError(400, str(exc)) from exc
             with anyio.move_on_after(POOL_WAIT_S):
