@@ -101,6 +101,13 @@ def template_of(root: int) -> list[int]:
     return found
 
 
+def parent_of(pid: int) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    return None
+
+
 # -- names ---------------------------------------------------------------------------------
 
 
@@ -231,6 +238,44 @@ async def test_sigkill_of_template_and_workers_loses_no_call(tmp_path: Path) -> 
         assert fresh, "the template came back"
         assert not set(fresh) & set(victims)
     assert wait_gone(worker_processes(os.getpid()), 10) == []
+
+
+WARM = CpuLiveServerless(name="iso-warm", workersMin=3, workersMax=3)
+
+
+@remote(WARM)
+async def warm_double(x: int) -> int:
+    return 2 * x
+
+
+@pytest.mark.timeout(90)
+async def test_workers_that_die_with_their_template_are_not_failed_starts(
+    tmp_path: Path,
+) -> None:
+    # Idle workers that die right after they answered count as failed starts (a module
+    # that ends the process); workers that die because their template was killed do not:
+    # killing the template four times over never blocks the endpoint.
+    provider = LocalProvider(state_dir=tmp_path / ".flash", start_backoff_max_s=5.0)
+    async with runtime(provider=provider):
+        assert (await warm_double(1)).output == 2
+        pool = provider.pools["iso-warm"]
+        for _ in range(4):
+            with anyio.fail_after(30):
+                while sum(w.ready for w in pool.workers.values()) < 3:
+                    await anyio.sleep(0.01)
+            templates = [  # its forks share its command line; it is our child
+                pid for pid in template_of(os.getpid()) if parent_of(pid) == os.getpid()
+            ]
+            assert len(templates) == 1, templates
+            doomed = set(pool.workers)
+            kill_all(templates)
+            assert wait_gone(templates, 5) == []
+            with anyio.fail_after(30):  # its forks died with it, and the pool saw it
+                while doomed & set(pool.workers):
+                    await anyio.sleep(0.01)
+        assert pool.start_failures == 0, pool.start_error
+        with anyio.fail_after(30):
+            assert (await warm_double(21)).output == 42
 
 
 # -- the daemon ----------------------------------------------------------------------------

@@ -93,8 +93,9 @@ async def stop_process(process: WorkerProcess, grace_s: float = 3.0) -> None:
 class PidfdProcess:
     """A process followed through a pidfd; several tasks may wait on it at once."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, template_pid: int | None = None) -> None:
         self._pid = pid
+        self.template_pid = template_pid  # the template it was forked from, if any
         self._fd = os.pidfd_open(pid)
         self._exited = anyio.Event()
         self._polling = False
@@ -155,6 +156,11 @@ class Template:
         self._lock = anyio.Lock()
         self._process: Process | None = None
         self._control: socket.socket | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The template process's id, while it is started."""
+        return self._process.pid if self._process is not None else None
 
     async def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -223,8 +229,26 @@ class Template:
                     if attempt == 2:
                         raise
                     continue
-                return PidfdProcess(json.loads(reply)["pid"])
+                return PidfdProcess(json.loads(reply)["pid"], self.pid)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def lost(self, template_pid: int | None) -> bool:
+        """Whether the template with ``template_pid`` has died or been replaced.
+
+        A worker forked from a template dies with it (parent-death signal): such a death
+        says nothing of whether the endpoint's workers can start, so the pool does not
+        count it as a failed start.
+        """
+        process = self._process
+        if process is None or template_pid is None or process.pid != template_pid:
+            return True
+        try:  # WNOWAIT: looks without reaping (the event loop's watcher reaps it)
+            return (
+                os.waitid(os.P_PID, template_pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                is not None
+            )
+        except ChildProcessError:  # already reaped
+            return True
 
     async def _discard(self) -> int | None:
         """Forget a template that stopped answering (killed if it still runs), reaped."""

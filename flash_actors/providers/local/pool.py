@@ -410,7 +410,12 @@ class WorkerPool:
         try:
             process, port = await self._spawn(worker_id, token, log_path, gpu_env)
         except ProcessLookupError:  # a fork that was gone before we could follow it
-            await self._start_failed(worker_id, "exited before it answered", log_path)
+            if self.template is not None and self.template.lost(self.template.pid):
+                self._lost_with_template(worker_id)
+            else:
+                await self._start_failed(
+                    worker_id, "exited before it answered", log_path
+                )
             return
         except Exception as exc:  # noqa: BLE001 (one endpoint's failure stays here)
             await self._start_failed(
@@ -459,6 +464,13 @@ class WorkerPool:
             and anyio.current_time() - worker.idle_since < EARLY_EXIT_S
         )
         if (early or not ready) and not self._closed and worker.died:
+            if (
+                self.template is not None
+                and isinstance(worker.process, PidfdProcess)
+                and self.template.lost(worker.process.template_pid)
+            ):
+                self._lost_with_template(worker_id)
+                return
             code = worker.process.returncode
             what = (
                 "exited right after it started"
@@ -541,6 +553,13 @@ class WorkerPool:
         finally:
             sock.close()
             self.starting -= 1
+
+    def _lost_with_template(self, worker_id: str) -> None:
+        """A worker died with its template: not a failed start; the next one may go."""
+        log.warning(
+            "worker.lost_with_template", endpoint=self.resource.name, worker=worker_id
+        )
+        self._wake.set()
 
     async def _start_failed(self, worker_id: str, what: str, log_path: Path) -> None:
         """Count a failed start, back off the next one; fail the queue after a few."""
