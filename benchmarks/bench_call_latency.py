@@ -2,7 +2,8 @@
 
 Paths: ``local=True`` (in this process, serialization round trip included); the in-process
 endpoint (Router -> Endpoint actor -> executor -> reply, no worker process); a warm local
-worker over loopback HTTP; and, as the reference, a Ray actor method call on this machine
+worker over loopback HTTP; a `flash local` daemon through the runtime's client and through
+the RunPod provider (``_daemon_paths``); and, as the reference, a Ray actor method call on this machine
 (``ray`` from the bench extra).
 
 Targets (issue "Benchmarks"): in-process path p50 under 50 us; warm worker p50 at least 3x
@@ -22,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from _daemon_paths import PATHS, daemon_provider
 from _ray_reference import ray_session
 
 from flash_actors import CpuLiveServerless, remote, runtime
@@ -74,12 +76,16 @@ async def _ray(n: int) -> dict[str, float] | None:
         return await _sample(call, n)
 
 
-async def run(n: int, with_ray: bool) -> dict[str, Any]:
+async def run(n: int, with_ray: bool, with_daemon: bool = True) -> dict[str, Any]:
     rows: dict[str, Any] = {"local=True": await _sample(inc_local, n)}
     async with runtime(provider="inprocess"):
         rows["in-process endpoint"] = await _sample(inc, n)
     async with runtime(provider="local"):
         rows["warm local worker"] = await _sample(inc, n)
+    if with_daemon:
+        for path in PATHS:
+            async with daemon_provider(path) as provider, runtime(provider=provider):
+                rows[f"{path} (flash local)"] = await _sample(inc, n)
     if with_ray:
         rows["Ray actor call"] = await _ray(n)
     return rows
@@ -90,17 +96,20 @@ def main() -> int:
     parser.add_argument("-n", type=int, default=2000, help="calls per path")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray reference")
+    parser.add_argument(
+        "--no-daemon", action="store_true", help="skip the flash local paths"
+    )
     args = parser.parse_args()
-    rows = asyncio.run(run(args.n, not args.no_ray))
+    rows = asyncio.run(run(args.n, not args.no_ray, not args.no_daemon))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'path':<22}{'p50':>12}{'p99':>12}")
+    print(f"{'path':<24}{'p50':>12}{'p99':>12}")
     for path, row in rows.items():
         if row is None:
-            print(f"{path:<22}{'(not installed)':>24}")
+            print(f"{path:<24}{'(not installed)':>24}")
             continue
-        print(f"{path:<22}{row['p50_us']:>10.0f}us{row['p99_us']:>10.0f}us")
+        print(f"{path:<24}{row['p50_us']:>10.0f}us{row['p99_us']:>10.0f}us")
     ray_row, worker = rows.get("Ray actor call"), rows["warm local worker"]
     if ray_row:
         print(
