@@ -80,12 +80,32 @@ def _step(line: str) -> None:
     print(f"flash: {line}", file=sys.stderr, flush=True)
 
 
+class _ProgressLines(logging.Formatter):
+    """``progress.*`` events as the live line reads: ``flash: <task>: <step> (...)``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = str(record.msg).split(" ", 1)[0]
+        data = record.__dict__
+        task = data.get("task", "")
+        seconds = float(data.get("seconds", 0.0))
+        if event == "progress.start":
+            return f"flash: {task}"
+        if event == "progress.step":
+            got = f", {data['bytes']}" if "bytes" in data else ""
+            return f"flash: {task}: {data.get('step', '')} ({seconds:.1f} s{got})"
+        if event == "progress.done":
+            return f"flash: {task}: done in {seconds:.1f} s"
+        if event == "progress.failed":
+            return f"flash: {task}: failed after {seconds:.1f} s"
+        return f"flash: {record.getMessage()}"
+
+
 def _show_progress_lines() -> None:
     """Off a terminal, progress arrives as log events: print them as plain lines."""
     if live():
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("flash: %(message)s"))
+    handler.setFormatter(_ProgressLines())
     logger = logging.getLogger("flash_actors._progress")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
