@@ -11,12 +11,16 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+
+from flash_actors.build.archive import write_archive
+from flash_actors.errors import BuildError
 
 pytestmark = pytest.mark.network
 
@@ -115,6 +119,8 @@ def test_build_writes_the_archive(project: Path) -> None:
     assert not any("__pycache__" in name for name in names)
     assert any(name.startswith("msgspec/_core.cpython-") for name in names)
     assert not any(name.startswith("uv/") for name in names)  # a build tool
+    # console scripts name this machine's interpreter: useless on a worker
+    assert not any(name.startswith("bin/") for name in names)
     manifest = read_member(archive, "flash_manifest.json")
     assert manifest == (project / ".flash" / "flash_manifest.json").read_bytes()
     assert json.loads(manifest)["function_registry"] == {"main:work": "cpu"}
@@ -209,4 +215,56 @@ def test_unsupported_python_version(project: Path) -> None:
     assert done.stderr.splitlines() == [
         "flash: error: Python 3.10 is not a build target: choose --python-version from "
         "3.11, 3.12, 3.13, 3.14"
+    ]
+
+
+def test_a_failed_archive_leaves_the_old_one(tmp_path: Path) -> None:
+    build = write(tmp_path / "build", {"a.py": "x = 1\n", "z.py": "y = 2\n"})
+    os.mkfifo(build / "m.fifo")
+    output = tmp_path / "out" / "artifact.tar.gz"
+    output.parent.mkdir()
+    output.write_bytes(b"the previous archive")
+    with pytest.raises(
+        BuildError,
+        match=r"^\S+/m\.fifo: not a file, folder or link, so it cannot go into the "
+        r"archive: remove it$",
+    ):
+        write_archive(build, output)
+    assert output.read_bytes() == b"the previous archive"
+    assert [p.name for p in output.parent.iterdir()] == ["artifact.tar.gz"]
+
+
+def test_ctrl_c_while_packing_leaves_no_archive(project: Path) -> None:
+    old = project / ".flash" / "artifact.tar.gz"
+    old.parent.mkdir()
+    old.write_bytes(b"the previous archive")
+    environ = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "flash_actors_cli.main", "build"],
+        cwd=project,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                if line.startswith("flash: packing "):
+                    proc.send_signal(signal.SIGINT)
+                    break
+            rest = proc.stderr.read()
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if code == 0:  # pragma: no cover (the archive was finished before the signal came)
+        pytest.skip("the build finished before SIGINT arrived")
+    assert code == 130
+    assert rest.splitlines()[-1] == "flash: error: interrupted: no archive was written"
+    assert old.read_bytes() == b"the previous archive"
+    assert sorted(p.name for p in old.parent.iterdir()) == [
+        "artifact.tar.gz",
+        "flash_manifest.json",
     ]

@@ -149,7 +149,7 @@ def _copy_sources(root: Path, files: list[str], build_dir: Path) -> None:
     taken = {
         entry.name.split(".", 1)[0]
         for entry in build_dir.iterdir()
-        if not entry.name.endswith((".dist-info", ".data")) and entry.name != "bin"
+        if not entry.name.endswith((".dist-info", ".data"))
     }
     for rel in files:
         dest = build_dir / rel

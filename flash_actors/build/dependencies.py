@@ -7,7 +7,8 @@ worker). `install_dependencies` hands them to uv in one resolution, into the bui
 (``--target``), as manylinux x86_64 binary wheels for the target Python, whatever the machine
 the build runs on: ``--python-platform x86_64-manylinux_2_28`` (glibc 2.28, which RunPod's
 Debian and Ubuntu images exceed) and ``--only-binary :all:``. A package with no such wheel fails
-the build with a `BuildError` that names it.
+the build with a `BuildError` that names it. The console scripts uv writes (``bin/``) are
+dropped: they name this machine's interpreter.
 
 Excluded packages are left out of the resolution (uv's ``--excludes``): the package and
 whatever only it pulls in are not installed (``--exclude torch`` drops torch's CUDA wheels
@@ -288,6 +289,9 @@ def install_dependencies(
         )
         output = _install(binary, plan, target, excludes, python_version)
     (target / ".lock").unlink(missing_ok=True)  # uv's lock on the target, not a package
+    # console scripts name this machine's interpreter: of no use on a worker, and they
+    # would make the archive differ between machines
+    shutil.rmtree(target / "bin", ignore_errors=True)
     installed = sorted(
         f"{match[1]}=={match[2]}"
         for line in output.lines
