@@ -166,10 +166,23 @@ def test_two_builds_give_the_same_bytes(project: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a.tgz").read_bytes() == (tmp_path / "b.tgz").read_bytes()
 
 
-def test_source_date_epoch_sets_every_time(project: Path) -> None:
-    done = flash_build(cwd=project, env={"SOURCE_DATE_EPOCH": "1700000000"})
+def test_source_date_epoch_and_exclude(project: Path) -> None:
+    done = flash_build(
+        "--exclude",
+        "Sniffio,structlog",
+        cwd=project,
+        env={"SOURCE_DATE_EPOCH": "1700000000"},
+    )
     assert done.returncode == 0, done.stderr
+    assert re.search(
+        r"^  left out: sniffio \(--exclude\), structlog \(--exclude\)$",
+        done.stdout,
+        re.M,
+    )
     archive = project / ".flash" / "artifact.tar.gz"
+    tops = {name.split("/")[0] for name in members(archive)}
+    assert "anyio" in tops
+    assert not any(top.startswith(("sniffio", "structlog")) for top in tops)
     assert {info.mtime for info in members(archive).values()} == {1700000000}
     assert archive.read_bytes()[4:8] == b"\0\0\0\0"  # the gzip header stays at 0
     manifest = json.loads(read_member(archive, "flash_manifest.json"))

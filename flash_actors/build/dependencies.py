@@ -262,7 +262,7 @@ def _failure(
     )
     return (
         f"installing dependencies failed (uv exited with {code}): {reason}: fix the "
-        "requirement it names, or build with -v to see uv's output"
+        "requirement it names (-v shows uv's output)"
     )
 
 
@@ -276,8 +276,9 @@ def install_dependencies(
     downloads nothing new; files are copied into the build, never hard-linked.
 
     Raises:
-        BuildError: uv is missing, or it could not install; the message names the package
-            without a wheel, or the package that does not exist, and what to do.
+        BuildError: uv is missing, or it could not install; the message's first line names
+            the package without a wheel, or the package that does not exist, and what to do;
+            uv's output follows on the next lines.
     """
     binary = _uv()
     target.mkdir(parents=True, exist_ok=True)
@@ -341,8 +342,9 @@ def _install(
         code = _run(command, output)
         if code != 0:
             reason = _failure(plan, output.lines, python_version, code)
-            log.warning("build.deps.failed", reason=reason, output=output.lines[-20:])
-            raise BuildError(reason)
+            log.warning("build.deps.failed", reason=reason)
+            tail = "\n".join(line for line in output.lines[-30:] if line.strip())
+            raise BuildError(f"{reason}\nuv's output:\n{tail}")
     return output
 
 
