@@ -234,7 +234,9 @@ def _owners(plan: DependencyPlan, package: str) -> str:
 def _failure(
     plan: DependencyPlan, lines: list[str], python_version: str, code: int
 ) -> str:
-    text = "\n".join(lines)
+    text = " ".join(
+        " ".join(lines).split()
+    )  # uv wraps its messages at the terminal's width
     for pattern in _NO_WHEEL:
         if match := pattern.search(text):
             package = str(canonicalize_name(match[1]))
@@ -255,13 +257,16 @@ def _failure(
             "this uv is too old to install for another platform with exclusions: "
             "upgrade it (pip install -U uv) and build again"
         )
-    kept = [line.strip() for line in lines if line.strip()]
-    reason = next(
-        (line for line in kept if line.startswith(("error:", "cause:"))),
-        kept[-1] if kept else "no output",
-    )
+    if "cause: " in text:  # the resolver's explanation, without its hints
+        reason = text.split("cause: ", 1)[1].split(" hint: ", 1)[0]
+    else:
+        kept = [line.strip() for line in lines if line.strip()]
+        reason = next(
+            (line for line in kept if line.startswith("error:")),
+            kept[-1] if kept else "no output",
+        )
     return (
-        f"installing dependencies failed (uv exited with {code}): {reason}: fix the "
+        f"installing dependencies failed (uv exited with {code}): {reason.rstrip('.')}: fix the "
         "requirement it names (-v shows uv's output)"
     )
 
