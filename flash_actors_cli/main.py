@@ -6,7 +6,7 @@ import argparse
 import sys
 
 import flash_actors
-from flash_actors_cli import local
+from flash_actors_cli import build, local
 
 __all__ = ["build_parser", "main"]
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     local.add_parser(commands)
+    build.add_parser(commands)
     return parser
 
 
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return local.run(args)  # the only command so far (argparse refuses others)
+    if args.command == "build":
+        return build.run(args)
+    return local.run(args)
 
 
 if __name__ == "__main__":
