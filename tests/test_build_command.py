@@ -57,8 +57,10 @@ def project(tmp_path: Path) -> Path:
             "scratch.py": "raise SystemExit('ignored by .gitignore')\n",
             "notes/draft.py": "raise SystemExit('ignored by .flashignore')\n",
             "pkg/local_only.py": "x = 1\n",
+            "pkg/prompt.txt": "a data file the code opens\n",
+            "data/big.csv": "ignored,by,flashignore\n",
             ".gitignore": "scratch.py\n",
-            ".flashignore": "notes/\npkg/local_only.py\n",
+            ".flashignore": "notes/\npkg/local_only.py\ndata/\n",
         },
     )
 
@@ -100,7 +102,7 @@ def test_build_writes_the_archive(project: Path) -> None:
         re.M,
     )
     assert re.search(r"^  cpu \(CpuLiveServerless\): main:work$", out, re.M)
-    assert re.search(r"^  sources: 3 file\(s\)$", out, re.M)
+    assert re.search(r"^  sources: 4 file\(s\)$", out, re.M)
     assert re.search(
         r"^  archive: \.flash/artifact\.tar\.gz \([\d.]+ MiB, \d+ files", out, re.M
     )
@@ -108,11 +110,18 @@ def test_build_writes_the_archive(project: Path) -> None:
     archive = project / ".flash" / "artifact.tar.gz"
     found = members(archive)
     names = set(found)
-    # the scan's files, the manifest, and the runtime; nothing the ignore files name
-    assert {"main.py", "pkg/__init__.py", "pkg/helpers.py"} <= names
-    assert {"scratch.py", "notes/draft.py", "pkg/local_only.py", ".lock"}.isdisjoint(
-        names
-    )
+    # the project's files (data too), the manifest, and the runtime; nothing the ignore
+    # files name, no hidden file (.env holds secrets)
+    assert {"main.py", "pkg/__init__.py", "pkg/helpers.py", "pkg/prompt.txt"} <= names
+    assert {
+        "scratch.py",
+        "notes/draft.py",
+        "pkg/local_only.py",
+        "data/big.csv",
+        ".lock",
+        ".gitignore",
+        ".flashignore",
+    }.isdisjoint(names)
     assert not any(name.startswith(("notes", ".flash")) for name in names)
     assert "flash_actors/__init__.py" in names
     assert "flash_actors/build/builder.py" in names

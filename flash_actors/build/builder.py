@@ -6,8 +6,8 @@
    ``.flash/flash_manifest.json`` (`flash_actors.build.manifest`);
 2. in the build folder ``.flash/.build/`` (emptied first): install the dependencies as
    manylinux x86_64 wheels for the target Python (`flash_actors.build.dependencies`), copy the
-   flash-actors runtime, the project's Python files the scan found (so ``.gitignore`` and
-   ``.flashignore`` apply exactly as they do to the scan) and the manifest, and generate the
+   flash-actors runtime, the project's files (Python and data: the scan's ignore rules,
+   ``.gitignore`` and ``.flashignore``, apply exactly as they do to the scan) and the manifest, and generate the
    handlers (`flash_actors.build.handlers`);
 3. pack the folder into the archive (`flash_actors.build.archive`: reproducible, atomic, under
    RunPod's 500 MB limit).
@@ -44,7 +44,7 @@ from flash_actors.build.manifest import (
     build_manifest,
     encode_manifest,
 )
-from flash_actors.build.scanner import scan_project
+from flash_actors.build.scanner import project_files, scan_project
 from flash_actors.errors import BuildError
 
 if TYPE_CHECKING:
@@ -206,7 +206,8 @@ def build_project(
     try:
         installed = install_dependencies(plan, build_dir, python_version=python_version)
         copy_runtime(build_dir)
-        _copy_sources(root, scan.files, build_dir)
+        shipped = project_files(root)
+        _copy_sources(root, shipped, build_dir)
         _write_atomic(build_dir / MANIFEST_NAME, manifest_bytes)
         handlers = write_handlers(manifest, build_dir)
         say(f"packing {output}")
@@ -219,7 +220,7 @@ def build_project(
         manifest_path=manifest_path,
         archive=archive,
         python_version=python_version,
-        sources=scan.files,
+        sources=shipped,
         handlers=sorted(path.as_posix() for path in handlers),
         installed=installed.installed,
         excluded=plan.excluded,

@@ -32,6 +32,7 @@ __all__ = [
     "ScanResult",
     "ScannedConfig",
     "ScannedFunction",
+    "project_files",
     "scan_project",
 ]
 
@@ -143,8 +144,14 @@ def _ignore_spec(directory: Path) -> pathspec.GitIgnoreSpec | None:
     return pathspec.GitIgnoreSpec.from_lines(lines) if lines else None
 
 
-def _source_files(root: Path) -> list[str]:
-    """Relative POSIX paths of the project's ``.py`` files, sorted."""
+def project_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the project's files, sorted: what a build ships.
+
+    Every file the ignore rules keep (``.gitignore``, ``.flashignore``; hidden files and
+    folders, ``.venv``, ``.flash``, ``__pycache__``, ``node_modules`` and symlinks are
+    skipped), Python or not: a function may open a template or a data file next to it.
+    Raises `BuildError` for a folder that cannot be listed.
+    """
     found: list[str] = []
     specs: list[tuple[PurePosixPath, pathspec.GitIgnoreSpec]] = []
 
@@ -190,8 +197,7 @@ def _source_files(root: Path) -> list[str]:
             rel = rel_dir / name
             path = here / name
             if (
-                not name.endswith(".py")
-                or name.startswith(".")
+                name.startswith(".")
                 or path.is_symlink()
                 or not path.is_file()
                 or ignored(rel, is_dir=False)
@@ -723,7 +729,7 @@ def scan_project(project_dir: Path | str) -> ScanResult:
     if not root.is_dir():
         msg = f"{root}: not a project folder"
         raise BuildError(msg)
-    files = _source_files(root)
+    files = [rel for rel in project_files(root) if rel.endswith(".py")]
     scanner = _Scanner(root, files)
     functions = scanner.functions()
     if not functions:
