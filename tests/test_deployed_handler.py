@@ -32,7 +32,7 @@ from flash_actors.deployed.handler import DeployedHandler, load_resource
 from flash_actors.errors import ManifestError
 from flash_actors.messages import FunctionRequest
 from flash_actors.serialization import sign_request
-from tests._daemon import descendants, kill_all, wait_gone
+from tests._daemon import Daemon, descendants, kill_all, wait_gone
 
 PROJECT = {
     "dpl_cfg.py": "from flash_actors import CpuLiveServerless, CpuLiveLoadBalancer\n"
@@ -158,6 +158,29 @@ def test_stock_runpod_worker_without_manifest_says_rebuild(built: Path) -> None:
         out,
         re.MULTILINE,
     ), out
+
+
+@pytest.mark.slow  # a daemon and a stock worker start: ~11 s here
+def test_generated_handler_as_a_flash_local_handler_endpoint(built: Path) -> None:
+    """The stock worker's real job loop, against `flash local` standing in for RunPod."""
+    daemon = Daemon(built.parent / ".flash", f"cpu={built / 'handler_cpu.py'}:1")
+    try:
+        with daemon.client() as client:
+            done = client.post(
+                "/v2/cpu/runsync?wait=60000", json={"input": {"a": 2, "b": 3}}
+            ).json()
+            assert done["status"] == "COMPLETED", done
+            assert done["output"] == 5
+            code = {"function_name": "add", "function_code": "def add(a, b): 0"}
+            refused = client.post(
+                "/v2/cpu/runsync?wait=60000", json={"input": code}
+            ).json()
+            assert refused["status"] == "FAILED", refused
+            assert refused["error"].startswith(
+                "ManifestError: refusing function_code for 'add'"
+            )
+    finally:
+        daemon.stop()
 
 
 # ---- the handler in process: selection, arguments, refusals ----------------------------
