@@ -38,7 +38,8 @@ PROJECT = {
     "dpl_cfg.py": "from flash_actors import CpuLiveServerless, CpuLiveLoadBalancer\n"
     "cpu = CpuLiveServerless(name='cpu')\n"
     "multi = CpuLiveServerless(name='multi')\n"
-    "api = CpuLiveLoadBalancer(name='api')\n",
+    "api = CpuLiveLoadBalancer(name='api')\n"
+    "svc = CpuLiveServerless(name='svc')\n",
     "dpl_math.py": "from flash_actors import remote\nfrom dpl_cfg import cpu\n"
     "@remote(cpu)\nasync def add(a, b):\n    return a + b\n",
     "dpl_a.py": "from flash_actors import remote\nfrom dpl_cfg import multi\n"
@@ -46,6 +47,10 @@ PROJECT = {
     "dpl_b.py": "from flash_actors import remote\nfrom dpl_cfg import multi\n"
     "@remote(multi)\ndef process(x):\n    return f'b:{x}'\n"
     "@remote(multi)\nasync def boom(x):\n    raise ValueError(f'bad {x}')\n",
+    "dpl_svc.py": "from flash_actors import remote\nfrom dpl_cfg import svc\n"
+    "@remote(svc)\nclass Counter:\n    def __init__(self):\n        self.n = 0\n"
+    "    def bump(self, by):\n        self.n += by\n        return self.n\n"
+    "    def reset(self):\n        self.n = 0\n",
     "dpl_api.py": "from flash_actors import remote\nfrom dpl_cfg import api\n"
     "@remote(api, method='POST', path='/double')\nasync def double(x):\n    return 2 * x\n",
 }
@@ -103,7 +108,12 @@ def test_handlers_are_small_generated_and_deterministic(tmp_path: Path) -> None:
     first = build(tmp_path / "one")
     second = build(tmp_path / "two")
     names = sorted(p.name for p in first.glob("handler_*.py"))
-    assert names == ["handler_api.py", "handler_cpu.py", "handler_multi.py"]
+    assert names == [
+        "handler_api.py",
+        "handler_cpu.py",
+        "handler_multi.py",
+        "handler_svc.py",
+    ]
     for name in names:
         text = (first / name).read_text()
         assert text == (second / name).read_text()
@@ -252,10 +262,26 @@ async def test_deployed_input_errors_name_the_problem(built: Path) -> None:
     )
 
 
+@pytest.mark.anyio
+async def test_a_class_is_instantiated_once_and_method_picks(built: Path) -> None:
+    handler = DeployedHandler(load_resource("svc", build_dir=built), KEY)
+    assert await handler.run({"method": "bump", "by": 2}) == 2
+    assert await handler.run({"method": "bump", "by": 3}) == 5
+    unnamed = await handler.run({"by": 1})
+    assert unnamed["error"] == (
+        'ArgumentError: Counter: say which method with "method" in the input '
+        "(one of: bump, reset)"
+    )
+    unknown = await handler.run({"method": "nope"})
+    assert unknown["error"] == (
+        "ArgumentError: Counter has no method 'nope' (it has: bump, reset)"
+    )
+
+
 def test_missing_manifest_or_resource_is_a_manifest_error(built: Path) -> None:
     with pytest.raises(
         ManifestError,
-        match=r"^resource 'gpu' is not in the manifest .* \(it has: api, cpu, multi\): check FLASH_RESOURCE_NAME, or rebuild with `flash build`$",
+        match=r"^resource 'gpu' is not in the manifest .* \(it has: api, cpu, multi, svc\): check FLASH_RESOURCE_NAME, or rebuild with `flash build`$",
     ):
         load_resource("gpu", build_dir=built)
     with pytest.raises(

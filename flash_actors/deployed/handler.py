@@ -45,6 +45,7 @@ import msgspec
 
 from flash_actors.build.manifest import MANIFEST_PATH, load_manifest
 from flash_actors.errors import (
+    ConfigurationError,
     FlashRuntimeError,
     ManifestError,
     PayloadSignatureError,
@@ -254,7 +255,7 @@ def _import(key: str, folder: str) -> Any:
     try:
         obj: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is None or not module_name.startswith(exc.name):
+        if exc.name != module_name and not module_name.startswith(f"{exc.name}."):
             raise  # a module the user's code imports: its own error
         msg = (
             f"module {module_name!r} (of {key}) is not in the build folder {folder}: "
@@ -277,7 +278,11 @@ def _import(key: str, folder: str) -> Any:
 
 
 def key_from_env(resource: str) -> bytes | None:
-    """The endpoint key signed requests are checked with (see the module docstring)."""
+    """The endpoint key signed requests are checked with (see the module docstring).
+
+    Raises:
+        ConfigurationError: ``FLASH_ENDPOINT_KEY`` or ``FLASH_SECRET`` is not hex.
+    """
     try:
         raw = os.environ.get("FLASH_ENDPOINT_KEY")
         if raw:
@@ -286,8 +291,8 @@ def key_from_env(resource: str) -> bytes | None:
         if secret:
             return derive_key(bytes.fromhex(secret), resource)
     except ValueError:
-        msg = "FLASH_ENDPOINT_KEY and FLASH_SECRET must be hex strings"
-        raise SystemExit(msg) from None
+        msg = "FLASH_ENDPOINT_KEY and FLASH_SECRET must be hex strings (e.g. `openssl rand -hex 32`)"
+        raise ConfigurationError(msg) from None
     return None
 
 
@@ -468,10 +473,12 @@ class DeployedHandler:
         if chosen is None and len(methods) == 1:
             chosen = methods[0]
         if chosen not in methods:
-            which = "no" if chosen is None else f"unknown method {chosen!r}:"
+            known = ", ".join(methods)
             msg = (
-                f'{function.qualname}: {which} "method" in the input (one of: '
-                f"{', '.join(methods)})"
+                f'{function.qualname}: say which method with "method" in the input '
+                f"(one of: {known})"
+                if chosen is None
+                else f"{function.qualname} has no method {chosen!r} (it has: {known})"
             )
             raise ArgumentError(msg)
         instance = self._instances.get(function.key)

@@ -22,7 +22,7 @@ from flash_actors.deployed.handler import (
     key_from_env,
     load_resource,
 )
-from flash_actors.errors import ManifestError
+from flash_actors.errors import ConfigurationError, ManifestError
 
 __all__ = ["main"]
 
@@ -56,9 +56,9 @@ def main(resource: str, handler_file: str, argv: list[str] | None = None) -> Non
         return
     try:
         loaded = load_resource(resource, build_dir=build_dir, manifest_path=manifest)
-    except ManifestError as exc:
-        raise SystemExit(f"ManifestError: {exc}") from None
-    handler = DeployedHandler(loaded, key_from_env(resource))
+        handler = DeployedHandler(loaded, key_from_env(resource))
+    except (ManifestError, ConfigurationError) as exc:
+        raise SystemExit(f"{type(exc).__name__}: {exc}") from None
     if loaded.config.is_load_balanced:
         from flash_actors.deployed.app import serve_load_balancer
 
