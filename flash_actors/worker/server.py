@@ -21,6 +21,9 @@ Routes:
 - Load-balancer workers also serve the user's own routes (``method`` + ``path``), calling the
   function with the JSON body (or the query string for GET) as keyword arguments and
   answering with its value as JSON.
+- Deployed mode (``FLASH_RESOURCE_NAME`` set): the resource's functions from its build's
+  manifest instead of ``FLASH_DEPLOYED_MODULES``, code sent with a request refused, and
+  ``POST /runsync`` for Flash's deployed-mode input (`flash_actors.deployed.app`).
 
 Every route but ``/ping`` needs ``Authorization: Bearer <token>`` (401 otherwise).
 
@@ -57,7 +60,9 @@ from flash_actors.worker import _capture, isolation
 from flash_actors.worker.executor import BLOCKING, Blocking, Executor, invoke
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
+
+    _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 __all__ = ["WorkerApp", "forked_main", "main", "serve"]
 
@@ -155,11 +160,19 @@ class WorkerApp:
         token: str,
         routes: list[Route],
         deployed: dict[str, object] | None = None,
+        *,
+        executor: Executor | None = None,
+        extra_routes: Sequence[tuple[str, str, _Handler]] = (),
     ) -> None:
-        self.executor = Executor(key, capture_stdout=True, deployed=deployed)
+        self.executor = executor or Executor(
+            key, capture_stdout=True, deployed=deployed
+        )
         self.key = key
         self.token = token
         self.routes = routes
+        self.extra_routes = list(
+            extra_routes
+        )  # deployed mode's (flash_actors.deployed)
         self.running: dict[str, _Running] = {}
         self._slots: asyncio.Semaphore | None = None  # sized by the first batch
         self.worker_id = os.environ.get("FLASH_WORKER_ID") or None
@@ -427,6 +440,8 @@ class WorkerApp:
         app.router.add_post("/withdraw", self.withdraw)
         for route in self.routes:
             app.router.add_route(route.method, route.path, self.route_handler(route))
+        for method, path, handler in self.extra_routes:
+            app.router.add_route(method, path, handler)
         return app
 
 
@@ -496,10 +511,25 @@ def _run(sock: socket.socket, routes_path: str | None) -> None:
         with open(routes_path, "rb") as f:
             routes = msgspec.json.decode(f.read(), type=list[Route])
     sock.setblocking(False)  # noqa: FBT003
-    isolation.install()  # before any user code: only what RunPod's image would have
-    deployed = load_deployed(os.environ.get("FLASH_DEPLOYED_MODULES", ""))
+    resource = os.environ.get("FLASH_RESOURCE_NAME")
+    if resource:  # deployed mode: the resource's functions from the build's manifest
+        from flash_actors.deployed.app import deployed_worker
+        from flash_actors.deployed.handler import worker_env
+        from flash_actors.errors import ManifestError
+
+        isolation.install(worker_env(os.environ))  # the build folder is the app's code
+        try:
+            executor, extra = deployed_worker(resource, key)
+        except ManifestError as exc:
+            msg = f"ManifestError: {exc}"
+            raise SystemExit(msg) from None
+        app = WorkerApp(key, token, [], executor=executor, extra_routes=extra)
+    else:
+        isolation.install()  # before any user code: only what RunPod's image would have
+        deployed = load_deployed(os.environ.get("FLASH_DEPLOYED_MODULES", ""))
+        app = WorkerApp(key, token, routes, deployed)
     with contextlib.suppress(KeyboardInterrupt):
-        _event_loop_run(serve(WorkerApp(key, token, routes, deployed), sock))
+        _event_loop_run(serve(app, sock))
 
 
 def _event_loop_run(main: Coroutine[Any, Any, None]) -> None:
