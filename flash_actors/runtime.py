@@ -93,7 +93,26 @@ class FlashRuntime:
         self._router = self.system.spawn(
             lambda: Router(self), name="router", mailbox_size=ENDPOINT_MAILBOX
         )
+        serve_nested = getattr(self.provider, "serve_nested", None)
+        if serve_nested is not None:  # its workers' nested calls come back through us
+            serve_nested(self._nested_call)
         return self
+
+    async def _nested_call(
+        self,
+        key: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        chain: list[str],
+    ) -> Any:
+        """A worker's call of another remote function, made here in this runtime."""
+        from flash_actors.remote import run_nested
+
+        token = _current.set(self)
+        try:
+            return await run_nested(key, args, kwargs, chain)
+        finally:
+            _current.reset(token)
 
     async def __aexit__(
         self,

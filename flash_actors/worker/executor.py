@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from flash_actors.errors import RemoteExecutionError
 from flash_actors.messages import FunctionRequest, FunctionResponse
 from flash_actors.serialization import (
     DecodedRequest,
@@ -44,11 +45,20 @@ from flash_actors.serialization import (
 from flash_actors.volumes import apply_downloads
 from flash_actors.worker._capture import capture_stdout
 from flash_actors.worker.installer import activate
+from flash_actors.worker.nested import CALL_CHAIN, NestedFunction
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["BLOCKING", "Blocking", "Emit", "Executor", "invoke", "run_in_thread"]
+__all__ = [
+    "BLOCKING",
+    "Blocking",
+    "Emit",
+    "Executor",
+    "compile_code",
+    "invoke",
+    "run_in_thread",
+]
 
 Emit = Callable[[FunctionResponse], Awaitable[None]]
 """Receives each chunk of a streaming call."""
@@ -87,6 +97,8 @@ async def run_in_thread(func: Callable[..., Any], *args: Any) -> Any:
 
 
 def _qualified_type(exc: BaseException) -> str:
+    if isinstance(exc, RemoteExecutionError) and exc.remote_type:
+        return exc.remote_type  # a nested call's error, raised on: keep its own type
     cls = type(exc)
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -99,6 +111,35 @@ def _user_traceback(exc: BaseException) -> str:
     ):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb or first))
+
+
+def compile_code(name: str, code: str) -> Any:
+    """Run ``code`` in a fresh module namespace and return the object it names ``name``.
+
+    Raises:
+        LookupError: the code does not define ``name``.
+    """
+    filename = f"<flash-remote {name}>"
+    linecache.cache[filename] = (
+        len(code),
+        None,
+        code.splitlines(keepends=True),
+        filename,
+    )
+    namespace: dict[str, Any] = {
+        "__name__": "__flash_remote__",
+        "__builtins__": builtins,
+    }
+    exec(  # noqa: S102 (the request's signature was checked by the caller)
+        compile(code, filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True),
+        namespace,
+    )
+    if name not in namespace:
+        msg = f"the code sent for {name!r} does not define {name!r}"
+        raise LookupError(msg)
+    obj = namespace[name]
+    # A function that calls itself has its name bound to a stub (flash_actors.worker.nested)
+    return obj.flash_target if isinstance(obj, NestedFunction) else obj
 
 
 class Executor:
@@ -137,27 +178,7 @@ class Executor:
         cache_key = (name, code)
         obj = self._code_cache.get(cache_key)
         if obj is None:
-            filename = f"<flash-remote {name}>"
-            linecache.cache[filename] = (
-                len(code),
-                None,
-                code.splitlines(keepends=True),
-                filename,
-            )
-            namespace: dict[str, Any] = {
-                "__name__": "__flash_remote__",
-                "__builtins__": builtins,
-            }
-            exec(  # noqa: S102 (the request's signature was checked by the caller)
-                compile(
-                    code, filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True
-                ),
-                namespace,
-            )
-            if name not in namespace:
-                msg = f"the code sent for {name!r} does not define {name!r}"
-                raise LookupError(msg)
-            obj = namespace[name]
+            obj = compile_code(name, code)
             self._code_cache[cache_key] = obj
         return obj
 
@@ -219,6 +240,17 @@ class Executor:
 
     async def _run(self, req: FunctionRequest, emit: Emit | None) -> FunctionResponse:
         decoded = decode_request(req, self._key)
+        if req.call_chain:  # a nested call: its code sees who waits on it
+            chain = CALL_CHAIN.set(tuple(req.call_chain))
+            try:
+                return await self._execute(req, decoded, emit)
+            finally:
+                CALL_CHAIN.reset(chain)
+        return await self._execute(req, decoded, emit)
+
+    async def _execute(
+        self, req: FunctionRequest, decoded: DecodedRequest, emit: Emit | None
+    ) -> FunctionResponse:
         stdout = ""
         result: str | None = None
         signature: str | None = None
