@@ -52,10 +52,10 @@ from flash_actors.errors import (
 )
 from flash_actors.messages import Call, FunctionRequest
 from flash_actors.policies import CallPolicy, check_payload
-from flash_actors.registry import REGISTRY
+from flash_actors.registry import REGISTRY, resource_from_config
 from flash_actors.resources import LoadBalancerResource, ServerlessResource
 from flash_actors.router import deployed_resource
-from flash_actors.runtime import get_runtime
+from flash_actors.runtime import get_runtime, set_nested_runner
 from flash_actors.serialization import (
     DecodedRequest,
     RequestSigner,
@@ -66,7 +66,12 @@ from flash_actors.serialization import (
 )
 from flash_actors.worker.executor import invoke
 from flash_actors.worker.installer import check_requirements, check_system_packages
-from flash_actors.worker.nested import NestedRef, postamble, run_here
+from flash_actors.worker.nested import (
+    NestedRef,
+    postamble,
+    run_here,
+    set_caller_factory,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
@@ -707,6 +712,18 @@ def _stubs(target: Any, names: list[str]) -> list[NestedRef] | None:
     return refs or None
 
 
+def _stub_caller(ref: NestedRef) -> _Caller:
+    """The call path of a stub (`flash_actors.worker.nested`) through a runtime here."""
+    assert ref.template is not None  # noqa: S101 (the stub checks it)
+    resource = resource_from_config(ref.resource_type, ref.endpoint, ref.resource)
+    REGISTRY.register(resource, owner=f"function {ref.label!r}")
+    spec = _Spec(resource, [], [], True, False, ref.method, ref.path)  # noqa: FBT003
+    return _Caller(spec, ref.template, ref.label, key=ref.key)
+
+
+set_caller_factory(_stub_caller)
+
+
 def _loads_global(code: types.CodeType, name: str) -> bool:
     """True if ``code`` (or code nested in it) may load the global ``name``."""
     if name in code.co_names:
@@ -733,6 +750,9 @@ async def run_nested(
         return await fn(*args, **kwargs)
     fn.bind_calls()
     return await fn._caller.remote(args, kwargs, fn._arg_names, chain=chain)  # noqa: SLF001
+
+
+set_nested_runner(run_nested)
 
 
 class RemoteMethod:

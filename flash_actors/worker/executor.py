@@ -45,16 +45,17 @@ from flash_actors.serialization import (
 from flash_actors.volumes import apply_downloads
 from flash_actors.worker._capture import capture_stdout
 from flash_actors.worker.installer import activate
-from flash_actors.worker.nested import CALL_CHAIN, NestedFunction
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
     "BLOCKING",
+    "CALL_CHAIN",
     "Blocking",
     "Emit",
     "Executor",
+    "Stub",
     "compile_code",
     "invoke",
     "run_in_thread",
@@ -113,6 +114,23 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb or first))
 
 
+CALL_CHAIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "flash_call_chain", default=()
+)
+"""Endpoints waiting on the job running in this context, outermost first (a nested call's
+``call_chain``; see `flash_actors.worker.nested`)."""
+
+
+class Stub:
+    """Base of the objects a function's code binds its remote functions' names to.
+
+    ``flash_target``: for a function that calls itself by name, the function itself (what
+    the worker runs; see `flash_actors.worker.nested`).
+    """
+
+    flash_target: Any = None
+
+
 def compile_code(name: str, code: str) -> Any:
     """Run ``code`` in a fresh module namespace and return the object it names ``name``.
 
@@ -139,7 +157,9 @@ def compile_code(name: str, code: str) -> Any:
         raise LookupError(msg)
     obj = namespace[name]
     # A function that calls itself has its name bound to a stub (flash_actors.worker.nested)
-    return obj.flash_target if isinstance(obj, NestedFunction) else obj
+    if isinstance(obj, Stub) and obj.flash_target is not None:
+        return obj.flash_target
+    return obj
 
 
 class Executor:

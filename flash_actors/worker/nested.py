@@ -27,7 +27,6 @@ endpoints, the value for load balancers; errors come back typed.
 
 from __future__ import annotations
 
-import contextvars
 import os
 import traceback
 import uuid
@@ -36,12 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from flash_actors.errors import CallCycleError, FlashRuntimeError, RemoteExecutionError
+from flash_actors.jobs import JobOutput, JobStatus
 from flash_actors.messages import FunctionRequest
+from flash_actors.worker.executor import CALL_CHAIN, Stub, compile_code, invoke
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
-
-    from flash_actors.remote import _Caller
+    from collections.abc import Callable, Coroutine
 
 __all__ = [
     "CALL_CHAIN",
@@ -55,10 +55,13 @@ __all__ = [
 ENDPOINT_ENV = "FLASH_ENDPOINT_NAME"
 """Set in each worker: the endpoint it serves."""
 
-CALL_CHAIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
-    "flash_call_chain", default=()
-)
-"""Endpoints waiting on the job running in this context (outermost first)."""
+_caller_factory: Callable[[NestedRef], Any] | None = None
+
+
+def set_caller_factory(factory: Callable[[NestedRef], Any]) -> None:
+    """How a stub makes its call path through a runtime (`flash_actors.remote` sets it)."""
+    global _caller_factory
+    _caller_factory = factory
 
 
 class NestedRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -106,8 +109,6 @@ def own_endpoint() -> str | None:
 
 
 def _cycle_error(chain: tuple[str, ...], own: str | None, target: str) -> Exception:
-    from flash_actors.errors import CallCycleError as Error
-
     path = " -> ".join([*chain, *([own] if own else []), target])
     msg = (
         f"call cycle {path}: endpoint {target!r} is already waiting on this chain of calls, "
@@ -115,12 +116,10 @@ def _cycle_error(chain: tuple[str, ...], own: str | None, target: str) -> Except
         "left to wait until its timeout. Call the function in the process instead (move it "
         f"to endpoint {own or '?'!r}), or restructure the calls so that they do not loop"
     )
-    return Error(msg)
+    return CallCycleError(msg)
 
 
 def _cut(ref: NestedRef) -> Exception:
-    from flash_actors.errors import CallCycleError
-
     msg = (
         f"{ref.label}() calls back into a function that is already calling it (they use "
         "each other in a loop), and its code was not sent along again; restructure the "
@@ -129,14 +128,14 @@ def _cut(ref: NestedRef) -> Exception:
     return CallCycleError(msg)
 
 
-class NestedFunction:
+class NestedFunction(Stub):
     """A ``@remote`` function as seen from another remote function's code."""
 
     def __init__(self, ref: NestedRef, defined: Any = None) -> None:
         self.ref = ref
         self.__name__ = ref.label.rpartition(".")[2]
         self.__qualname__ = ref.label
-        self._caller: _Caller | None = None
+        self._caller: Any = None
         self._target: Any = defined if ref.self_call else None
         self.flash_target: Any = self._target
         """For a self call: the function itself, which the worker runs (see `compile_code`)."""
@@ -157,7 +156,9 @@ class NestedFunction:
         if ref.endpoint in chain:
             raise _cycle_error(chain, own, ref.endpoint)
         nested_chain = [*chain, own] if own is not None else list(chain)
-        from flash_actors.providers.local import nested as channel
+        from flash_actors.providers.local import (
+            nested as channel,
+        )  # the package is heavy
 
         owner = channel.owner_address()
         if owner is not None:
@@ -168,28 +169,18 @@ class NestedFunction:
             args, kwargs, tuple(ref.arg_names), chain=nested_chain
         )
 
-    def caller(self) -> _Caller:
+    def caller(self) -> Any:
         """The call path of a caller-side ``@remote`` function, made from the stub."""
         if self._caller is None:
-            from flash_actors.registry import REGISTRY, resource_from_config
-            from flash_actors.remote import _Caller, _Spec
-
-            ref = self.ref
-            if ref.template is None:
-                raise _cut(ref)
-            resource = resource_from_config(
-                ref.resource_type, ref.endpoint, ref.resource
-            )
-            REGISTRY.register(resource, owner=f"function {ref.label!r}")
-            spec = _Spec(resource, [], [], True, False, ref.method, ref.path)  # noqa: FBT003
-            self._caller = _Caller(spec, ref.template, ref.label, key=ref.key)
+            if self.ref.template is None:
+                raise _cut(self.ref)
+            assert _caller_factory is not None  # noqa: S101 (importing flash_actors sets it)
+            self._caller = _caller_factory(self.ref)
         return self._caller
 
     async def _here(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A function of this worker's endpoint: run it in this process."""
         if self._target is None:
-            from flash_actors.worker.executor import compile_code
-
             template = self.ref.template
             if template is None:
                 raise _cut(self.ref)
@@ -210,9 +201,6 @@ async def run_here(
     Queue endpoints answer with a `JobOutput` (a failure in it, typed); load balancers with
     the value (a failure raised as it is).
     """
-    from flash_actors.jobs import JobOutput, JobStatus
-    from flash_actors.worker.executor import invoke
-
     if not queue:
         return await invoke(target, list(args), kwargs)
     job_id = f"here-{uuid.uuid4().hex}"
@@ -220,8 +208,6 @@ async def run_here(
     try:
         value = await invoke(target, list(args), kwargs)
     except Exception as exc:  # noqa: BLE001 (a queue call's failure is its JobOutput)
-        from flash_actors.errors import FlashRuntimeError, RemoteExecutionError
-
         text = "".join(traceback.format_exception(exc))
         cls = type(exc)
         error = (
