@@ -418,3 +418,11 @@ def test_deployed_worker_runs_its_own_functions_here_and_routes_the_others(
     assert out["runtime"] is False  # no runtime, no worker: it ran in the process
     assert out["missing"].startswith("no manifest at .flash/flash_manifest.json")
     assert out["there"] == 8
+
+
+async def test_outer_calls_inner_on_the_in_process_provider() -> None:
+    async with runtime(provider="inprocess"):
+        job = await outer(2)
+        counted = await countdown(2)
+    assert job.output == 21
+    assert counted.output == 2
