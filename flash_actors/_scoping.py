@@ -524,6 +524,9 @@ def warn_outer_references(
 ) -> list[OuterReference]:
     """Emit one `ScopeWarning` per outer reference of ``func``, and return them.
 
+    A name bound to a ``@remote`` function gets no warning (it is sent along as a stub), but
+    is returned with the others.
+
     Each warning is attributed to the offending line of the function's file (with
     `warnings.warn_explicit`), not to the caller, so an IDE or a test log points at the
     line to fix; warning filters match on the function's module.

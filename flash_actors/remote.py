@@ -525,6 +525,7 @@ class RemoteFunction(Generic[P, R_co]):
 
     Attributes:
         resource_config: the endpoint the function runs on.
+        key: ``module:qualname``, its key in the Registry and the manifest.
         __wrapped__: the original function (run by ``local=True``).
     """
 
@@ -539,7 +540,6 @@ class RemoteFunction(Generic[P, R_co]):
         self.resource_config = spec.resource
         self._label = fn.__qualname__
         self.key = f"{fn.__module__}:{fn.__qualname__}"
-        """``module:qualname``: the function's key in the Registry and the manifest."""
         self._arg_names = _positional_names(fn)
         code, _ = _source(fn, f"function {fn.__qualname__!r}")
         self._code = code

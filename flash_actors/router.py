@@ -5,15 +5,18 @@ actor, which answers the caller directly; the Router itself never waits on a job
 
 In deployed code (a worker started with ``FLASH_RESOURCE_NAME``), calls to functions of the
 worker's own resource never get here (they run in the process, see `flash_actors.remote`);
-the others are looked up by ``module:qualname`` in the manifest-backed Registry (the manifest
-is loaded on the first such call if nothing loaded it yet): a function the manifest does not
-know, or a missing manifest, is a `ManifestError`. In development the call's own endpoint is
+the others are looked up by ``module:qualname`` in the manifest-backed Registry. If nothing
+loaded a manifest yet, the first such call loads one: ``FLASH_MANIFEST_PATH``, else
+``flash_manifest.json`` in the working directory (where an unpacked archive has it), else
+``.flash/flash_manifest.json``. A function the manifest does not know, or no manifest at all,
+is a `ManifestError`. In development the call's own endpoint is
 used, checked against a loaded manifest when it lists the function.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flash_actors.actors import Actor, ActorRef, Forward
@@ -24,8 +27,9 @@ from flash_actors.messages import Call, Routed
 if TYPE_CHECKING:
     from flash_actors.runtime import FlashRuntime
 
-__all__ = ["RESOURCE_ENV", "Router", "deployed_resource"]
+__all__ = ["MANIFEST_ENV", "RESOURCE_ENV", "Router", "deployed_resource"]
 
+MANIFEST_ENV = "FLASH_MANIFEST_PATH"
 RESOURCE_ENV = "FLASH_RESOURCE_NAME"
 """Set in a deployed worker: the name of the resource whose functions it runs."""
 
@@ -33,6 +37,17 @@ RESOURCE_ENV = "FLASH_RESOURCE_NAME"
 def deployed_resource() -> str | None:
     """The resource this process serves in deployed code (``FLASH_RESOURCE_NAME``), or None."""
     return os.environ.get(RESOURCE_ENV) or None
+
+
+def _manifest_path() -> Path:
+    """Where a deployed worker's manifest is (see the module docstring)."""
+    named = os.environ.get(MANIFEST_ENV)
+    if named:
+        return Path(named)
+    for path in (Path(MANIFEST_PATH.name), MANIFEST_PATH):
+        if path.is_file():
+            return path
+    return MANIFEST_PATH  # missing: load_manifest says so
 
 
 class Router(Actor[Routed]):
@@ -47,8 +62,7 @@ class Router(Actor[Routed]):
         """The endpoint of ``call`` by its function's ``module:qualname`` (see module doc)."""
         registry = self._runtime.registry
         if self._deployed is not None and not registry.manifest_functions:
-            path = os.environ.get("FLASH_MANIFEST_PATH") or MANIFEST_PATH
-            registry.load(path)  # ManifestError: missing or invalid
+            registry.load(_manifest_path())  # ManifestError: missing or invalid
         endpoint = registry.manifest_functions.get(call.key)
         if endpoint is None:
             if self._deployed is None:

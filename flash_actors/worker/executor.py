@@ -260,22 +260,13 @@ class Executor:
 
     async def _run(self, req: FunctionRequest, emit: Emit | None) -> FunctionResponse:
         decoded = decode_request(req, self._key)
-        if req.call_chain:  # a nested call: its code sees who waits on it
-            chain = CALL_CHAIN.set(tuple(req.call_chain))
-            try:
-                return await self._execute(req, decoded, emit)
-            finally:
-                CALL_CHAIN.reset(chain)
-        return await self._execute(req, decoded, emit)
-
-    async def _execute(
-        self, req: FunctionRequest, decoded: DecodedRequest, emit: Emit | None
-    ) -> FunctionResponse:
         stdout = ""
         result: str | None = None
         signature: str | None = None
         json_result: Any = None
         as_json = req.serialization_format == "json"
+        # a nested call's code sees which endpoints wait on it (flash_actors.worker.nested)
+        chain = CALL_CHAIN.set(tuple(req.call_chain)) if req.call_chain else None
         try:
             if req.dependencies:
                 await activate(req.dependencies)
@@ -308,6 +299,9 @@ class Executor:
                 instance_id=req.instance_id,
                 stdout=stdout or None,
             )
+        finally:
+            if chain is not None:
+                CALL_CHAIN.reset(chain)
         return FunctionResponse(
             success=True,
             result=result,

@@ -49,7 +49,10 @@ __all__ = [
     "NestedFunction",
     "NestedRef",
     "bind",
+    "own_endpoint",
     "postamble",
+    "run_here",
+    "set_caller_factory",
 ]
 
 ENDPOINT_ENV = "FLASH_ENDPOINT_NAME"
@@ -113,8 +116,9 @@ def _cycle_error(chain: tuple[str, ...], own: str | None, target: str) -> Except
     msg = (
         f"call cycle {path}: endpoint {target!r} is already waiting on this chain of calls, "
         "and its workers may all be busy waiting on it, so the call is refused rather than "
-        "left to wait until its timeout. Call the function in the process instead (move it "
-        f"to endpoint {own or '?'!r}), or restructure the calls so that they do not loop"
+        "left to wait until its timeout. Put the function called back on the calling "
+        f"endpoint ({own or '?'!r}: calls within an endpoint run in its worker), or "
+        "restructure the calls so that they do not loop"
     )
     return CallCycleError(msg)
 
@@ -156,9 +160,8 @@ class NestedFunction(Stub):
         if ref.endpoint in chain:
             raise _cycle_error(chain, own, ref.endpoint)
         nested_chain = [*chain, own] if own is not None else list(chain)
-        from flash_actors.providers.local import (
-            nested as channel,
-        )  # the package is heavy
+        # imported here: the provider package is heavy, and most workers never need it
+        from flash_actors.providers.local import nested as channel
 
         owner = channel.owner_address()
         if owner is not None:
