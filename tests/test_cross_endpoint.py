@@ -22,7 +22,13 @@ import anyio
 import msgspec
 import pytest
 
-from flash_actors import CpuLiveServerless, JobStatus, remote, runtime
+from flash_actors import (
+    CpuLiveLoadBalancer,
+    CpuLiveServerless,
+    JobStatus,
+    remote,
+    runtime,
+)
 from flash_actors._scoping import ScopeWarning
 from flash_actors.build.manifest import write_manifest
 from flash_actors.errors import (
@@ -63,6 +69,19 @@ async def inner_slow(folder: str) -> str:
         (pathlib.Path(folder) / "cancelled").write_text("")
         raise
     return "finished"
+
+
+API = CpuLiveLoadBalancer(name="xe-api")
+
+
+@remote(API, method="POST", path="/double")
+async def double(x: int) -> int:
+    return 2 * x
+
+
+@remote(OUTER)
+async def outer_api(x: int) -> int:
+    return await double(x) + 1  # a load balancer answers with the value
 
 
 @remote(OUTER)
@@ -110,11 +129,24 @@ async def test_outer_calls_inner_on_another_endpoint(tmp_path: Path) -> None:
     provider = local(tmp_path)
     async with runtime(provider=provider):
         job = await outer(4)
+        via_api = await outer_api(4)
         pids = pids_of(provider)
     assert job.error == ""
     assert job.output == 41
-    assert sorted(provider.pools) == ["xe-inner", "xe-outer"]
+    assert via_api.output == 9
+    assert sorted(provider.pools) == ["xe-api", "xe-inner", "xe-outer"]
     assert alive(pids) == []
+
+
+def test_functions_that_call_none_send_their_code_unchanged() -> None:
+    """No stub, and no first-call step: the call path is the one it always was."""
+    assert "_call" not in vars(inner)
+    assert inner.function_request_template.function_code == inner._code
+    assert "flash_actors.worker.nested" not in (
+        inner.function_request_template.function_code or ""
+    )
+    outer.bind_calls()
+    assert "_call" not in vars(outer)  # bound at its first call (or here), once
 
 
 async def test_outer_calls_inner_on_a_flash_local_daemon(tmp_path: Path) -> None:
