@@ -9,6 +9,9 @@ the function's source once, resolve every name it loads with Python's scoping ru
 namespace. Decorators and annotations are skipped (the worker compiles with postponed
 annotations, and the decorators are not sent); default values and base classes are
 checked, because they are evaluated when the source is executed on the worker.
+
+Names bound to ``@remote`` functions are not warned about: the function is sent with stubs
+for them (`flash_actors.worker.nested`), and the worker calls them through the runtime.
 """
 
 from __future__ import annotations
@@ -507,6 +510,12 @@ def _message(ref: OuterReference, label: str, what: str, value: object) -> str:
     )
 
 
+def _is_remote_function(value: object) -> bool:
+    """A ``@remote`` function (`flash_actors.remote.RemoteFunction`; not imported here)."""
+    cls = type(value)
+    return cls.__name__ == "RemoteFunction" and cls.__module__ == "flash_actors.remote"
+
+
 def warn_outer_references(
     func: Callable[..., object] | type,
     *,
@@ -514,6 +523,9 @@ def warn_outer_references(
     stacklevel: int = 2,
 ) -> list[OuterReference]:
     """Emit one `ScopeWarning` per outer reference of ``func``, and return them.
+
+    A name bound to a ``@remote`` function gets no warning (it is sent along as a stub), but
+    is returned with the others.
 
     Each warning is attributed to the offending line of the function's file (with
     `warnings.warn_explicit`), not to the caller, so an IDE or a test log points at the
@@ -538,6 +550,10 @@ def warn_outer_references(
     what = "class" if inspect.isclass(target) else "function"
     registry = namespace.setdefault("__warningregistry__", {}) if namespace else None
     for ref in found:
+        if ref.kind in ("global", "import") and _is_remote_function(
+            namespace.get(ref.name)
+        ):
+            continue  # sent along as a stub: the worker can call it
         warnings.warn_explicit(
             _message(ref, label, what, namespace.get(ref.name)),
             ScopeWarning,

@@ -44,6 +44,7 @@ __all__ = [
     "ActorStoppedError",
     "AskTimeoutError",
     "BuildError",
+    "CallCycleError",
     "ConfigurationError",
     "DeliveryError",
     "DeliveryUncertainError",
@@ -154,6 +155,10 @@ class ConfigurationError(FlashRuntimeError, ValueError):
 
 class InvalidRemoteTargetError(ConfigurationError, TypeError):
     """`@remote` was applied to something that is neither a function nor a class."""
+
+
+class CallCycleError(FlashRuntimeError):
+    """A remote function called an endpoint that is already waiting on the same chain of calls."""
 
 
 class ExecutionTimeoutError(FlashRuntimeError, TimeoutError):

@@ -62,6 +62,10 @@ class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=T
     accelerate_downloads: bool = True
     serialization_format: SerializationFormat = "cloudpickle"
     signature: str | None = None
+    call_chain: list[str] | None = None
+    """Endpoints waiting on this call, outermost first (a nested call's; our addition, not
+    signed: it only decides whether a re-entering call is refused, see
+    `flash_actors.worker.nested`)."""
 
 
 class FunctionResponse(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
@@ -102,6 +106,8 @@ class Call(msgspec.Struct, kw_only=True, frozen=True):
     http_path: str | None = None
     stream_to: Any = None
     """For ``f.stream(...)``: the send side of a bounded memory stream for the chunks."""
+    key: str = ""
+    """The function's ``module:qualname``: the Router looks it up in the manifest."""
 
 
 class PayloadCall(msgspec.Struct, kw_only=True, frozen=True):

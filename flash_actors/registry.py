@@ -2,7 +2,9 @@
 
 ``@remote`` registers into the process-wide `REGISTRY` at decoration time; a manifest adds the
 endpoints of a built app. Two different configs under one name are refused: the name is the
-endpoint's identity.
+endpoint's identity. Functions are keyed by ``module:qualname`` (the manifest's keys), so two
+``process`` functions in two modules do not collide; a bare name is looked up only where it
+names one function.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
     from flash_actors.messages import FunctionRequest
 
-__all__ = ["REGISTRY", "Registry"]
+__all__ = ["REGISTRY", "Registry", "resource_from_config"]
 
 _RESOURCE_CLASSES: dict[str, type[ServerlessResource]] = {
     name: getattr(resources, name)
@@ -34,6 +36,25 @@ _RESOURCE_CLASSES: dict[str, type[ServerlessResource]] = {
 }
 
 
+def resource_from_config(
+    resource_type: str, name: str, config: dict[str, object]
+) -> ServerlessResource:
+    """A resource config rebuilt from its class name and fields (a manifest's, or a stub's).
+
+    Raises:
+        ManifestError: unknown class, or fields it does not take.
+    """
+    cls = _RESOURCE_CLASSES.get(resource_type)
+    if cls is None:
+        msg = f"resource {name!r} has unknown resource_type {resource_type!r}"
+        raise ManifestError(msg)
+    try:
+        return msgspec.convert({**config, "name": name}, cls)
+    except (msgspec.ValidationError, ConfigurationError) as exc:
+        msg = f"resource {name!r}: {exc}"
+        raise ManifestError(msg) from exc
+
+
 class Registry:
     """Where functions live. Thread-safe; lookups are plain dict reads."""
 
@@ -41,6 +62,9 @@ class Registry:
         self._lock = threading.Lock()
         self._resources: dict[str, ServerlessResource] = {}
         self._functions: dict[str, str] = {}
+        self.manifest_functions: dict[str, str] = {}
+        """``module:qualname`` -> endpoint, from the manifests loaded (what the Router trusts
+        in deployed code)."""
         self._routes: dict[str, dict[tuple[str, str], tuple[str, FunctionRequest]]] = {}
         self.generation = 0
         """Counts changes: callers that cache where the Router sent them check it (see
@@ -105,7 +129,10 @@ class Registry:
             ]
 
     def register_function(self, function: str, endpoint: str) -> None:
-        """Record that ``function`` runs on ``endpoint`` (the last registration wins)."""
+        """Record that ``function`` (``module:qualname``) runs on ``endpoint``.
+
+        The last registration of a key wins.
+        """
         with self._lock:
             if self._functions.get(function) != endpoint:
                 self._functions[function] = endpoint
@@ -124,16 +151,33 @@ class Registry:
             raise ManifestError(msg) from None
 
     def endpoint_of(self, function: str) -> str:
-        """The endpoint a function runs on.
+        """The endpoint a function runs on, by ``module:qualname`` (or a bare name, if unique).
 
         Raises:
-            ManifestError: the function is unknown.
+            ManifestError: the function is unknown, or a bare name matches functions of
+                several modules (the message lists their keys).
         """
-        try:
-            return self._functions[function]
-        except KeyError:
-            msg = f"function {function!r} is not in the registry or the manifest"
-            raise ManifestError(msg) from None
+        endpoint = self._functions.get(function)
+        if endpoint is not None:
+            return endpoint
+        if ":" not in function:
+            with self._lock:
+                matches = sorted(
+                    key
+                    for key in self._functions
+                    if key.rpartition(":")[2] == function
+                    or key.rpartition(":")[2].rpartition(".")[2] == function
+                )
+            if len(matches) == 1:
+                return self._functions[matches[0]]
+            if matches:
+                msg = (
+                    f"function name {function!r} is ambiguous: it names "
+                    f"{', '.join(matches)}; look it up by module:qualname"
+                )
+                raise ManifestError(msg)
+        msg = f"function {function!r} is not in the registry or the manifest"
+        raise ManifestError(msg)
 
     def resources(self) -> list[ServerlessResource]:
         """Every registered config."""
@@ -149,20 +193,23 @@ class Registry:
         if not isinstance(manifest, Manifest):
             manifest = load_manifest(manifest)
         for name, entry in manifest.resources.items():
-            cls = _RESOURCE_CLASSES.get(entry.resource_type)
-            if cls is None:
-                msg = f"manifest resource {name!r} has unknown resource_type {entry.resource_type!r}"
-                raise ManifestError(msg)
             try:
-                resource = msgspec.convert({**entry.config, "name": name}, cls)
-            except (msgspec.ValidationError, ConfigurationError) as exc:
-                msg = f"manifest resource {name!r}: {exc}"
+                resource = resource_from_config(entry.resource_type, name, entry.config)
+            except ManifestError as exc:
+                msg = f"manifest {exc}"
                 raise ManifestError(msg) from exc
             self.register(resource)
             for entry_function in entry.functions:
-                self.register_function(entry_function.name, name)
+                key = entry_function.name
+                if entry_function.module and entry_function.qualname:
+                    key = f"{entry_function.module}:{entry_function.qualname}"
+                self.register_function(key, name)
+                with self._lock:
+                    self.manifest_functions[key] = name
         for function, endpoint in manifest.function_registry.items():
             self.register_function(function, endpoint)
+            with self._lock:
+                self.manifest_functions[function] = endpoint
 
 
 def _difference(first: ServerlessResource, second: ServerlessResource) -> str:

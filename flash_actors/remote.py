@@ -6,6 +6,12 @@ config, and returns a `RemoteFunction` (or a `RemoteClass`). Awaiting a call bui
 message (signed base64 cloudpickle arguments plus the resource's policies) and asks the
 runtime's Router for the answer: a `JobOutput` for queue resources, the value itself for
 load-balancer resources and for ``local=True``.
+
+A ``@remote`` function that uses other ``@remote`` functions (``await inner(x)``) is sent
+with stubs for them appended to its signed source (`flash_actors.worker.nested`): the worker
+runs calls to its own endpoint in process and sends the others back here (`run_nested`) or
+to the daemon. In deployed code (``FLASH_RESOURCE_NAME`` set) a call to a function of the
+worker's own resource runs in the process; the others go through the Router.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import difflib
 import functools
 import inspect
 import textwrap
+import types
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
@@ -32,6 +39,7 @@ from typing import (
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
 from flash_actors._scoping import warn_outer_references
 from flash_actors.actors import Envelope, Reply
@@ -40,12 +48,14 @@ from flash_actors.errors import (
     ConfigurationError,
     ExecutionTimeoutError,
     InvalidRemoteTargetError,
+    ManifestError,
 )
 from flash_actors.messages import Call, FunctionRequest
 from flash_actors.policies import CallPolicy, check_payload
-from flash_actors.registry import REGISTRY
+from flash_actors.registry import REGISTRY, resource_from_config
 from flash_actors.resources import LoadBalancerResource, ServerlessResource
-from flash_actors.runtime import get_runtime
+from flash_actors.router import deployed_resource
+from flash_actors.runtime import get_runtime, set_nested_runner
 from flash_actors.serialization import (
     DecodedRequest,
     RequestSigner,
@@ -56,10 +66,17 @@ from flash_actors.serialization import (
 )
 from flash_actors.worker.executor import invoke
 from flash_actors.worker.installer import check_requirements, check_system_packages
+from flash_actors.worker.nested import (
+    NestedRef,
+    postamble,
+    run_here,
+    set_caller_factory,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
+    from flash_actors._scoping import OuterReference
     from flash_actors.actors import ActorRef
     from flash_actors.jobs import JobOutput
     from flash_actors.runtime import FlashRuntime
@@ -71,6 +88,7 @@ __all__ = [
     "RemoteInstance",
     "RemoteMethod",
     "remote",
+    "run_nested",
 ]
 
 P = ParamSpec("P")
@@ -226,6 +244,7 @@ class _Caller:
 
     __slots__ = (
         "_endpoint",
+        "_function_key",
         "_key",
         "_label",
         "_policy",
@@ -235,10 +254,13 @@ class _Caller:
         "template",
     )
 
-    def __init__(self, spec: _Spec, template: FunctionRequest, label: str) -> None:
+    def __init__(
+        self, spec: _Spec, template: FunctionRequest, label: str, *, key: str = ""
+    ) -> None:
         self.spec = spec
         self.template = template
         self._label = label
+        self._function_key = key
         self._endpoint = spec.resource.name
         self._policy: CallPolicy = spec.resource.call_policy()
         self._key: bytes | None = None
@@ -294,6 +316,7 @@ class _Caller:
             http_method=self.spec.method,
             http_path=self.spec.path,
             stream_to=stream_to,
+            key=self._function_key,
         )
 
     async def remote(
@@ -301,13 +324,21 @@ class _Caller:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         arg_names: tuple[str, ...],
+        *,
+        chain: list[str] | None = None,
         **extra: Any,
     ) -> Any:
-        """Sign the call with the runtime's provider's key and send it; its answer."""
+        """Sign the call with the runtime's provider's key and send it; its answer.
+
+        ``chain``: the endpoints waiting on this call (a nested call's, see
+        `flash_actors.worker.nested`); it travels with the request.
+        """
         runtime = await get_runtime()
         request = self.signer(runtime.signing_key(self._endpoint)).sign(
             args, kwargs, arg_names=arg_names, **extra
         )
+        if chain:
+            request = msgspec.structs.replace(request, call_chain=chain)
         call = self._call_message(request, arg_names)
         generation = runtime.registry.generation
         reply: Reply | None = None
@@ -494,16 +525,24 @@ class RemoteFunction(Generic[P, R_co]):
 
     Attributes:
         resource_config: the endpoint the function runs on.
+        key: ``module:qualname``, its key in the Registry and the manifest.
         __wrapped__: the original function (run by ``local=True``).
     """
 
-    def __init__(self, fn: Callable[P, Any], spec: _Spec) -> None:
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        spec: _Spec,
+        uses: list[str] | None = None,
+    ) -> None:
         self.__wrapped__ = fn
         functools.update_wrapper(self, fn)
         self.resource_config = spec.resource
         self._label = fn.__qualname__
+        self.key = f"{fn.__module__}:{fn.__qualname__}"
         self._arg_names = _positional_names(fn)
         code, _ = _source(fn, f"function {fn.__qualname__!r}")
+        self._code = code
         template = FunctionRequest(
             function_name=fn.__name__,
             function_code=code,
@@ -511,8 +550,66 @@ class RemoteFunction(Generic[P, R_co]):
             system_dependencies=spec.system_dependencies or None,
             accelerate_downloads=spec.accelerate_downloads,
         )
-        self._caller = _Caller(spec, template, fn.__qualname__)
+        self._base = template
+        self._caller = _Caller(spec, template, fn.__qualname__, key=self.key)
         self._local = spec.local
+        # In deployed code, this resource's own functions run here (see the module docstring).
+        self._here = deployed_resource() == spec.resource.name
+        self._in_process = self._local or self._here
+        # Module-level names it uses that are (or may become: defined further down) @remote
+        # functions. Their stubs are made at the first call, once the module is complete;
+        # only that first call pays for it, and functions that use none never do.
+        self._uses = uses or []
+        if self._uses:
+            self._call = self._bind_then_call  # type: ignore[method-assign]
+
+    async def _bind_then_call(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        self.bind_calls()  # and the class's _call is used from now on
+        return await self._call(args, kwargs)
+
+    def bind_calls(self) -> None:
+        """Append to the code sent the stubs of the remote functions it uses (once)."""
+        if "_call" not in self.__dict__:
+            return
+        del self.__dict__["_call"]
+        template = self._template(frozenset())
+        self._caller = _Caller(self._caller.spec, template, self._label, key=self.key)
+
+    def _template(self, seen: frozenset[str]) -> FunctionRequest:
+        """The request template with stubs for the remote functions the code uses now.
+
+        ``seen``: functions whose templates are being made further up: a loop of calls
+        (f uses g, g uses f) is cut there (see `nested_ref`).
+        """
+        base = self._base
+        if not self._uses:
+            return base
+        namespace = getattr(self.__wrapped__, "__globals__", {})
+        seen |= {self.key}
+        refs = []
+        for name in self._uses:
+            value = namespace.get(name)
+            if value is self:
+                spec = self._caller.spec
+                refs.append(
+                    NestedRef(
+                        name=name,
+                        key=self.key,
+                        label=self._label,
+                        endpoint=self.resource_config.name,
+                        self_call=True,
+                        method=spec.method,
+                        path=spec.path,
+                    )
+                )
+            elif isinstance(value, RemoteFunction):
+                refs.append(value.nested_ref(name, seen))
+                _NESTED[value.key] = value
+        if not refs:
+            return base
+        return msgspec.structs.replace(base, function_code=self._code + postamble(refs))
 
     def __repr__(self) -> str:
         return f"<RemoteFunction {self._label} on {self.resource_config.name!r}>"
@@ -520,6 +617,7 @@ class RemoteFunction(Generic[P, R_co]):
     @property
     def function_request_template(self) -> FunctionRequest:
         """The static part of the requests this function sends (name, code, dependencies)."""
+        self.bind_calls()
         return self._caller.template
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]:
@@ -537,13 +635,124 @@ class RemoteFunction(Generic[P, R_co]):
         if self._local:
             request = self._caller.request(args, kwargs, self._arg_names)
             return self._caller.local_stream(request, self._arg_names, self.__wrapped__)
+        self.bind_calls()
         return self._caller.remote_stream(args, kwargs, self._arg_names)
 
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._local:
+        if self._in_process:
+            if not self._local:  # deployed code: a function of this worker's resource
+                queue = not self.resource_config.is_load_balancer
+                return await run_here(self.__wrapped__, args, kwargs, queue=queue)
             request = self._caller.request(args, kwargs, self._arg_names)
             return await self._caller.local(request, self._arg_names, self.__wrapped__)
         return await self._caller.remote(args, kwargs, self._arg_names)
+
+    def nested_ref(self, name: str, seen: frozenset[str] = frozenset()) -> NestedRef:
+        """What a worker needs to call this function from code that names it ``name``.
+
+        Inside a loop of uses (``seen`` holds this function) the stub has no code: the
+        worker can still call it through the runtime's channel, and refuses what would need
+        the code (see `flash_actors.worker.nested`).
+        """
+        resource = self.resource_config
+        spec = self._caller.spec
+        return NestedRef(
+            name=name,
+            key=self.key,
+            label=self._label,
+            endpoint=resource.name,
+            resource_type=type(resource).__name__,
+            resource=msgspec.to_builtins(resource),
+            template=None if self.key in seen else self._template(seen),
+            arg_names=list(self._arg_names),
+            method=spec.method,
+            path=spec.path,
+        )
+
+
+_NESTED: dict[str, RemoteFunction[..., Any]] = {}
+"""``module:qualname`` -> the functions other remote functions' code calls: those (and only
+those) a worker may ask this process to call (`run_nested`)."""
+
+
+def _uses(target: Any, found: list[OuterReference]) -> list[str]:
+    """The module-level names ``target`` uses that may be (or become) ``@remote`` functions.
+
+    Those bound to one now, those not defined yet, and the function's own name when it
+    calls itself.
+    """
+    namespace = getattr(target, "__globals__", None)
+    if namespace is None:  # a class: its module's namespace
+        module = inspect.getmodule(target)
+        namespace = vars(module) if module is not None else {}
+    names = [
+        ref.name
+        for ref in found
+        if ref.kind == "undefined"
+        or (
+            ref.kind in ("global", "import")
+            and isinstance(namespace.get(ref.name), RemoteFunction)
+        )
+    ]
+    if inspect.isfunction(target) and _loads_global(target.__code__, target.__name__):
+        names.append(target.__name__)
+    return names
+
+
+def _stubs(target: Any, names: list[str]) -> list[NestedRef] | None:
+    """The stubs of a class's code: the remote functions it uses now."""
+    module = inspect.getmodule(target)
+    namespace = vars(module) if module is not None else {}
+    refs = []
+    for name in names:
+        value = namespace.get(name)
+        if isinstance(value, RemoteFunction):
+            refs.append(value.nested_ref(name))
+            _NESTED[value.key] = value
+    return refs or None
+
+
+def _stub_caller(ref: NestedRef) -> _Caller:
+    """The call path of a stub (`flash_actors.worker.nested`) through a runtime here."""
+    assert ref.template is not None  # noqa: S101 (the stub checks it)
+    resource = resource_from_config(ref.resource_type, ref.endpoint, ref.resource)
+    REGISTRY.register(resource, owner=f"function {ref.label!r}")
+    spec = _Spec(resource, [], [], True, False, ref.method, ref.path)  # noqa: FBT003
+    return _Caller(spec, ref.template, ref.label, key=ref.key)
+
+
+set_caller_factory(_stub_caller)
+
+
+def _loads_global(code: types.CodeType, name: str) -> bool:
+    """True if ``code`` (or code nested in it) may load the global ``name``."""
+    if name in code.co_names:
+        return True
+    return any(
+        isinstance(const, types.CodeType) and _loads_global(const, name)
+        for const in code.co_consts
+    )
+
+
+async def run_nested(
+    key: str, args: tuple[Any, ...], kwargs: dict[str, Any], chain: list[str]
+) -> Any:
+    """A worker's call of ``key``, made here through this context's runtime.
+
+    Raises:
+        ManifestError: ``key`` is no function that code sent from here calls.
+    """
+    fn = _NESTED.get(key)
+    if fn is None:
+        msg = f"function {key!r} is not one that code sent from this process calls"
+        raise ManifestError(msg)
+    if fn._local:  # noqa: SLF001 (local=True: it runs here, as it would for the caller)
+        return await fn(*args, **kwargs)
+    fn.bind_calls()
+    return await fn._caller.remote(args, kwargs, fn._arg_names, chain=chain)  # noqa: SLF001
+
+
+set_nested_runner(run_nested)
 
 
 class RemoteMethod:
@@ -614,7 +823,9 @@ class RemoteInstance(Generic[T]):
 class RemoteClass(Generic[T]):
     """A class decorated with ``@remote``; calling it returns a `RemoteInstance` handle."""
 
-    def __init__(self, cls: type[T], spec: _Spec) -> None:
+    def __init__(
+        self, cls: type[T], spec: _Spec, calls: list[NestedRef] | None = None
+    ) -> None:
         self._cls = cls
         self.__wrapped__ = cls
         self.__name__ = cls.__name__
@@ -624,6 +835,8 @@ class RemoteClass(Generic[T]):
         self.resource_config = spec.resource
         self.local = spec.local
         code, _ = _source(cls, f"class {cls.__qualname__!r}")
+        if calls:
+            code += postamble(calls)
         self.method_args = {
             name: _positional_names(member, skip_self=True)
             for name, member in inspect.getmembers(cls, callable)
@@ -792,10 +1005,11 @@ def remote(
             raise InvalidRemoteTargetError(msg)
         _check_spec(spec, label)
         REGISTRY.register(resource_config, owner=label)
-        warn_outer_references(target, stacklevel=3)
+        found = warn_outer_references(target, stacklevel=3)
+        uses = _uses(target, found)
         if inspect.isclass(target):
-            return RemoteClass(target, spec)
-        function: RemoteFunction[..., Any] = RemoteFunction(target, spec)
+            return RemoteClass(target, spec, _stubs(target, uses))
+        function: RemoteFunction[..., Any] = RemoteFunction(target, spec, uses)
         if spec.method is not None and spec.path is not None:
             REGISTRY.register_route(
                 resource_config.name,
@@ -804,7 +1018,7 @@ def remote(
                 label,
                 function.function_request_template,
             )
-        REGISTRY.register_function(target.__name__, resource_config.name)
+        REGISTRY.register_function(function.key, resource_config.name)
         return function
 
     return decorate

@@ -27,7 +27,7 @@ from flash_actors.resources import set_submitter
 from flash_actors.router import Router
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from types import TracebackType
 
     from flash_actors.jobs import JobOutput
@@ -35,7 +35,13 @@ if TYPE_CHECKING:
     from flash_actors.providers.base import Provider
     from flash_actors.resources import ServerlessResource
 
-__all__ = ["FlashRuntime", "current_runtime", "get_runtime", "runtime"]
+__all__ = [
+    "FlashRuntime",
+    "current_runtime",
+    "get_runtime",
+    "runtime",
+    "set_nested_runner",
+]
 
 ENDPOINT_MAILBOX = 4096
 ENDPOINT_CONCURRENCY = 4096
@@ -48,6 +54,18 @@ _current: ContextVar[FlashRuntime | None] = ContextVar(
 # not inherit a block's context (uvicorn runs the ASGI lifespan in a task of its own, and each
 # request in another) uses the innermost open one, not a second, implicit runtime.
 _open: dict[int, tuple[object, list[FlashRuntime]]] = {}
+
+_nested_runner: (
+    Callable[[str, tuple[Any, ...], dict[str, Any], list[str]], Awaitable[Any]] | None
+) = None
+
+
+def set_nested_runner(
+    runner: Callable[[str, tuple[Any, ...], dict[str, Any], list[str]], Awaitable[Any]],
+) -> None:
+    """How a worker's nested call is made here (`flash_actors.remote.run_nested` sets it)."""
+    global _nested_runner
+    _nested_runner = runner
 
 
 class FlashRuntime:
@@ -93,7 +111,25 @@ class FlashRuntime:
         self._router = self.system.spawn(
             lambda: Router(self), name="router", mailbox_size=ENDPOINT_MAILBOX
         )
+        serve_nested = getattr(self.provider, "serve_nested", None)
+        if serve_nested is not None:  # its workers' nested calls come back through us
+            serve_nested(self._nested_call)
         return self
+
+    async def _nested_call(
+        self,
+        key: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        chain: list[str],
+    ) -> Any:
+        """A worker's call of another remote function, made here in this runtime."""
+        assert _nested_runner is not None  # noqa: S101 (importing flash_actors sets it)
+        token = _current.set(self)
+        try:
+            return await _nested_runner(key, args, kwargs, chain)
+        finally:
+            _current.reset(token)
 
     async def __aexit__(
         self,

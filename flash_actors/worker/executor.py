@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
+from flash_actors.errors import RemoteExecutionError
 from flash_actors.messages import FunctionRequest, FunctionResponse
 from flash_actors.serialization import (
     DecodedRequest,
@@ -48,7 +49,17 @@ from flash_actors.worker.installer import activate
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["BLOCKING", "Blocking", "Emit", "Executor", "invoke", "run_in_thread"]
+__all__ = [
+    "BLOCKING",
+    "CALL_CHAIN",
+    "Blocking",
+    "Emit",
+    "Executor",
+    "Stub",
+    "compile_code",
+    "invoke",
+    "run_in_thread",
+]
 
 Emit = Callable[[FunctionResponse], Awaitable[None]]
 """Receives each chunk of a streaming call."""
@@ -87,6 +98,8 @@ async def run_in_thread(func: Callable[..., Any], *args: Any) -> Any:
 
 
 def _qualified_type(exc: BaseException) -> str:
+    if isinstance(exc, RemoteExecutionError) and exc.remote_type:
+        return exc.remote_type  # a nested call's error, raised on: keep its own type
     cls = type(exc)
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -99,6 +112,54 @@ def _user_traceback(exc: BaseException) -> str:
     ):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb or first))
+
+
+CALL_CHAIN: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "flash_call_chain", default=()
+)
+"""Endpoints waiting on the job running in this context, outermost first (a nested call's
+``call_chain``; see `flash_actors.worker.nested`)."""
+
+
+class Stub:
+    """Base of the objects a function's code binds its remote functions' names to.
+
+    ``flash_target``: for a function that calls itself by name, the function itself (what
+    the worker runs; see `flash_actors.worker.nested`).
+    """
+
+    flash_target: Any = None
+
+
+def compile_code(name: str, code: str) -> Any:
+    """Run ``code`` in a fresh module namespace and return the object it names ``name``.
+
+    Raises:
+        LookupError: the code does not define ``name``.
+    """
+    filename = f"<flash-remote {name}>"
+    linecache.cache[filename] = (
+        len(code),
+        None,
+        code.splitlines(keepends=True),
+        filename,
+    )
+    namespace: dict[str, Any] = {
+        "__name__": "__flash_remote__",
+        "__builtins__": builtins,
+    }
+    exec(  # noqa: S102 (the request's signature was checked by the caller)
+        compile(code, filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True),
+        namespace,
+    )
+    if name not in namespace:
+        msg = f"the code sent for {name!r} does not define {name!r}"
+        raise LookupError(msg)
+    obj = namespace[name]
+    # A function that calls itself has its name bound to a stub (flash_actors.worker.nested)
+    if isinstance(obj, Stub) and obj.flash_target is not None:
+        return obj.flash_target
+    return obj
 
 
 class Executor:
@@ -137,27 +198,7 @@ class Executor:
         cache_key = (name, code)
         obj = self._code_cache.get(cache_key)
         if obj is None:
-            filename = f"<flash-remote {name}>"
-            linecache.cache[filename] = (
-                len(code),
-                None,
-                code.splitlines(keepends=True),
-                filename,
-            )
-            namespace: dict[str, Any] = {
-                "__name__": "__flash_remote__",
-                "__builtins__": builtins,
-            }
-            exec(  # noqa: S102 (the request's signature was checked by the caller)
-                compile(
-                    code, filename, "exec", flags=_COMPILE_FLAGS, dont_inherit=True
-                ),
-                namespace,
-            )
-            if name not in namespace:
-                msg = f"the code sent for {name!r} does not define {name!r}"
-                raise LookupError(msg)
-            obj = namespace[name]
+            obj = compile_code(name, code)
             self._code_cache[cache_key] = obj
         return obj
 
@@ -224,6 +265,8 @@ class Executor:
         signature: str | None = None
         json_result: Any = None
         as_json = req.serialization_format == "json"
+        # a nested call's code sees which endpoints wait on it (flash_actors.worker.nested)
+        chain = CALL_CHAIN.set(tuple(req.call_chain)) if req.call_chain else None
         try:
             if req.dependencies:
                 await activate(req.dependencies)
@@ -256,6 +299,9 @@ class Executor:
                 instance_id=req.instance_id,
                 stdout=stdout or None,
             )
+        finally:
+            if chain is not None:
+                CALL_CHAIN.reset(chain)
         return FunctionResponse(
             success=True,
             result=result,

@@ -67,6 +67,7 @@ from flash_actors.worker.installer import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
     from anyio.abc import TaskGroup
@@ -260,8 +261,10 @@ class WorkerPool:
         start_backoff_s: float = 0.5,
         start_backoff_max_s: float | None = None,
         gpus: EndpointGpus | None = None,
+        worker_env: Callable[[], Awaitable[dict[str, str]]] | None = None,
     ) -> None:
         self.resource = resource
+        self.worker_env = worker_env
         self.gpus = gpus
         if gpus is not None:
             gpus.on_release(lambda: self._wake.set())  # a device to start a worker with
@@ -501,6 +504,7 @@ class WorkerPool:
                 "FLASH_ENDPOINT_KEY": self.key.hex(),
                 "FLASH_WORKER_TOKEN": token,
                 "FLASH_WORKER_ID": worker_id,
+                "FLASH_ENDPOINT_NAME": self.resource.name,
                 "FLASH_PARENT_PID": str(os.getpid()),
                 "FLASH_CACHE_DIR": str(cache_root()),
                 "PYTHONUNBUFFERED": "1",
@@ -508,6 +512,8 @@ class WorkerPool:
                 "MALLOC_TRIM_THRESHOLD_": "268435456",
             }
             env.pop("FLASH_SECRET", None)  # workers hold their endpoint's key only
+            if self.worker_env is not None:
+                env.update(await self.worker_env())
             apply_volume(self.resource, env)  # its network volume, if it has one
             log.info(
                 "worker.start", endpoint=self.resource.name, worker=worker_id, port=port

@@ -11,10 +11,14 @@ Endpoints are isolated from each other: a pool whose workers cannot start fails 
 (see `flash_actors.providers.local.pool`), and a pool that fails outright is logged, its jobs
 fail with `DeliveryError`, and it is run again after a backoff; neither reaches the other
 endpoints or the runtime.
+
+A remote function on a worker that awaits another endpoint's function sends the call back to
+this process (`flash_actors.providers.local.nested`), which runs it through the runtime.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +31,7 @@ from flash_actors.errors import ConfigurationError, RuntimeNotRunningError
 from flash_actors.messages import Route
 from flash_actors.providers.local._processes import Template, template_supported
 from flash_actors.providers.local.gpus import GpuAllocator
+from flash_actors.providers.local.nested import Dispatch, NestedListener
 from flash_actors.providers.local.pool import (
     LocalBackend,
     WorkerPool,
@@ -108,6 +113,21 @@ class LocalProvider:
         self._tg: TaskGroup | None = None
         self._gateway: GatewayProvider | None = None
         self._gateway_lock = anyio.Lock()
+        self.worker_env: dict[str, str] = {}
+        """More environment for every worker (the daemon's: how to reach its data plane)."""
+        self._nested: NestedListener | None = None
+
+    def serve_nested(self, dispatch: Dispatch) -> None:
+        """Let workers make nested calls through ``dispatch`` (the runtime's).
+
+        See `flash_actors.providers.local.nested`.
+        """
+        self._nested = NestedListener(dispatch)
+
+    async def _worker_env(self, endpoint: str) -> dict[str, str]:
+        if self._nested is None or self._tg is None:
+            return self.worker_env
+        return {**self.worker_env, **await self._nested.worker_env(self._tg, endpoint)}
 
     async def __aenter__(self) -> LocalProvider:
         tg = anyio.create_task_group()
@@ -194,6 +214,7 @@ class LocalProvider:
             batch_size=self.batch_size,
             start_backoff_max_s=self.start_backoff_max_s,
             gpus=gpus,
+            worker_env=functools.partial(self._worker_env, resource.name),
         )
         self.pools[resource.name] = pool
         scope = anyio.CancelScope()

@@ -159,6 +159,11 @@ async def _serve_locked(
         sock.listen(1024)
         sock.setblocking(False)  # noqa: FBT003
         gateway.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        # Nested calls of flash workers (one remote function awaiting another's) go to the
+        # data plane as any client's: the API key is the only credential the daemon has.
+        provider.worker_env.update(
+            FLASH_LOCAL_URL=gateway.base_url, FLASH_LOCAL_API_KEY=gateway.api_key
+        )
         # Listening now, and nothing dispatched yet: a caller still waiting gets through.
         _drop_abandoned(gateway, alive_before)
         shutdown = anyio.Event()
