@@ -43,6 +43,7 @@ import msgspec
 
 from flash_actors._scoping import warn_outer_references
 from flash_actors.actors import Envelope, Reply
+from flash_actors.build.manifest import deployed_resource
 from flash_actors.errors import (
     ActorStoppedError,
     ConfigurationError,
@@ -54,7 +55,6 @@ from flash_actors.messages import Call, FunctionRequest
 from flash_actors.policies import CallPolicy, check_payload
 from flash_actors.registry import REGISTRY, resource_from_config
 from flash_actors.resources import LoadBalancerResource, ServerlessResource
-from flash_actors.router import deployed_resource
 from flash_actors.runtime import get_runtime, set_nested_runner
 from flash_actors.serialization import (
     DecodedRequest,

@@ -15,39 +15,17 @@ used, checked against a loaded manifest when it lists the function.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flash_actors.actors import Actor, ActorRef, Forward
+from flash_actors.build.manifest import deployed_resource, find_manifest
 from flash_actors.errors import ManifestError
-from flash_actors.manifest import MANIFEST_PATH
 from flash_actors.messages import Call, Routed
 
 if TYPE_CHECKING:
     from flash_actors.runtime import FlashRuntime
 
-__all__ = ["MANIFEST_ENV", "RESOURCE_ENV", "Router", "deployed_resource"]
-
-MANIFEST_ENV = "FLASH_MANIFEST_PATH"
-RESOURCE_ENV = "FLASH_RESOURCE_NAME"
-"""Set in a deployed worker: the name of the resource whose functions it runs."""
-
-
-def deployed_resource() -> str | None:
-    """The resource this process serves in deployed code (``FLASH_RESOURCE_NAME``), or None."""
-    return os.environ.get(RESOURCE_ENV) or None
-
-
-def _manifest_path() -> Path:
-    """Where a deployed worker's manifest is (see the module docstring)."""
-    named = os.environ.get(MANIFEST_ENV)
-    if named:
-        return Path(named)
-    for path in (Path(MANIFEST_PATH.name), MANIFEST_PATH):
-        if path.is_file():
-            return path
-    return MANIFEST_PATH  # missing: load_manifest says so
+__all__ = ["Router"]
 
 
 class Router(Actor[Routed]):
@@ -62,7 +40,7 @@ class Router(Actor[Routed]):
         """The endpoint of ``call`` by its function's ``module:qualname`` (see module doc)."""
         registry = self._runtime.registry
         if self._deployed is not None and not registry.manifest_functions:
-            registry.load(_manifest_path())  # ManifestError: missing or invalid
+            registry.load(find_manifest())  # ManifestError: missing or invalid
         endpoint = registry.manifest_functions.get(call.key)
         if endpoint is None:
             if self._deployed is None:

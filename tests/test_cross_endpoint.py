@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -448,7 +449,10 @@ def test_deployed_worker_runs_its_own_functions_here_and_routes_the_others(
     out: dict[str, Any] = json.loads(done.stdout)
     assert out["here"] == [3, out["pid"]]
     assert out["runtime"] is False  # no runtime, no worker: it ran in the process
-    assert out["missing"].startswith("no manifest at .flash/flash_manifest.json")
+    assert re.match(
+        r"no manifest at /\S+/flash_manifest\.json: run `flash build` first$",
+        out["missing"],
+    ), out["missing"]
     assert out["there"] == 8
 
 

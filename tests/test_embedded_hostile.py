@@ -373,9 +373,11 @@ async def test_a_worker_that_dies_right_after_it_answers_backs_off(
     tmp_path: Path,
 ) -> None:
     """workersMin=1 and a module that ends the process: restarted at once, a log each."""
-    # the fork template and fresh workers import from the folder they start in (tmp_path)
+    # the fork template and fresh workers import from the folder they start in (tmp_path).
+    # It exits 0.8 s after its import: late enough for the worker to answer first on a
+    # loaded machine, within EARLY_EXIT_S (1 s) of that answer whenever it came.
     (tmp_path / "hostile_dies_soon.py").write_text(
-        "import os, threading\nthreading.Timer(0.2, os._exit, (1,)).start()\n"
+        "import os, threading\nthreading.Timer(0.8, os._exit, (1,)).start()\n"
     )
     provider = LocalProvider(state_dir=tmp_path / ".flash", start_backoff_max_s=1.0)
     async with runtime(provider=provider) as rt:

@@ -31,18 +31,29 @@ if TYPE_CHECKING:
     from flash_actors.build.scanner import ScanResult
 
 __all__ = [
+    "MANIFEST_ENV",
+    "MANIFEST_FILE",
     "MANIFEST_PATH",
     "MANIFEST_VERSION",
+    "RESOURCE_ENV",
     "Manifest",
     "ManifestFunction",
     "ManifestResource",
     "build_manifest",
+    "deployed_resource",
     "encode_manifest",
+    "find_manifest",
     "load_manifest",
     "write_manifest",
 ]
 
-MANIFEST_PATH = Path(".flash") / "flash_manifest.json"
+MANIFEST_FILE = "flash_manifest.json"
+"""The manifest's name (runpod-flash's), at the root of a build folder or in ``.flash/``."""
+MANIFEST_PATH = Path(".flash") / MANIFEST_FILE
+MANIFEST_ENV = "FLASH_MANIFEST_PATH"
+"""Where a deployed process reads its manifest (runpod-flash's name for it)."""
+RESOURCE_ENV = "FLASH_RESOURCE_NAME"
+"""The resource a deployed process serves (runpod-flash's name for it)."""
 #: ``1.0`` is runpod-flash's; ``1.1`` adds module-qualified keys, calls and the fingerprint.
 MANIFEST_VERSION = "1.1"
 _KNOWN_MAJOR = "1"
@@ -112,6 +123,28 @@ class Manifest(msgspec.Struct, kw_only=True, frozen=True):
 
 
 _decoder = msgspec.json.Decoder(Manifest)
+
+
+def deployed_resource() -> str | None:
+    """The resource this process serves as deployed code (``FLASH_RESOURCE_NAME``), or None."""
+    return os.environ.get(RESOURCE_ENV) or None
+
+
+def find_manifest(folder: Path | None = None) -> Path:
+    """The manifest a deployed process reads.
+
+    ``FLASH_MANIFEST_PATH`` when set, else ``flash_manifest.json`` in ``folder`` (default:
+    the working folder, where an unpacked archive has it), else ``.flash/flash_manifest.json``
+    there. When none exists, the first (`load_manifest` then says it is missing).
+    """
+    configured = os.environ.get(MANIFEST_ENV)
+    if configured:
+        return Path(configured)
+    base = Path.cwd() if folder is None else folder
+    for candidate in (base / MANIFEST_FILE, base / MANIFEST_PATH):
+        if candidate.is_file():
+            return candidate
+    return base / MANIFEST_FILE
 
 
 def load_manifest(path: Path | str = MANIFEST_PATH) -> Manifest:

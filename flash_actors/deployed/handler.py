@@ -43,7 +43,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from flash_actors.build.manifest import MANIFEST_PATH, load_manifest
+from flash_actors.build.manifest import (
+    MANIFEST_ENV,
+    MANIFEST_FILE,
+    MANIFEST_PATH,
+    RESOURCE_ENV,
+    find_manifest,
+    load_manifest,
+)
 from flash_actors.errors import (
     ConfigurationError,
     FlashRuntimeError,
@@ -61,27 +68,17 @@ if TYPE_CHECKING:
     from flash_actors.messages import FunctionResponse
 
 __all__ = [
-    "MANIFEST_ENV",
-    "MANIFEST_FILE",
-    "RESOURCE_ENV",
     "ArgumentError",
     "DeployedExecutor",
     "DeployedFunction",
     "DeployedHandler",
     "DeployedResource",
-    "find_manifest",
     "job_result",
     "key_from_env",
     "load_resource",
     "worker_env",
 ]
 
-MANIFEST_FILE = "flash_manifest.json"
-"""The manifest's name in a build folder (runpod-flash's)."""
-RESOURCE_ENV = "FLASH_RESOURCE_NAME"
-"""The resource a deployed worker serves (runpod-flash's name for it)."""
-MANIFEST_ENV = "FLASH_MANIFEST_PATH"
-"""Where a deployed worker reads its manifest (runpod-flash's name for it)."""
 _CODE_FIELDS = ("function_code", "class_code")
 
 
@@ -95,17 +92,6 @@ def worker_env(env: Mapping[str, str]) -> dict[str, str]:
     root = str(_root_of(find_manifest(Path.cwd())).resolve())
     paths = [root, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)]
     return {**env, "PYTHONPATH": os.pathsep.join(paths)}
-
-
-def find_manifest(build_dir: Path) -> Path:
-    """The manifest a deployed worker of ``build_dir`` reads (see the module docstring)."""
-    configured = os.environ.get(MANIFEST_ENV)
-    if configured:
-        return Path(configured)
-    for candidate in (build_dir / MANIFEST_FILE, build_dir / MANIFEST_PATH):
-        if candidate.is_file():
-            return candidate
-    return build_dir / MANIFEST_FILE
 
 
 class ArgumentError(TypeError):

@@ -14,14 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flash_actors.deployed.handler import (
-    MANIFEST_ENV,
-    RESOURCE_ENV,
-    DeployedHandler,
-    find_manifest,
-    key_from_env,
-    load_resource,
-)
+from flash_actors.build.manifest import MANIFEST_ENV, RESOURCE_ENV, find_manifest
+from flash_actors.deployed.handler import DeployedHandler, key_from_env, load_resource
 from flash_actors.errors import ConfigurationError, ManifestError
 
 __all__ = ["main"]

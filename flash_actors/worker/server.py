@@ -54,6 +54,7 @@ from aiohttp import web
 
 from flash_actors._lifeline import die_with_parent
 from flash_actors._private import open_private
+from flash_actors.build.manifest import deployed_resource
 from flash_actors.messages import FunctionRequest, FunctionResponse, Route
 from flash_actors.serialization import verify_request
 from flash_actors.worker import _capture, isolation
@@ -511,7 +512,7 @@ def _run(sock: socket.socket, routes_path: str | None) -> None:
         with open(routes_path, "rb") as f:
             routes = msgspec.json.decode(f.read(), type=list[Route])
     sock.setblocking(False)  # noqa: FBT003
-    resource = os.environ.get("FLASH_RESOURCE_NAME")
+    resource = deployed_resource()
     if resource:  # deployed mode: the resource's functions from the build's manifest
         from flash_actors.deployed.app import deployed_worker
         from flash_actors.deployed.handler import worker_env
