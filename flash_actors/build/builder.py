@@ -38,6 +38,7 @@ from flash_actors.build.dependencies import (
     plan_dependencies,
 )
 from flash_actors.build.handlers import write_handlers
+from flash_actors.build.imports import check_imports
 from flash_actors.build.manifest import (
     MANIFEST_PATH,
     Manifest,
@@ -208,6 +209,7 @@ def build_project(
         copy_runtime(build_dir)
         shipped = project_files(root)
         _copy_sources(root, shipped, build_dir)
+        check_imports(build_dir, shipped, base_image=plan.excluded)
         _write_atomic(build_dir / MANIFEST_NAME, manifest_bytes)
         handlers = write_handlers(manifest, build_dir)
         say(f"packing {output}")
