@@ -301,6 +301,7 @@ def test_fast_transfers_are_enabled_only_when_importable_and_not_set_by_the_user
     monkeypatch.setenv("FLASH_DOWNLOAD_ENV", json.dumps({"HF_HOME": "/vol/.hf-cache"}))
     monkeypatch.setattr(flash_volumes, "_base", {})  # a fresh worker's state
     monkeypatch.setattr(flash_volumes, "_transfers_found", set())
+    monkeypatch.setattr(flash_volumes, "_transfers_missing", {})
     apply_downloads(True)
     if "hf_transfer" not in sys.modules and not _importable("hf_transfer"):
         assert "HF_HUB_ENABLE_HF_TRANSFER" not in os.environ
