@@ -80,12 +80,17 @@ _base: dict[str, str | None] = {}
 """The worker's own value (``None``: unset) of each variable `apply_downloads` changed."""
 _transfers_found: set[str] = set()
 _transfers_missing: dict[str, tuple[str, ...]] = {}
+_download_env: tuple[str, dict[str, str]] = ("{}", {})
 """Modules not found, with the import path they were looked up on."""
 
 
 def _accelerated() -> dict[str, str]:
     """What ``accelerate_downloads=True`` sets on this worker."""
-    wanted: dict[str, str] = json.loads(os.environ.get(DOWNLOAD_ENV) or "{}")
+    global _download_env
+    raw = os.environ.get(DOWNLOAD_ENV) or "{}"
+    if _download_env[0] != raw:  # parsed once per value, not per job
+        _download_env = (raw, json.loads(raw))
+    wanted = dict(_download_env[1])
     for module, variable in _FAST_TRANSFERS:
         if _base.get(variable, os.environ.get(variable)) is not None:
             continue  # the endpoint's or the user's own setting stands
