@@ -23,6 +23,9 @@ import anyio
 import httpx
 import pytest
 from aiohttp import web
+from fastapi import (
+    Request,
+)  # a module global: FastAPI resolves handler annotations here
 
 from flash_actors import CpuLiveServerless, current_runtime, remote, runtime
 from flash_actors.actors._hosting import current_hosted
@@ -205,3 +208,63 @@ async def test_fastapi_lifespan_in_its_own_task_serves_handlers(tmp_path: Path) 
         )  # the loop still runs: the lifespan stopped them
         kill_all(workers)
     assert current_hosted() is None
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+async def test_fastapi_client_disconnect_cancels_the_job_with_cancel_on_disconnect(
+    tmp_path: Path,
+) -> None:
+    import uvicorn
+    from fastapi import FastAPI
+
+    from flash_actors.web import ClientDisconnectedError, cancel_on_disconnect
+
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    raised: list[BaseException] = []
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with runtime(provider=provider):
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/tick")
+    async def ticking(request: Request) -> str:
+        try:
+            await cancel_on_disconnect(request, tick(str(tmp_path)))
+        except ClientDisconnectedError as exc:
+            raised.append(exc)
+            raise
+        return "never"
+
+    @app.get("/square")
+    async def squared(request: Request, x: int) -> Any:
+        job = await cancel_on_disconnect(request, square(x))
+        return job.output
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
+    serving = asyncio.ensure_future(server.serve(sockets=[sock]))
+    workers: list[int] = []
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        async with httpx.AsyncClient(base_url=url) as client:
+            assert (await client.get("/square", params={"x": 7})).json() == 49
+        async with httpx.AsyncClient(base_url=url) as client:
+            call = asyncio.ensure_future(client.get("/tick"))
+            worker = int(await _wait_file(tmp_path / "pid"))
+            call.cancel()  # the client goes away
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        # the job on its worker was cancelled (its finally ran), the handler saw why
+        await _wait_file(tmp_path / "stopped", 10)
+        assert len(raised) == 1
+        workers = descendants(os.getpid())
+        assert worker in workers
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+        assert wait_gone(workers) == []
+        kill_all(workers)
