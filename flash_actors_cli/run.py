@@ -152,6 +152,8 @@ def _show(routes: list[Any], skipped: list[str], url: str) -> None:
         print(f"  {route.method:<6} {url}{route.path}  -> {route.key} ({kind})")
     for key in skipped:
         print(f"  (no dev route for the @remote class {key})")
+    if not routes:
+        print("  (no @remote functions found: only main.py's routes, if any)")
     print("Press Ctrl-C to stop.", flush=True)
 
 

@@ -28,6 +28,22 @@ async def add(a: int, b: int = 10) -> dict:
     return {"sum": a + b}
 '''
 
+MULTI = """\
+from flash_actors import CpuLiveServerless, remote
+
+config = CpuLiveServerless(name="dev-bar", workersMax=1)
+
+
+@remote(resource_config=config)
+async def pong() -> str:
+    return "pong"
+
+
+@remote(resource_config=config)
+def shout(text: str) -> str:
+    return text.upper()
+"""
+
 LB = """\
 from flash_actors import CpuLiveLoadBalancer, remote
 
@@ -98,7 +114,7 @@ def test_serves_queue_lb_and_main_routes_with_dotenv(tmp_path: Path) -> None:
     port = free_port()
     folder = _project(
         tmp_path,
-        **{"main.py": MAIN, "foo.py": QUEUE, "api.py": LB},
+        **{"main.py": MAIN, "foo.py": QUEUE, "api.py": LB, "bar.py": MULTI},
         **{".env": f"FLASH_PORT={port}\nDEV_GREETING=from-dotenv\n"},
     )
     with DevServer(folder, "--no-reload") as server:
@@ -122,6 +138,13 @@ def test_serves_queue_lb_and_main_routes_with_dotenv(tmp_path: Path) -> None:
         assert default.json()["output"] == {"sum": 15}
         bad = httpx.post(f"{base}/foo/runsync", json={"input": {"c": 1}}, timeout=30)
         assert bad.status_code == 422, bad.text
+        # two queue functions in one file: one route each; no parameters: no body needed
+        pong = httpx.post(f"{base}/bar/pong/runsync", timeout=30)
+        assert pong.json()["output"] == "pong", pong.text
+        shout = httpx.post(
+            f"{base}/bar/shout/runsync", json={"input": {"text": "hi"}}, timeout=30
+        )
+        assert shout.json()["output"] == "HI", shout.text
         # load-balancer routes under their module's prefix
         scaled = httpx.post(
             f"{base}/api/scale", json={"values": [1, 2], "factor": 3}, timeout=30
@@ -138,17 +161,25 @@ def test_serves_queue_lb_and_main_routes_with_dotenv(tmp_path: Path) -> None:
         assert server.remember(), "no worker process was started"
 
 
-def test_port_taken_moves_to_the_next_free_one(tmp_path: Path) -> None:
-    folder = _project(tmp_path, **{"main.py": MAIN})
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
+def _taken_port_with_a_free_next() -> socket.socket:
+    """A listening socket on 127.0.0.1 whose port + 1 is free now."""
+    for _ in range(50):
+        taken = socket.create_server(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port + 1))
             except OSError:
-                pytest.skip(f"port {port + 1} is in use on this machine")
+                taken.close()
+                continue
+        return taken
+    pytest.fail("no free pair of ports on 127.0.0.1")
+
+
+def test_port_taken_moves_to_the_next_free_one(tmp_path: Path) -> None:
+    folder = _project(tmp_path, **{"main.py": MAIN})
+    with _taken_port_with_a_free_next() as taken:
+        port = taken.getsockname()[1]
         with DevServer(
             folder, "--no-reload", "--host", "127.0.0.1", "--port", str(port)
         ) as server:

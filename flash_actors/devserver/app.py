@@ -218,13 +218,15 @@ def _queue_handler(route: DevRoute, fn: RemoteFunction[..., Any]) -> Callable[..
     inner = fn.__wrapped__
     model = _input_model(f"{route.resource}_{fn.__wrapped__.__name__}_input", inner)
     body_type: Any = model if model is not None else dict[str, Any]
+    # a function without parameters takes no body (as Flash's); {"input": {}} works too
+    takes_none = model is not None and not model.model_fields
     request_model = pydantic.create_model(
         f"{route.resource}_{fn.__wrapped__.__name__}_request",
-        input=(body_type, ...),
+        input=(body_type, {} if takes_none else ...),
     )
 
-    async def runsync(body: Any) -> Any:
-        kwargs = _kwargs(body.input)
+    async def runsync(body: Any = None) -> Any:
+        kwargs = _kwargs(body.input) if body is not None else {}
         _bad_arguments(route.key, kwargs, inner)
         try:
             result = await fn(**kwargs)
@@ -235,7 +237,10 @@ def _queue_handler(route: DevRoute, fn: RemoteFunction[..., Any]) -> Callable[..
     runsync.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         [
             inspect.Parameter(
-                "body", inspect.Parameter.KEYWORD_ONLY, annotation=request_model
+                "body",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=request_model,
+                default=None if takes_none else inspect.Parameter.empty,
             )
         ]
     )
