@@ -145,8 +145,13 @@ def _check_extra() -> None:
         raise _Refused(msg)
 
 
-def _show(routes: list[Any], skipped: list[str], url: str) -> None:
+def _show(
+    routes: list[Any], skipped: list[str], url: str, *, auto_provision: bool
+) -> None:
     print(f"Serving on {url}  (API explorer: {url}/docs)", flush=True)
+    if auto_provision:
+        names = sorted({route.resource for route in routes})
+        print(f"Starting the workers of {', '.join(names) or 'no endpoint'} now")
     for route in routes:
         kind = "queue" if route.kind == "queue" else "load balancer"
         print(f"  {route.method:<6} {url}{route.path}  -> {route.key} ({kind})")
@@ -189,7 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
     os.environ[PROJECT_ENV] = str(project)
     os.environ[AUTO_PROVISION_ENV] = "1" if args.auto_provision else "0"
     if args.reload:
-        _show(routes, skipped, url)
+        _show(routes, skipped, url, auto_provision=args.auto_provision)
         uvicorn.run(
             "flash_actors.devserver:create_app",
             factory=True,
@@ -209,7 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
             traceback.print_exc()
         msg = f"cannot import the project: {type(exc).__name__}: {exc}: fix it (-v shows the traceback)"
         raise _Refused(msg) from exc
-    _show(routes, skipped, url)
+    _show(routes, skipped, url, auto_provision=args.auto_provision)
     uvicorn.run(
         app, host=host, port=port, log_level="info" if args.verbose else "warning"
     )
