@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest browser bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "flash-actors needs Python 3.11+; set PYTHON=python3.11 (or newer)")'
@@ -30,8 +30,19 @@ typecheck: $(STAMP)
 # well (about 5 minutes instead of 12 here); PYTEST_WORKERS=0 runs them in one process.
 PYTEST_WORKERS ?= 4
 
-pytest: $(STAMP)
+pytest: $(STAMP) browser
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
+
+# tests/test_cli_run.py checks `flash run`'s /docs in Debian's chromium: installed when missing
+# and possible (root with apt-get); otherwise that one test skips, saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium (apt-get) for the /docs browser test"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends chromium >/dev/null; } \
+		|| echo "make: could not install chromium: the /docs browser test will skip"; \
+	else echo "make: chromium is missing (installing it needs root and apt-get): the /docs browser test will skip"; fi
 
 test: lint typecheck pytest
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 import flash_actors
-from flash_actors_cli import build, local
+from flash_actors_cli import build, init as init_command, local, run as run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     local.add_parser(commands)
     build.add_parser(commands)
+    init_command.add_parser(commands)
+    run_command.add_parser(commands)
     return parser
 
 
@@ -37,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "build":
         return build.run(args)
+    if args.command == "init":
+        return init_command.run(args)
+    if args.command == "run":
+        return run_command.run(args)
     return local.run(args)
 
 
