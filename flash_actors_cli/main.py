@@ -6,7 +6,7 @@ import argparse
 import sys
 
 import flash_actors
-from flash_actors_cli import build, local
+from flash_actors_cli import apps, build, deploy, local
 
 __all__ = ["build_parser", "main"]
 
@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     local.add_parser(commands)
     build.add_parser(commands)
+    deploy.add_parser(commands)
+    deploy.add_undeploy_parser(commands)
+    apps.add_parsers(commands)
     return parser
 
 
@@ -37,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "build":
         return build.run(args)
+    runners = {
+        "deploy": deploy.run_deploy,
+        "undeploy": deploy.run_undeploy,
+        "env": apps.run_env,
+        "app": apps.run_app,
+    }
+    if args.command in runners:
+        return runners[args.command](args)
     return local.run(args)
 
 
