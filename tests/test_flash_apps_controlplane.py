@@ -43,6 +43,11 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         running.stop()
 
 
+def url_of(daemon: Daemon) -> str:
+    assert daemon.record is not None
+    return url_of(daemon)
+
+
 def gql(daemon: Daemon, query: str, variables: dict[str, Any] | None = None) -> Any:
     with daemon.client() as client:
         answer = client.post(
@@ -102,7 +107,8 @@ def upload(daemon: Daemon, app_id: str, blob: bytes) -> dict[str, Any]:
 
 def test_apps_and_environments_in_both_request_forms(daemon: Daemon) -> None:
     app = ok(daemon, q.CREATE_APP, {"input": {"name": "demo"}})["createFlashApp"]
-    assert len(app["id"]) == 36 and app["name"] == "demo"  # a UUID, as RunPod's
+    assert len(app["id"]) == 36  # a UUID, as RunPod's
+    assert app["name"] == "demo"
     # The inline form (values written into the document) gives the same answers.
     inline = 'mutation { createFlashEnvironment(input: {flashAppId: "%s", name: "prod"}) { id name } }'
     env = ok(daemon, inline % app["id"])["createFlashEnvironment"]
@@ -135,17 +141,19 @@ def test_apps_and_environments_in_both_request_forms(daemon: Daemon) -> None:
     assert {e["name"] for e in listed[0]["flashEnvironments"]} == {"prod", "staging"}
     assert {e["state"] for e in listed[0]["flashEnvironments"]} == {"PENDING"}
     by_name = ok(daemon, q.GET_APP_BY_NAME, {"flashAppName": "demo"})["flashAppByName"]
-    assert by_name["id"] == app["id"] and by_name["flashBuilds"] == []
+    assert by_name["id"] == app["id"]
+    assert by_name["flashBuilds"] == []
     envs = ok(daemon, q.LIST_ENVIRONMENTS, {"flashAppId": app["id"]})["flashApp"]
     assert len(envs["flashEnvironments"]) == 2
     one = ok(daemon, q.GET_ENVIRONMENT, {"flashEnvironmentId": env["id"]})[
         "flashEnvironment"
     ]
-    assert one["activeBuildId"] is None and one["endpoints"] == []
+    assert one["activeBuildId"] is None
+    assert one["endpoints"] == []
     inline_by_name = (
-        'query { flashEnvironmentByName(input: {flashAppId: "%s", name: "staging"}) '
-        "{ id state } }"
-    ) % app["id"]
+        f'query {{ flashEnvironmentByName(input: {{flashAppId: "{app["id"]}", '
+        'name: "staging"}) { id state } }'
+    )
     assert ok(daemon, inline_by_name)["flashEnvironmentByName"]["id"] == staging["id"]
 
     # Deleting the environment forgets it; deleting the app forgets the rest.
@@ -254,7 +262,7 @@ def test_uploads_are_refused_without_a_valid_token_or_with_the_wrong_size(
         {"input": {"flashAppId": app["id"], "tarballSize": len(blob)}},
     )["prepareFlashArtifactUpload"]
     url = target["uploadUrl"]
-    assert url.startswith(daemon.record.url + "/flash/v1/uploads/")  # type: ignore[union-attr]
+    assert url.startswith(url_of(daemon) + "/flash/v1/uploads/")
     bad = url[:-4] + ("aaaa" if not url.endswith("aaaa") else "bbbb")
     answer = httpx.put(bad, content=blob)
     assert answer.status_code == 403
@@ -277,10 +285,8 @@ def test_uploads_are_refused_without_a_valid_token_or_with_the_wrong_size(
         httpx.put(url, content=blob).status_code == 200
     )  # a failed PUT may be sent again
     again = httpx.put(url, content=blob)
-    assert (
-        again.status_code == 403
-        and again.json()["error"] == "this upload URL was used already"
-    )
+    assert again.status_code == 403
+    assert again.json()["error"] == "this upload URL was used already"
     assert ok(daemon, q.FINALIZE_UPLOAD, finalize)["finalizeFlashArtifactUpload"]["id"]
     # Over RunPod's 500 MiB: refused when asking for the URL, and from Content-Length.
     too_big = {"input": {"flashAppId": app["id"], "tarballSize": 500 * 2**20 + 1}}
@@ -294,7 +300,7 @@ def test_uploads_are_refused_without_a_valid_token_or_with_the_wrong_size(
     )
     # A Content-Length over the limit is refused before any byte of the body is read.
     huge = urlsplit(small["prepareFlashArtifactUpload"]["uploadUrl"])
-    with socket.create_connection((huge.hostname, huge.port)) as sock:  # type: ignore[arg-type]
+    with socket.create_connection((huge.hostname, huge.port)) as sock:
         sock.sendall(
             f"PUT {huge.path} HTTP/1.1\r\nHost: {huge.netloc}\r\n"
             f"Content-Length: {600 * 2**20}\r\n\r\n".encode()
@@ -302,11 +308,9 @@ def test_uploads_are_refused_without_a_valid_token_or_with_the_wrong_size(
         assert sock.recv(100).startswith(b"HTTP/1.1 413 ")
     # Every other route still needs the API key.
     assert (
-        httpx.post(
-            daemon.record.url + "/graphql", json={"query": q.LIST_APPS}
-        ).status_code
+        httpx.post(url_of(daemon) + "/graphql", json={"query": q.LIST_APPS}).status_code
         == 401
-    )  # type: ignore[union-attr]
+    )
 
 
 def test_a_daemon_killed_mid_upload_leaves_a_consistent_store(daemon: Daemon) -> None:
@@ -319,7 +323,7 @@ def test_a_daemon_killed_mid_upload_leaves_a_consistent_store(daemon: Daemon) ->
     )["prepareFlashArtifactUpload"]
     url = urlsplit(target["uploadUrl"])
     uploads = daemon.state_dir / "uploads"
-    with socket.create_connection((url.hostname, url.port)) as sock:  # type: ignore[arg-type]
+    with socket.create_connection((url.hostname, url.port)) as sock:
         head = (
             f"PUT {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
             f"Content-Type: application/gzip\r\nContent-Length: {len(blob)}\r\n\r\n"
@@ -341,12 +345,12 @@ def test_a_daemon_killed_mid_upload_leaves_a_consistent_store(daemon: Daemon) ->
     assert (
         httpx.put(
             target["uploadUrl"].replace(
-                str(url.port), str(urlsplit(daemon.record.url).port)
+                str(url.port), str(urlsplit(url_of(daemon)).port)
             ),
             content=blob,
         ).status_code
         == 403
-    )  # type: ignore[union-attr]
+    )
     build = upload(daemon, app["id"], blob)
     builds = ok(daemon, q.LIST_BUILDS, {"flashAppId": app["id"]})["flashApp"][
         "flashBuilds"
