@@ -190,8 +190,8 @@ def confirm(question: str, *, expect: str | None = None) -> bool:
         answer = sys.stdin.readline()
     except (OSError, ValueError):
         answer = ""
-    if not answer:
-        print(file=sys.stderr)
+    if not answer or not sys.stdin.isatty():
+        print(file=sys.stderr)  # the answer was not echoed: end the prompt's line
     answer = answer.strip()
     if expect is not None:
         return answer == expect

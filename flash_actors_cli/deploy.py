@@ -305,8 +305,9 @@ async def send(args: argparse.Namespace) -> int:
     manifest = await anyio.to_thread.run_sync(_load_build, archive)
     async with connect(args) as target:
         apps = target.apps
-        app = await find_app(target, app_name(args), create=not args.dry_run)
-        env = await apps.environment_by_name(app["id"], args.env)
+        name = app_name(args)
+        found = await apps.app_by_name(name)
+        env = await apps.environment_by_name(found["id"], args.env) if found else None
         old_manifest = None
         if env is not None and env.get("activeBuildId"):
             old_manifest = (await apps.build(env["activeBuildId"])).get("manifest")
@@ -318,6 +319,7 @@ async def send(args: argparse.Namespace) -> int:
             if args.json:
                 print_json(changes)
             return 0
+        app = found or await find_app(target, name, create=True)
         if env is None:
             env = await apps.create_environment(app["id"], args.env)
             say(f"created environment {args.env!r} in app {app['name']!r}")
@@ -390,7 +392,9 @@ async def _undeploy(args: argparse.Namespace) -> int:
             return 0
         name = args.name
         matches = [
-            e for e in endpoints if name in (e.get("name"), e.get("id"), f"live-{name}")
+            e
+            for e in endpoints
+            if e.get("id") == name or e.get("name") in (name, f"live-{name}")
         ]
         if not matches:
             known = sorted(str(e.get("name")) for e in endpoints)
