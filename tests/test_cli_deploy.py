@@ -7,6 +7,7 @@ talks to the daemon on 127.0.0.1 over runpod-flash's GraphQL operations.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,11 +41,16 @@ def daemon(project: Path) -> Iterator[Daemon]:
 
 
 def flash(
-    *args: str, cwd: Path, stdin: str = "", timeout: float = 120
+    *args: str,
+    cwd: Path,
+    stdin: str = "",
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "flash_actors_cli.main", *args],
         cwd=cwd,
+        env={**os.environ, **env} if env else None,
         input=stdin,
         capture_output=True,
         text=True,
@@ -105,6 +111,21 @@ def test_environments_and_apps(daemon: Daemon, project: Path) -> None:
     missing = fails("app", "get", "nope", cwd=project)
     assert missing[0].startswith("flash: error: flash local (http://127.0.0.1:")
     assert missing[0].endswith(") has no Flash app named 'nope'")
+
+    # The same client code against "RunPod" (here the daemon, through RunPod's variables).
+    record = daemon.record
+    assert record is not None
+    runpod = {
+        "FLASH_PROVIDER": "runpod",
+        "RUNPOD_API_BASE_URL": record.url,
+        "RUNPOD_API_KEY": record.api_key,
+        "RUNPOD_URL_MIXED_OK": "1",
+    }
+    done = flash("app", "list", "--json", cwd=project, env=runpod)
+    assert done.returncode == 0, done.stderr
+    assert [a["name"] for a in json.loads(done.stdout)] == ["myapp"]
+    done = flash("app", "list", cwd=project, env=runpod)
+    assert f"apps on RunPod ({record.url})" in done.stdout
 
     info = as_json("deploy", "info", "production", cwd=project)
     assert info["state"] == "PENDING"
