@@ -80,6 +80,7 @@ def fails(*args: str, cwd: Path, stdin: str = "") -> list[str]:
     ]
 
 
+@pytest.mark.slow  # ~20 commands at ~1 s of interpreter start each
 def test_environments_and_apps(daemon: Daemon, project: Path) -> None:
     out = ok("deploy", "new", "production", cwd=project)
     assert out.startswith("created environment 'production' in app 'myapp' (")
@@ -139,6 +140,7 @@ def test_environments_and_apps(daemon: Daemon, project: Path) -> None:
     ]
 
 
+@pytest.mark.slow  # ~20 commands at ~1 s of interpreter start each
 def test_send_needs_a_build_and_delete_asks_twice(
     daemon: Daemon, project: Path
 ) -> None:

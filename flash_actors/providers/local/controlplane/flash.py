@@ -288,11 +288,17 @@ class ControlPlane(base.ControlPlane):
         }
 
     def _env_view(self, env: EnvironmentRecord) -> dict[str, Any]:
-        running = {e for e in env.resources.values() if e}
+        running = {e: name for name, e in env.resources.items() if e}
         endpoints = [
             self._endpoint_view(e)
             for e in self.state.endpoints.values()
             if e.flashEnvironmentId == env.id or e.id in running
+        ]
+        listed = {e["id"] for e in endpoints}
+        endpoints += [  # started from the archive, not saved through GraphQL
+            {"id": endpoint, "name": name, "flashEnvironmentId": env.id}
+            for endpoint, name in running.items()
+            if endpoint not in listed
         ]
         if env.activeBuildId is None:
             state = "PENDING"
