@@ -436,3 +436,32 @@ def test_runpod_flash_own_client_drives_the_flash_operations(daemon: Daemon) -> 
         "deleted_app": True,
     }
     assert out["artifact"].endswith(".tar.gz")
+
+
+def test_a_restart_unpacks_deployed_builds_again_and_drops_leftovers(
+    daemon: Daemon,
+) -> None:
+    app = ok(daemon, q.CREATE_APP, {"input": {"name": "demo"}})["createFlashApp"]
+    env = ok(
+        daemon,
+        q.CREATE_ENVIRONMENT,
+        {"input": {"flashAppId": app["id"], "name": "prod"}},
+    )["createFlashEnvironment"]
+    build = upload(daemon, app["id"], archive({"a.txt": b"a"}))
+    deploy = {"flashEnvironmentId": env["id"], "flashBuildId": build["id"]}
+    ok(daemon, q.DEPLOY_BUILD, {"input": deploy})
+    daemon.down()
+    folder = daemon.state_dir / "deployments" / env["id"]
+    for entry in (folder / build["id"]).iterdir():
+        entry.unlink()
+    (folder / build["id"]).rmdir()  # as if killed before the folder was renamed in
+    (folder / ".half.unpacking").mkdir()
+    (daemon.state_dir / "builds" / "orphan.tar.gz").write_bytes(b"x")
+    (daemon.state_dir / "deployments" / "gone-env").mkdir()
+    daemon.up()
+    assert (folder / build["id"] / "a.txt").read_text() == "a"
+    assert sorted(p.name for p in folder.iterdir()) == [build["id"]]
+    assert not (daemon.state_dir / "builds" / "orphan.tar.gz").exists()
+    assert not (daemon.state_dir / "deployments" / "gone-env").exists()
+    state = ok(daemon, q.GET_ENVIRONMENT, {"flashEnvironmentId": env["id"]})
+    assert state["flashEnvironment"]["activeBuildId"] == build["id"]
