@@ -45,7 +45,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
 
 def url_of(daemon: Daemon) -> str:
     assert daemon.record is not None
-    return url_of(daemon)
+    return daemon.record.url
 
 
 def gql(daemon: Daemon, query: str, variables: dict[str, Any] | None = None) -> Any:
