@@ -6,7 +6,9 @@ import argparse
 import sys
 
 import flash_actors
-from flash_actors_cli import build, init as init_command, local, run as run_command
+from flash_actors_cli import apps, build, deploy, local
+from flash_actors_cli import init as init_command
+from flash_actors_cli import run as run_command
 
 __all__ = ["build_parser", "main"]
 
@@ -27,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_parser(commands)
     init_command.add_parser(commands)
     run_command.add_parser(commands)
+    deploy.add_parser(commands)
+    deploy.add_undeploy_parser(commands)
+    apps.add_parsers(commands)
     return parser
 
 
@@ -37,13 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "build":
-        return build.run(args)
-    if args.command == "init":
-        return init_command.run(args)
-    if args.command == "run":
-        return run_command.run(args)
-    return local.run(args)
+    runners = {
+        "build": build.run,
+        "init": init_command.run,
+        "run": run_command.run,
+        "deploy": deploy.run_deploy,
+        "undeploy": deploy.run_undeploy,
+        "env": apps.run_env,
+        "app": apps.run_app,
+        "local": local.run,
+    }
+    return runners[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The control plane's records: endpoints and templates, kept in one private file.
+"""The control plane's records: endpoints, templates and Flash apps, kept in one private file.
 
 ``<state folder>/controlplane.json`` (0600, see `flash_actors._private`) holds every endpoint
-and template saved through GraphQL. It is rewritten whole on each change, atomically (a
+and template saved through GraphQL, and every Flash app, environment and build. It is rewritten whole on each change, atomically (a
 temporary file, fsync, rename), so a crash leaves the old or the new state and never half of
 one; the daemon reads it back at start. Ids look like RunPod's: 14 lowercase letters and
-digits for an endpoint, 10 for a template, random, and kept for the record's life.
+digits for an endpoint, 10 for a template, random, and kept for the record's life; Flash
+apps, environments and builds get UUIDs, as RunPod gives them. A build's archive lives in
+``builds/<build id>.tar.gz`` beside the file (written before its record, see `ControlPlane`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import string
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,10 +27,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STATE_NAME",
+    "AppRecord",
+    "BuildRecord",
     "ControlPlaneState",
     "EndpointRecord",
+    "EnvironmentRecord",
     "TemplateRecord",
     "new_id",
+    "new_uuid",
 ]
 
 STATE_NAME = "controlplane.json"
@@ -42,6 +49,11 @@ def new_id(length: int, taken: Any = ()) -> str:
         candidate = "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
         if candidate not in taken:
             return candidate
+
+
+def new_uuid() -> str:
+    """A random UUID (RunPod's Flash ids look like this)."""
+    return str(uuid.uuid4())
 
 
 class TemplateRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,9 +105,47 @@ class EndpointRecord(msgspec.Struct, frozen=True, kw_only=True):
     version: int = 0
 
 
+class AppRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A Flash app: a name (unique) owning environments and builds."""
+
+    id: str
+    name: str
+    createdAt: str
+
+
+class BuildRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """An uploaded build: its archive (``builds/<id>.tar.gz``), size, digest and manifest."""
+
+    id: str
+    flashAppId: str
+    objectKey: str
+    createdAt: str
+    size: int
+    sha256: str
+    manifest: Any = None
+
+
+class EnvironmentRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A Flash environment of an app, and the build it runs.
+
+    ``resources`` maps each resource of the active build to the endpoint id it runs as, or
+    None while it is not started (see ``controlplane.deployments``).
+    """
+
+    id: str
+    name: str
+    flashAppId: str
+    createdAt: str
+    activeBuildId: str | None = None
+    resources: dict[str, str | None] = {}
+
+
 class _File(msgspec.Struct, kw_only=True):
     endpoints: list[EndpointRecord] = []
     templates: list[TemplateRecord] = []
+    apps: list[AppRecord] = []
+    environments: list[EnvironmentRecord] = []
+    builds: list[BuildRecord] = []
 
 
 _decoder = msgspec.json.Decoder(_File)
@@ -112,6 +162,9 @@ class ControlPlaneState:
         self.path = state_dir / STATE_NAME
         self.endpoints: dict[str, EndpointRecord] = {}
         self.templates: dict[str, TemplateRecord] = {}
+        self.apps: dict[str, AppRecord] = {}
+        self.environments: dict[str, EnvironmentRecord] = {}
+        self.builds: dict[str, BuildRecord] = {}
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -129,6 +182,9 @@ class ControlPlaneState:
             raise ConfigurationError(msg) from exc
         self.endpoints = {record.id: record for record in loaded.endpoints}
         self.templates = {record.id: record for record in loaded.templates}
+        self.apps = {record.id: record for record in loaded.apps}
+        self.environments = {record.id: record for record in loaded.environments}
+        self.builds = {record.id: record for record in loaded.builds}
 
     def new_endpoint_id(self) -> str:
         """A fresh endpoint id (14 characters)."""
@@ -149,12 +205,28 @@ class ControlPlaneState:
         """The endpoints that run a template."""
         return [e for e in self.endpoints.values() if e.templateId == template_id]
 
+    def app_named(self, name: str) -> AppRecord | None:
+        """The Flash app of that name, if any (names are unique)."""
+        return next((a for a in self.apps.values() if a.name == name), None)
+
+    def environments_of(self, app_id: str) -> list[EnvironmentRecord]:
+        """An app's environments, oldest first."""
+        return [e for e in self.environments.values() if e.flashAppId == app_id]
+
+    def builds_of(self, app_id: str) -> list[BuildRecord]:
+        """An app's builds, newest first (as RunPod lists them)."""
+        found = [b for b in self.builds.values() if b.flashAppId == app_id]
+        return sorted(found, key=lambda b: b.createdAt, reverse=True)
+
     def save(self) -> None:
         """Write the state atomically (temporary file, fsync, rename), mode 0600."""
         data = msgspec.json.encode(
             _File(
                 endpoints=list(self.endpoints.values()),
                 templates=list(self.templates.values()),
+                apps=list(self.apps.values()),
+                environments=list(self.environments.values()),
+                builds=list(self.builds.values()),
             )
         )
         tmp = self.path.with_name(f".{STATE_NAME}.{os.getpid()}.tmp")

@@ -159,6 +159,7 @@ async def _serve_locked(
         sock.listen(1024)
         sock.setblocking(False)  # noqa: FBT003
         gateway.base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        control.base_url = gateway.base_url  # where Flash build uploads go
         # Nested calls of flash workers (one remote function awaiting another's) go to the
         # data plane as any client's: the API key is the only credential the daemon has.
         provider.worker_env.update(
@@ -180,6 +181,7 @@ async def _serve_locked(
                 * 1024
                 * 1024,
                 graphql=control.handle,
+                upload=control.receive_upload,
                 runpod_only=runpod_only(),
             ),
             sock,

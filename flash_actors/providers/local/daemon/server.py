@@ -7,6 +7,9 @@
 - Control plane (section 4): ``POST /graphql``, answered by the ``graphql`` callable
   (`flash_actors.providers.local.controlplane`).
 - Our own: ``/flash/v1/status``, ``PUT /flash/v1/endpoints/{name}``, ``/flash/v1/shutdown``.
+- Flash build uploads: ``PUT /flash/v1/uploads/{token}``, answered by the ``upload``
+  callable; the one-time token in the URL is its credential (a presigned URL's, as RunPod's
+  clients send archives there without the API key).
 
 Every request needs the API key: ``Authorization: Bearer <key>`` or the bare key (workers);
 anything else (a non-ASCII header included) is a 401, and nothing is read before the key is
@@ -25,6 +28,7 @@ from aiohttp import web
 from flash_actors.providers.local.daemon.bodies import (
     IDLE_TIMEOUT_S,
     LARGE_BUDGET,
+    MB,
     SMALL_LIMIT,
     Bodies,
     Budget,
@@ -38,7 +42,7 @@ from flash_actors.providers.local.daemon.lb_routes import add_lb_routes
 from flash_actors.providers.local.daemon.worker_routes import add_worker_routes
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     import anyio
 
@@ -47,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["make_app"]
 
 _json_decoder = msgspec.json.Decoder()
+_UPLOADS = "/flash/v1/uploads/"
 
 
 def make_app(
@@ -58,6 +63,10 @@ def make_app(
     idle_timeout_s: float = IDLE_TIMEOUT_S,
     large_budget: int = LARGE_BUDGET,
     graphql: Callable[[bytes], Awaitable[tuple[int, bytes]]] | None = None,
+    upload: Callable[
+        [str, int | None, AsyncIterator[bytes]], Awaitable[tuple[int, bytes]]
+    ]
+    | None = None,
     runpod_only: bool = False,
 ) -> web.Application:
     """The aiohttp application serving ``gateway``.
@@ -82,6 +91,8 @@ def make_app(
         request: web.Request,
         handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
+        if upload is not None and request.path.startswith(_UPLOADS):
+            return await handler(request)  # the URL's token is checked there
         auth = request.headers.get("Authorization", "")
         presented = auth[7:] if auth[:7].lower() == "bearer " else auth
         if not hmac.compare_digest(token(presented), key):
@@ -117,6 +128,15 @@ def make_app(
         )
         return web.Response(body=answer, status=status, content_type="application/json")
 
+    async def upload_route(request: web.Request) -> web.Response:
+        assert upload is not None  # noqa: S101 (routed only when given)
+        status, answer = await upload(
+            request.match_info["token"],
+            request.content_length,
+            request.content.iter_chunked(MB),
+        )
+        return web.Response(body=answer, status=status, content_type="application/json")
+
     async def flash_shutdown(request: web.Request) -> web.Response:
         shutdown.set()
         return json_response({"status": "stopping"})
@@ -130,4 +150,6 @@ def make_app(
     app.router.add_post("/flash/v1/shutdown", flash_shutdown)
     if graphql is not None:
         app.router.add_post("/graphql", graphql_route)
+    if upload is not None:
+        app.router.add_put(_UPLOADS + "{token}", upload_route)
     return app

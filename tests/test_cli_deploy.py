@@ -1,0 +1,304 @@
+"""The real ``flash deploy``, ``env``, ``app`` and ``undeploy`` commands against ``flash local``.
+
+Each command runs in a subprocess in a project folder (``myapp``, the default app name) and
+talks to the daemon on 127.0.0.1 over runpod-flash's GraphQL operations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+from flash_actors.providers.local.daemon.record import read_record
+from flash_actors_cli.main import build_parser
+from tests._daemon import Daemon
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    folder = tmp_path / "myapp"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def daemon(project: Path) -> Iterator[Daemon]:
+    running = Daemon(project / ".flash")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def flash(
+    *args: str,
+    cwd: Path,
+    stdin: str = "",
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flash_actors_cli.main", *args],
+        cwd=cwd,
+        env={**os.environ, **env} if env else None,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def ok(*args: str, cwd: Path, stdin: str = "") -> str:
+    done = flash(*args, cwd=cwd, stdin=stdin)
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done.stdout
+
+
+def as_json(*args: str, cwd: Path) -> Any:
+    return json.loads(ok(*args, "--json", cwd=cwd))
+
+
+def fails(*args: str, cwd: Path, stdin: str = "") -> list[str]:
+    """The stderr lines of a command that must fail with exit code 1."""
+    done = flash(*args, cwd=cwd, stdin=stdin)
+    assert done.returncode == 1, done.stderr + done.stdout
+    return [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith(("flash:", "  hint:"))
+    ]
+
+
+@pytest.mark.slow  # ~20 commands at ~1 s of interpreter start each
+def test_environments_and_apps(daemon: Daemon, project: Path) -> None:
+    out = ok("deploy", "new", "production", cwd=project)
+    assert out.startswith("created environment 'production' in app 'myapp' (")
+    staging = as_json("env", "create", "staging", cwd=project)
+    assert staging["name"] == "staging"
+    assert staging["app"] == "myapp"
+    assert fails("deploy", "new", "production", cwd=project)[0] == (
+        "flash: error: createFlashEnvironment failed: Flash environment "
+        '"production" already exists in app "myapp"'
+    )
+
+    envs = as_json("deploy", "list", cwd=project)
+    assert sorted(e["name"] for e in envs) == ["production", "staging"]
+    assert {e["state"] for e in envs} == {"PENDING"}
+    table = ok("env", "list", cwd=project)
+    assert "environments of myapp" in table
+    assert "production" in table
+    assert "PENDING" in table
+
+    apps = as_json("app", "list", cwd=project)
+    assert [a["name"] for a in apps] == ["myapp"]
+    assert "myapp" in ok("app", "list", cwd=project)
+    got = as_json("app", "get", "myapp", cwd=project)
+    assert sorted(e["name"] for e in got["flashEnvironments"]) == [
+        "production",
+        "staging",
+    ]
+    assert got["flashBuilds"] == []
+    missing = fails("app", "get", "nope", cwd=project)
+    assert missing[0].startswith("flash: error: flash local (http://127.0.0.1:")
+    assert missing[0].endswith(") has no Flash app named 'nope'")
+
+    # The same client code against "RunPod" (here the daemon, through RunPod's variables).
+    record = daemon.record
+    assert record is not None
+    runpod = {
+        "FLASH_PROVIDER": "runpod",
+        "RUNPOD_API_BASE_URL": record.url,
+        "RUNPOD_API_KEY": record.api_key,
+        "RUNPOD_URL_MIXED_OK": "1",
+    }
+    done = flash("app", "list", "--json", cwd=project, env=runpod)
+    assert done.returncode == 0, done.stderr
+    assert [a["name"] for a in json.loads(done.stdout)] == ["myapp"]
+    done = flash("app", "list", cwd=project, env=runpod)
+    assert f"apps on RunPod ({record.url})" in done.stdout
+
+    info = as_json("deploy", "info", "production", cwd=project)
+    assert info["state"] == "PENDING"
+    assert info["activeBuildId"] is None
+    assert info["endpoints"] == []
+    assert "state:   PENDING" in ok("env", "info", "production", cwd=project)
+    unknown = fails("deploy", "info", "nope", cwd=project)
+    assert unknown == [
+        "flash: error: app 'myapp' has no environment named 'nope'",
+        "  hint: known: production, staging",
+    ]
+
+
+@pytest.mark.slow  # ~20 commands at ~1 s of interpreter start each
+def test_send_needs_a_build_and_delete_asks_twice(
+    daemon: Daemon, project: Path
+) -> None:
+    ok("deploy", "new", "production", cwd=project)
+    ok("deploy", "new", "staging", cwd=project)
+    # A build is needed to send.
+    assert fails("deploy", "send", "production", cwd=project) == [
+        "flash: error: no build to send: .flash/artifact.tar.gz does not exist",
+        "  hint: run `flash build` first (it writes .flash/artifact.tar.gz)",
+    ]
+
+    # delete asks twice: yes, then the environment's name; anything else deletes nothing.
+    refused = [
+        "flash: error: not deleted: not confirmed",
+        "  hint: --yes deletes without asking",
+    ]
+    assert fails("deploy", "delete", "staging", cwd=project) == refused  # no answer
+    assert fails("deploy", "delete", "staging", cwd=project, stdin="n\n") == refused
+    assert (
+        fails("deploy", "delete", "staging", cwd=project, stdin="y\nprod\n") == refused
+    )
+    assert len(as_json("deploy", "list", cwd=project)) == 2
+    out = ok("deploy", "delete", "staging", cwd=project, stdin="y\nstaging\n")
+    assert out.endswith("deleted environment 'staging' of app 'myapp'\n")
+    assert json.loads(
+        ok("env", "delete", "production", "--yes", "--json", cwd=project)
+    ) == {
+        "deleted": "production",
+        "endpoints": [],
+    }
+    assert as_json("deploy", "list", cwd=project) == []
+
+
+def test_undeploy_lists_and_deletes_endpoints(daemon: Daemon, project: Path) -> None:
+    record = daemon.record
+    assert record is not None
+    save = (
+        'mutation { saveEndpoint(input: {name: "live-worker", workersMin: 0, workersMax: 1, '
+        'instanceIds: ["cpu3c-2-4"], template: {name: "t-worker", '
+        'imageName: "runpod/flash-cpu:py3.12-latest"}}) { id name } }'
+    )
+    saved = httpx.post(
+        f"{record.url}/graphql",
+        json={"query": save},
+        headers={"Authorization": f"Bearer {record.api_key}"},
+    ).json()
+    endpoint = saved["data"]["saveEndpoint"]
+    listed = as_json("undeploy", "list", cwd=project)
+    assert [(e["name"], e["id"]) for e in listed] == [("live-worker", endpoint["id"])]
+    assert "live-worker" in ok("undeploy", "list", cwd=project)
+    lines = fails("undeploy", "nope", cwd=project)
+    assert lines[0].startswith(
+        "flash: error: no endpoint named 'nope' on flash local ("
+    )
+    assert lines[1] == "  hint: known: live-worker"
+    assert fails("undeploy", "worker", cwd=project, stdin="n\n")[0] == (
+        "flash: error: not deleted: not confirmed"
+    )
+    out = ok("undeploy", "worker", "--yes", cwd=project)  # Flash's name without "live-"
+    assert out == f"deleted endpoint live-worker ({endpoint['id']})\n"
+    assert as_json("undeploy", "list", cwd=project) == []
+    assert (
+        fails("undeploy", "worker", cwd=project)[1]
+        == "  hint: no endpoints are deployed"
+    )
+
+
+def test_flash_local_is_started_when_it_is_not_running(project: Path) -> None:
+    done = flash("app", "list", cwd=project)
+    record = read_record(project / ".flash")
+    try:
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.startswith("flash: started flash local at http://127.0.0.1:")
+        assert "no apps on flash local" in done.stdout
+        # A second command finds it running and says nothing about starting.
+        again = flash("app", "list", cwd=project)
+        assert again.returncode == 0
+        assert "started" not in again.stderr
+    finally:
+        if record is not None:
+            running = Daemon.__new__(Daemon)
+            running.state_dir = project / ".flash"
+            running.record = record
+            running.stop()
+    assert record is not None
+
+
+def test_every_option_of_every_subcommand_says_its_default() -> None:
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    checked = 0
+    for name in ("deploy", "undeploy", "env", "app"):
+        command = commands.choices[name]  # type: ignore[index]
+        subs = [a for a in command._actions if a.dest.endswith("_command")]
+        parsers = list(subs[0].choices.values()) if subs else [command]
+        for sub in parsers:
+            for action in sub._actions:
+                if action.option_strings and action.dest != "help":
+                    assert "default" in (action.help or ""), (
+                        name,
+                        action.option_strings,
+                    )
+                    checked += 1
+    assert checked > 40
+    text = " ".join(flash("deploy", "send", "--help", cwd=Path.cwd()).stdout.split())
+    assert "(default: .flash/artifact.tar.gz" in text
+    assert "(default: local;" in text
+
+
+MAIN = """\
+from flash_actors import CpuLiveServerless, remote
+
+cpu = CpuLiveServerless(name="cpu")
+
+
+@remote(cpu)
+async def add(a, b):
+    return a + b
+"""
+
+
+@pytest.mark.network  # flash build downloads wheels (uv's cache makes it fast)
+@pytest.mark.timeout(300)
+def test_deploy_send_uploads_a_build_and_deploys_it(
+    daemon: Daemon, project: Path
+) -> None:
+    (project / "main.py").write_text(MAIN)
+    built = flash("build", cwd=project, timeout=240)
+    assert built.returncode == 0, built.stderr
+    dry = flash("deploy", "send", "production", "--dry-run", cwd=project)
+    assert dry.returncode == 0, dry.stderr
+    assert "flash: plan: add cpu" in dry.stderr
+    assert as_json("app", "list", cwd=project) == []  # a dry run changes nothing
+
+    done = flash("deploy", "send", "production", cwd=project)
+    assert "flash: created app 'myapp'" in done.stderr
+    assert (
+        "flash: uploading .flash/artifact.tar.gz: uploading " in done.stderr
+    )  # progress
+    info = as_json("deploy", "info", "production", cwd=project)
+    build_id = info["activeBuildId"]
+    assert build_id is not None
+    assert done.stdout.startswith(
+        f"deployed build {build_id} to 'production' of app 'myapp'"
+    )
+    folder = project / ".flash" / "deployments" / info["id"] / build_id
+    assert (folder / "flash_manifest.json").is_file()
+    assert (folder / "handler_cpu.py").is_file()
+    # Nothing reports success while a resource does not run.
+    if info["state"] == "DEPLOYED":
+        assert done.returncode == 0, done.stderr
+        assert [e["name"] for e in info["endpoints"]] == ["cpu"]
+    else:
+        assert info["state"] == "NOT_STARTED"
+        assert done.returncode == 1
+        assert "these resources are not running: cpu" in done.stderr
+    builds = as_json("app", "get", "myapp", cwd=project)["flashBuilds"]
+    assert [b["id"] for b in builds] == [build_id]
+    # Sending again with no change: the plan says so.
+    again = flash("deploy", "send", "production", "--dry-run", cwd=project)
+    assert "flash: plan: unchanged cpu" in again.stderr
