@@ -6,9 +6,14 @@ import argparse
 import sys
 
 import flash_actors
-from flash_actors_cli import apps, build, deploy, local
-from flash_actors_cli import init as init_command
-from flash_actors_cli import run as run_command
+from flash_actors_cli import (
+    apps,
+    build,
+    deploy,
+    init as init_command,
+    local,
+    run as run_command,
+)
 
 __all__ = ["build_parser", "main"]
 
