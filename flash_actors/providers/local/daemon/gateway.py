@@ -157,7 +157,7 @@ class Gateway:
 
     def _start_endpoint(self, endpoint: Endpoint) -> None:
         assert self._tg is not None  # noqa: S101 (run() set it)
-        if endpoint.kind == "flash":
+        if endpoint.kind != "handler":  # flash and deployed: the local worker pools
             self._tg.start_soon(self.dispatch.run, endpoint)
         else:
             self._tg.start_soon(run_handler_pool, self, endpoint)
@@ -241,6 +241,8 @@ class Gateway:
                     "workersMax": endpoint.resource.workersMax,
                     "jobs": endpoint.counts(),
                     "workers": endpoint.worker_counts(),
+                    "deployed_from": str(endpoint.entry) if endpoint.entry else None,
+                    "start_error": endpoint.start_error(),
                 }
                 for endpoint in self.endpoints.values()
             ],
