@@ -35,6 +35,7 @@ change to the call path. A resolver that cannot be reached (connection refused, 
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -48,9 +49,11 @@ from flash_actors.errors import (
     ManifestError,
     ManifestServiceUnavailableError,
 )
+from flash_actors.providers.base import ENFORCES_ALL
 from flash_actors.serialization import derive_key, sign_request
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from types import TracebackType
 
     from anyio.streams.memory import MemoryObjectSendStream
@@ -134,7 +137,7 @@ class DaemonResolver:
             try:
                 status, body = await client.request("GET", f"/v2/{resource}/health")
             except DeliveryError as exc:
-                problem = str(exc)
+                problem = _reason(exc)
             else:
                 if status == 200:
                     return QueueBackend(
@@ -173,6 +176,14 @@ class DaemonResolver:
     async def aclose(self) -> None:
         """Close the connections to the daemon."""
         await self._client.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS error under ``exc`` (a refused connection, say), else its own message."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return str(root) or str(exc)
 
 
 def default_resolver() -> EndpointResolver:
@@ -219,14 +230,30 @@ def codeless(call: Call, key: bytes | None) -> FunctionRequest:
     return sign_request(stripped, key) if key is not None else stripped
 
 
-class _CodelessBackend:
-    """A resolved endpoint that receives the app's calls without code (see `codeless`)."""
+class _DeployedBackend:
+    """A resource's deployed endpoint, resolved at its first call, sent calls without code.
 
-    def __init__(self, backend: QueueBackend, key: bytes | None) -> None:
-        self._backend = backend
+    Resolved when a call needs it (not when the Endpoint actor starts), so that a resolver
+    that cannot be reached is that call's answer; the next call tries again.
+    """
+
+    capacity = 4096  # the deployed endpoint queues; see QueueBackend
+    enforces: frozenset[Enforced] = ENFORCES_ALL
+
+    def __init__(
+        self, resolver: Callable[[], Awaitable[QueueBackend]], key: bytes | None
+    ) -> None:
+        self._resolver = resolver
         self._key = key
-        self.capacity = backend.capacity
-        self.enforces: frozenset[Enforced] = backend.enforces
+        self._backend: QueueBackend | None = None
+        self._lock = anyio.Lock()
+
+    async def _resolved(self) -> QueueBackend:
+        if self._backend is None:
+            async with self._lock:
+                if self._backend is None:
+                    self._backend = await self._resolver()
+        return self._backend
 
     async def execute(
         self,
@@ -235,13 +262,15 @@ class _CodelessBackend:
         job_id: str,
         chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
     ) -> FunctionResponse:
+        backend = await self._resolved()
         request = codeless(call, self._key)
         if request is not call.request:
             call = msgspec.structs.replace(call, request=request)
-        return await self._backend.execute(call, job_id=job_id, chunks=chunks)
+        return await backend.execute(call, job_id=job_id, chunks=chunks)
 
     async def aclose(self) -> None:
-        await self._backend.aclose()
+        if self._backend is not None:
+            await self._backend.aclose()
 
 
 class DeployedProvider:
@@ -293,20 +322,20 @@ class DeployedProvider:
 
     async def open_endpoint(
         self, resource: ServerlessResource, key: bytes | None
-    ) -> _CodelessBackend:
-        """Resolve ``resource``'s deployed endpoint.
+    ) -> _DeployedBackend:
+        """``resource``'s deployed endpoint, resolved at its first call.
 
-        Raises:
-            ManifestServiceUnavailableError: the resolver cannot be reached.
-            ManifestError: it has no endpoint for the resource.
+        That call raises `ManifestServiceUnavailableError` when the resolver cannot be
+        reached, `ManifestError` when it has no endpoint for the resource.
         """
+        return _DeployedBackend(functools.partial(self._resolve, resource.name), key)
+
+    async def _resolve(self, name: str) -> QueueBackend:
         if self._resolver is None:
             self._resolver = default_resolver()
-        backend = await self._resolver.resolve(resource.name)
-        log.info(
-            "deployed.resolved", resource=resource.name, service=self._resolver.service
-        )
-        return _CodelessBackend(backend, key)
+        backend = await self._resolver.resolve(name)
+        log.info("deployed.resolved", resource=name, service=self._resolver.service)
+        return backend
 
     async def aclose(self) -> None:
         """Close the resolver's connections."""
