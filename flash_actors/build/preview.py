@@ -3,7 +3,7 @@
 `run_preview` unpacks the archive (``tarfile``'s ``"data"`` filter: no links out, no device
 files, no absolute paths) into a fresh ``.flash/.preview/app/`` and runs the app from there,
 as RunPod would run it, from the archive's own runtime and dependencies (not the source
-tree's):
+tree's), with this interpreter (so the archive must target its Python version):
 
 - every queue resource is an endpoint of a private ``flash local`` daemon (state folder
   ``.flash/.preview/state/``), registered as a deployed endpoint of the unpacked build
@@ -13,8 +13,8 @@ tree's):
   take Flash's deployed-mode JSON at ``{daemon}/v2/<resource>/runsync`` (or ``/run``) with
   the daemon's API key;
 - every load-balancer resource is its app, ``python handler_<resource>.py`` in that folder
-  on 127.0.0.1:8000 (the next free port if it is taken, or ``port``), the next ones on the
-  ports after it;
+  (under the daemon's launcher, which ends it if this process dies) on 127.0.0.1:8000 (the
+  next free port if it is taken, or ``port``), the next ones on the ports after it;
 - calls between resources go through the daemon, which resolves each resource's endpoint
   (`flash_actors.providers.deployed`).
 
@@ -331,8 +331,15 @@ class _Preview:
             PORT=str(port),
             FLASH_LOCAL_URL=self.daemon_url,
         )
+        # The launcher runs the handler unmodified in a process group of its own, and
+        # ends the group with it, or at once when this process dies (FLASH_PARENT_PID).
+        env["FLASH_PARENT_PID"] = str(os.getpid())
+        launcher = "flash_actors.providers.local.daemon.launch"
         process = self.load_balancers[name] = await self._spawn(
-            [sys.executable, handler_name(name)], cwd=self.app_dir, env=env, log=log
+            [sys.executable, "-m", launcher, handler_name(name)],
+            cwd=self.app_dir,
+            env=env,
+            log=log,
         )
         ping = LoopbackTransport(port, "")
         try:
@@ -428,6 +435,14 @@ async def _run(
     _fresh(preview.folder)
     unpack_archive(archive, preview.app_dir)
     manifest = load_manifest(preview.app_dir / MANIFEST_FILE)
+    running = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if manifest.python_version and manifest.python_version != running:
+        msg = (
+            f"the archive is built for Python {manifest.python_version}, and the preview "
+            f"runs it with this Python {running}: build it with --python-version "
+            f"{running} to preview it"
+        )
+        raise PreviewError(msg)
     queue = {
         name: entry
         for name, entry in sorted(manifest.resources.items())
