@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from flash_actors.messages import Call, FunctionRequest
 from flash_actors.policies import CallPolicy
 from flash_actors.providers.deployed import DeployedProvider, codeless
 from flash_actors.serialization import RequestSigner, decode_request, verify_request
-from tests._daemon import wait_gone
+from tests._daemon import Daemon, wait_gone
 from tests._preview import Preview, clean_env, cleanup, free_port, write_app
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def test_a_deployed_a_b_a_cycle_fails_with_call_cycle_error(cycle_app: Preview) 
     assert fine["status"] == "COMPLETED", fine
     assert fine["output"] == 20
     pids = cycle_app.pids
-    assert cycle_app.stop() == 0
+    assert cycle_app.stop(signal.SIGTERM) == 0  # SIGTERM stops it as Ctrl-C does
     assert wait_gone(pids) == []
 
 
@@ -247,3 +248,25 @@ def test_calls_to_another_resource_go_without_code_signed_for_it() -> None:
     other = provider.signing_key("a")
     assert other is not None
     assert other != key
+
+
+def test_a_resource_the_resolver_does_not_serve_is_a_manifest_error(
+    tmp_path: Path,
+) -> None:
+    daemon = Daemon(tmp_path / "state")  # a flash local daemon with no endpoint
+    try:
+        assert daemon.record is not None
+        out = deployed_calls(
+            tmp_path,
+            FLASH_LOCAL_URL=daemon.record.url,
+            FLASH_LOCAL_API_KEY=daemon.record.api_key,
+        )
+    finally:
+        daemon.stop()
+    kind, message = out["pong"]
+    assert kind == "ManifestError"
+    assert re.match(
+        rf"resource 'b' is not deployed on the flash local daemon at "
+        rf"{re.escape(daemon.record.url)} \(endpoint 'b' not found",
+        message,
+    ), message
