@@ -270,3 +270,16 @@ def test_a_resource_the_resolver_does_not_serve_is_a_manifest_error(
         rf"{re.escape(daemon.record.url)} \(endpoint 'b' not found",
         message,
     ), message
+
+
+def test_without_the_app_secret_a_deployed_call_says_what_to_set(
+    tmp_path: Path,
+) -> None:
+    out = deployed_calls(tmp_path, FLASH_SECRET="", FLASH_LOCAL="0")
+    kind, message = out["pong"]
+    assert kind == "ConfigurationError"
+    assert re.match(
+        r"pong\(\) is on resource 'b', and deployed resources sign their calls to each "
+        r"other with the app's secret: set FLASH_SECRET",
+        message,
+    ), message

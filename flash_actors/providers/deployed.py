@@ -11,9 +11,8 @@ the manifest and sent here. `DeployedProvider` is then what the runtime uses by 
   function is named by its manifest key (``function_name``, or ``class_name`` for a class,
   = ``module:qualname``);
 - is signed with the target resource's key, derived from the app's secret (``FLASH_SECRET``)
-  as `flash_actors.deployed.handler.key_from_env` derives it there; without a secret it goes
-  unsigned (a ``flash local`` daemon signs it for its workers; RunPod's stock Flash workers
-  check nothing);
+  as `flash_actors.deployed.handler.key_from_env` derives it there (deployed endpoints run
+  only signed requests, so without the secret the call fails with `ConfigurationError`);
 - carries the chain of resources waiting on it (``call_chain``), so that A -> B -> A fails
   with `CallCycleError` in B instead of waiting on A's busy workers
   (`flash_actors.worker.nested.deployed_chain`);
@@ -262,6 +261,13 @@ class _DeployedBackend:
         job_id: str,
         chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
     ) -> FunctionResponse:
+        if self._key is None:
+            msg = (
+                f"{call.function}() is on resource {call.endpoint!r}, and deployed "
+                "resources sign their calls to each other with the app's secret: set "
+                "FLASH_SECRET (the same hex string for every resource of the app)"
+            )
+            raise ConfigurationError(msg)
         backend = await self._resolved()
         request = codeless(call, self._key)
         if request is not call.request:
@@ -293,7 +299,7 @@ class DeployedProvider:
         self._keys: dict[str, bytes | None] = {}
 
     def signing_key(self, endpoint: str) -> bytes | None:
-        """``endpoint``'s key under the app's secret, or None without one (unsigned).
+        """``endpoint``'s key under the app's secret, or None without one (calls then fail).
 
         Raises:
             ConfigurationError: the secret is not hex.
