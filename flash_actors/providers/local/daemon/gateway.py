@@ -236,12 +236,13 @@ class Gateway:
                     "name": endpoint.name,
                     "kind": endpoint.kind,
                     "class": type(endpoint.resource).__name__,
-                    "handler": endpoint.resource.handler,
+                    # a deployed endpoint's: its generated handler in the unpacked build
+                    "handler": endpoint.resource.handler
+                    or (str(endpoint.entry) if endpoint.entry else None),
                     "workersMin": endpoint.resource.workersMin,
                     "workersMax": endpoint.resource.workersMax,
                     "jobs": endpoint.counts(),
                     "workers": endpoint.worker_counts(),
-                    "deployed_from": str(endpoint.entry) if endpoint.entry else None,
                     "start_error": endpoint.start_error(),
                 }
                 for endpoint in self.endpoints.values()
