@@ -68,6 +68,7 @@ from flash_actors.worker.executor import invoke
 from flash_actors.worker.installer import check_requirements, check_system_packages
 from flash_actors.worker.nested import (
     NestedRef,
+    deployed_chain,
     postamble,
     run_here,
     set_caller_factory,
@@ -243,6 +244,7 @@ class _Caller:
     """
 
     __slots__ = (
+        "_deployed",
         "_endpoint",
         "_function_key",
         "_key",
@@ -266,6 +268,7 @@ class _Caller:
         self._key: bytes | None = None
         self._signer: RequestSigner | None = None
         self._route: _Route | None = None
+        self._deployed = deployed_resource()  # the resource of this deployed process
 
     def signer(self, key: bytes | None) -> RequestSigner:
         """The request signer for ``key`` (rebuilt only when the key changes)."""
@@ -333,6 +336,10 @@ class _Caller:
         ``chain``: the endpoints waiting on this call (a nested call's, see
         `flash_actors.worker.nested`); it travels with the request.
         """
+        if chain is None and self._deployed is not None:  # deployed: another resource's
+            chain = deployed_chain(
+                self._deployed, self._endpoint
+            )  # A -> B -> A: refused
         runtime = await get_runtime()
         request = self.signer(runtime.signing_key(self._endpoint)).sign(
             args, kwargs, arg_names=arg_names, **extra
@@ -850,7 +857,10 @@ class RemoteClass(Generic[T]):
             system_dependencies=spec.system_dependencies or None,
             accelerate_downloads=spec.accelerate_downloads,
         )
-        self.caller = _Caller(spec, template, cls.__qualname__)
+        key = (
+            f"{cls.__module__}:{cls.__qualname__}"  # the manifest's (deployed lookups)
+        )
+        self.caller = _Caller(spec, template, cls.__qualname__, key=key)
 
     def __repr__(self) -> str:
         return (

@@ -69,6 +69,20 @@ def add_parser(commands: Any) -> None:
         "(default: this interpreter's)",
     )
     build.add_argument(
+        "--preview",
+        action="store_true",
+        help="then run the built archive here, with no Docker: every queue resource as "
+        "local workers started from the unpacked archive, load balancers on "
+        "localhost:8000; Ctrl-C stops it",
+    )
+    build.add_argument(
+        "--port",
+        type=int,
+        metavar="PORT",
+        help="with --preview: the first load balancer's port (default: 8000, or the next "
+        "free one)",
+    )
+    build.add_argument(
         "--verbose",
         "-v",
         action="store_true",
@@ -146,8 +160,33 @@ def _report(result: BuildResult) -> None:
         print(f"  build folder kept: {_relative(result.build_dir)}")
 
 
+def _preview(args: argparse.Namespace, result: BuildResult) -> int:
+    from flash_actors.build.preview import run_preview
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        run_preview(Path(args.project), result.archive.path, port=args.port, say=say)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+    except (FlashRuntimeError, OSError) as exc:
+        if args.verbose:
+            traceback.print_exc()
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"flash: error: {text}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``flash build``; returns the exit code."""
+    if args.port is not None and not args.preview:
+        print("flash: error: --port goes with --preview", file=sys.stderr)
+        return 2
+    if args.port is not None and not 1 <= args.port <= 65535:
+        print(f"flash: error: --port {args.port} is not a TCP port", file=sys.stderr)
+        return 2
     options = BuildOptions(
         output=Path(args.output) if args.output else None,
         keep_build=args.keep_build,
@@ -171,4 +210,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"flash: error: {text}", file=sys.stderr)
         return 1
     _report(result)
+    if args.preview:
+        sys.stdout.flush()
+        return _preview(args, result)
     return 0

@@ -124,6 +124,9 @@ def deployed_worker(
     loaded = load_resource(resource)
     executor = DeployedExecutor(key, loaded, capture_stdout=True)
     handler = DeployedHandler(loaded, key, executor=executor)
+    executor.plain = (
+        handler.run
+    )  # plain JSON jobs queued by a daemon (deployed_request)
     return executor, [("POST", "/runsync", _runsync(handler)), *_user_routes(handler)]
 
 

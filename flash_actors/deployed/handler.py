@@ -57,29 +57,47 @@ from flash_actors.errors import (
     ManifestError,
     PayloadSignatureError,
 )
-from flash_actors.messages import FunctionRequest
-from flash_actors.serialization import derive_key, to_json
+from flash_actors.messages import FunctionRequest, FunctionResponse
+from flash_actors.serialization import derive_key, to_json, verify_request
 from flash_actors.worker.executor import Emit, Executor, invoke
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from flash_actors.build.manifest import ManifestFunction, ManifestResource
-    from flash_actors.messages import FunctionResponse
 
 __all__ = [
+    "DEPLOYED_INPUT",
     "ArgumentError",
     "DeployedExecutor",
     "DeployedFunction",
     "DeployedHandler",
     "DeployedResource",
+    "deployed_request",
     "job_result",
     "key_from_env",
     "load_resource",
+    "refusal",
     "worker_env",
 ]
 
 _CODE_FIELDS = ("function_code", "class_code")
+
+DEPLOYED_INPUT = "flash:deployed-input"
+"""The ``function_name`` of a `deployed_request` (no function can have it: not a name)."""
+
+
+def deployed_request(job_input: dict[str, Any]) -> FunctionRequest:
+    """Flash's deployed-mode JSON input carried in a `FunctionRequest`, for our worker.
+
+    A ``flash local`` daemon queues a deployed endpoint's plain JSON job as this request
+    (json format, the input as ``kwargs``, signed by the daemon like any request it queues);
+    the worker's `DeployedExecutor` answers it as `DeployedHandler.run` answers the input,
+    the output as ``json_result`` (`job_result` makes it the job's output or error).
+    """
+    return FunctionRequest(
+        function_name=DEPLOYED_INPUT, kwargs=job_input, serialization_format="json"
+    )
 
 
 def worker_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -282,7 +300,8 @@ def key_from_env(resource: str) -> bytes | None:
     return None
 
 
-def _refusal(job_input: dict[str, Any], resource: str) -> str | None:
+def refusal(job_input: dict[str, Any], resource: str) -> str | None:
+    """Why a deployed endpoint refuses ``job_input`` (it carries code), or None."""
     for field in _CODE_FIELDS:
         if job_input.get(field):
             what = job_input.get("function_name") or job_input.get("class_name")
@@ -304,9 +323,11 @@ class DeployedExecutor(Executor):
             key, deployed=resource.objects(), capture_stdout=capture_stdout
         )
         self.resource = resource
+        self.plain: Callable[[Any], Awaitable[Any]] | None = None
+        """Answers a `deployed_request`'s input (`DeployedHandler.run`; set by the app)."""
 
     def _refuse(self, req: FunctionRequest) -> None:
-        why = _refusal(
+        why = refusal(
             {
                 "function_code": req.function_code,
                 "class_code": req.class_code,
@@ -335,11 +356,21 @@ class DeployedExecutor(Executor):
             PayloadSignatureError: the request is unsigned or tampered with (nothing ran).
         """
         self._refuse(req)
+        if req.function_name == DEPLOYED_INPUT and self.plain is not None:
+            return await self._plain(req)
         return await super().execute(req)
+
+    async def _plain(self, req: FunctionRequest) -> FunctionResponse:
+        """A `deployed_request`, checked like any request, answered as its input would be."""
+        verify_request(req, self._key)  # PayloadSignatureError: nothing runs
+        assert self.plain is not None  # noqa: S101 (checked by the caller)
+        return FunctionResponse(success=True, json_result=await self.plain(req.kwargs))
 
     async def stream(self, req: FunctionRequest, emit: Emit) -> FunctionResponse:
         """`Executor.stream`, for a request without code (raises as `execute` does)."""
         self._refuse(req)
+        if req.function_name == DEPLOYED_INPUT and self.plain is not None:
+            return await self._plain(req)
         return await super().stream(req, emit)
 
 
@@ -400,7 +431,7 @@ class DeployedHandler:
                 f"{type(job_input).__name__}"
             )
             return _failure(problem)
-        why = _refusal(job_input, self.resource.name)
+        why = refusal(job_input, self.resource.name)
         if why is not None:
             return _failure(ManifestError(why))
         if "signature" in job_input:

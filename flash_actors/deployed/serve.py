@@ -41,9 +41,11 @@ def main(resource: str, handler_file: str, argv: list[str] | None = None) -> Non
     """
     build_dir = Path(handler_file).resolve().parent
     manifest = find_manifest(build_dir)
+    # Deployed code from here on: the Router reads this manifest, and calls to the app's
+    # other resources go to their deployed endpoints (flash_actors.providers.deployed).
+    os.environ[RESOURCE_ENV] = resource
+    os.environ[MANIFEST_ENV] = str(manifest)
     if os.environ.get("FLASH_WORKER_TOKEN"):
-        os.environ[RESOURCE_ENV] = resource
-        os.environ[MANIFEST_ENV] = str(manifest)
         from flash_actors.worker.server import main as worker_main
 
         worker_main(argv)

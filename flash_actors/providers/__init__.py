@@ -1,4 +1,8 @@
-"""Providers: where endpoints' workers run (in-process for now; local processes; RunPod)."""
+"""Providers: where endpoints' workers run (in-process; local processes; RunPod; deployed).
+
+``deployed`` (`flash_actors.providers.deployed`) is what deployed code uses to reach the
+app's other resources at their deployed endpoints.
+"""
 
 from __future__ import annotations
 

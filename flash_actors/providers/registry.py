@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from flash_actors.build.manifest import RESOURCE_ENV
 from flash_actors.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -40,12 +41,15 @@ def provider_names() -> list[str]:
 def make_provider(name: str | None = None) -> Provider:
     """A new provider: ``name``, else ``FLASH_PROVIDER``, else ``"local"``.
 
+    In deployed code (``FLASH_RESOURCE_NAME`` set) the default is ``"deployed"``: calls to
+    the app's other resources go to their deployed endpoints
+    (`flash_actors.providers.deployed`).
+
     Raises:
         ConfigurationError: no provider has that name (the message lists those that do).
     """
-    chosen = (
-        name or os.environ.get("FLASH_PROVIDER", "").strip() or DEFAULT_PROVIDER
-    ).lower()
+    default = "deployed" if os.environ.get(RESOURCE_ENV) else DEFAULT_PROVIDER
+    chosen = (name or os.environ.get("FLASH_PROVIDER", "").strip() or default).lower()
     factory = _factories.get(chosen)
     if factory is None:
         known = ", ".join(repr(n) for n in provider_names())
@@ -68,6 +72,12 @@ def _local() -> Provider:
     return local_provider()
 
 
+def _deployed() -> Provider:
+    from flash_actors.providers.deployed import DeployedProvider
+
+    return DeployedProvider()
+
+
 def _runpod() -> Provider:
     from flash_actors.providers.runpod.provider import RunPodProvider
 
@@ -77,3 +87,4 @@ def _runpod() -> Provider:
 register_provider("inprocess", _inprocess)
 register_provider("local", _local)
 register_provider("runpod", _runpod)
+register_provider("deployed", _deployed)

@@ -49,6 +49,7 @@ __all__ = [
     "NestedFunction",
     "NestedRef",
     "bind",
+    "deployed_chain",
     "own_endpoint",
     "postamble",
     "run_here",
@@ -121,6 +122,21 @@ def _cycle_error(chain: tuple[str, ...], own: str | None, target: str) -> Except
         "restructure the calls so that they do not loop"
     )
     return CallCycleError(msg)
+
+
+def deployed_chain(own: str, target: str) -> list[str]:
+    """The ``call_chain`` of a call from deployed resource ``own`` to resource ``target``.
+
+    The resources waiting further up (`CALL_CHAIN`, set from the request this process is
+    running), then ``own``.
+
+    Raises:
+        CallCycleError: ``target`` is already waiting on this chain (A -> B -> A).
+    """
+    chain = CALL_CHAIN.get()
+    if target in chain:
+        raise _cycle_error(chain, own, target)
+    return [*chain, own]
 
 
 def _cut(ref: NestedRef) -> Exception:

@@ -58,7 +58,7 @@ from flash_actors.providers.base import ENFORCES_ALL
 from flash_actors.providers.local._http import Connection
 from flash_actors.providers.local._processes import PidfdProcess, stop_process
 from flash_actors.providers.local.volumes import apply_volume
-from flash_actors.serialization import verify_request
+from flash_actors.serialization import master_secret, verify_request
 from flash_actors.worker import isolation
 from flash_actors.worker.installer import (
     cache_root,
@@ -247,6 +247,11 @@ class WorkerPool:
         start_backoff_max_s: the longest such wait (default: `default_start_backoff_max_s`).
         gpus: the devices its workers may hold (`flash_actors.providers.local.gpus`): each
             worker starts only with a lease of its own, given back when its process is gone.
+        entry: a generated ``handler_<resource>.py`` in an unpacked build: each worker is
+            then ``python handler_<resource>.py`` in that folder (our worker in deployed
+            mode, with the build's runtime and dependencies; never forked from the
+            template), and holds the app's secret (``FLASH_SECRET``) to sign its calls to
+            the app's other resources.
     """
 
     def __init__(
@@ -262,8 +267,10 @@ class WorkerPool:
         start_backoff_max_s: float | None = None,
         gpus: EndpointGpus | None = None,
         worker_env: Callable[[], Awaitable[dict[str, str]]] | None = None,
+        entry: Path | None = None,
     ) -> None:
         self.resource = resource
+        self.entry = entry
         self.worker_env = worker_env
         self.gpus = gpus
         if gpus is not None:
@@ -514,6 +521,12 @@ class WorkerPool:
             env.pop("FLASH_SECRET", None)  # workers hold their endpoint's key only
             if self.worker_env is not None:
                 env.update(await self.worker_env())
+            if (
+                self.entry is not None
+            ):  # a deployed app's worker: see the class docstring
+                env.pop("PYTHONPATH", None)  # the build's packages, nothing else's
+                env.pop("PYTHONSAFEPATH", None)  # the handler imports from its folder
+                env["FLASH_SECRET"] = master_secret().hex()
             apply_volume(self.resource, env)  # its network volume, if it has one
             log.info(
                 "worker.start", endpoint=self.resource.name, worker=worker_id, port=port
@@ -522,7 +535,7 @@ class WorkerPool:
             if self.routes:
                 routes_file = self.log_dir / f"{worker_id}.routes.json"
                 write_private(routes_file, msgspec.json.encode(self.routes))
-            if self.template is not None:
+            if self.template is not None and self.entry is None:
                 try:
                     return await self.template.fork(
                         sock, env, log_path, routes_file
@@ -538,7 +551,11 @@ class WorkerPool:
                         worker=worker_id,
                         error=repr(exc),
                     )
-            command = [sys.executable, "-m", "flash_actors.worker"]
+            command = (
+                [sys.executable, "-m", "flash_actors.worker"]
+                if self.entry is None
+                else [sys.executable, str(self.entry)]
+            )
             command += ["--fd", str(sock.fileno())]
             if routes_file is not None:
                 command += ["--routes", str(routes_file)]
@@ -551,6 +568,7 @@ class WorkerPool:
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 env=env,
+                cwd=self.entry.parent if self.entry is not None else None,
             )
             return process, port
         except BaseException:

@@ -156,12 +156,18 @@ class LocalProvider:
         return endpoint_key(endpoint)
 
     async def open_endpoint(
-        self, resource: ServerlessResource, key: bytes | None
+        self,
+        resource: ServerlessResource,
+        key: bytes | None,
+        *,
+        entry: Path | None = None,
     ) -> LocalBackend | QueueBackend:
         """Start the endpoint's pool (``workersMin`` workers start now, others on demand).
 
         A handler endpoint (``handler="file.py"``) runs on a private gateway process that
-        this provider starts on first use and stops when it closes.
+        this provider starts on first use and stops when it closes. With ``entry`` (a
+        generated handler in an unpacked build) the endpoint is that build's resource,
+        served by workers started from the build (see `WorkerPool`).
         """
         if self._tg is None:
             msg = "the local provider is not running (enter it with `async with`)"
@@ -215,6 +221,7 @@ class LocalProvider:
             start_backoff_max_s=self.start_backoff_max_s,
             gpus=gpus,
             worker_env=functools.partial(self._worker_env, resource.name),
+            entry=entry,
         )
         self.pools[resource.name] = pool
         scope = anyio.CancelScope()

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import msgspec
 
-from flash_actors.errors import SerializationError
+from flash_actors.errors import ManifestError, SerializationError
 from flash_actors.messages import FunctionRequest, request_decoder, wire_encoder
 from flash_actors.serialization import endpoint_key, sign_request, to_json
 
-__all__ = ["sign_for_workers"]
+__all__ = ["sign_deployed_input", "sign_for_workers"]
 
 
 def _refuse(problem: str) -> SerializationError:
@@ -86,3 +86,44 @@ def sign_for_workers(
     except SerializationError as exc:
         raise _refuse(str(exc)) from exc
     return wire_encoder.encode(signed)
+
+
+def sign_deployed_input(
+    raw_input: bytes | memoryview, endpoint: str
+) -> tuple[bytes | memoryview, bool]:
+    """A deployed endpoint's job ``input``, checked and signed for its workers.
+
+    A signed ``FunctionRequest`` (the app's own calls, `flash_actors.providers.deployed`) is
+    checked as `sign_for_workers` checks it; anything else is Flash's deployed-mode JSON,
+    carried to the workers in a signed `flash_actors.deployed.handler.deployed_request`.
+    Code (``function_code``, ``class_code``) is refused: a deployed endpoint runs only the
+    code built into it.
+
+    Returns:
+        The input to queue, and whether it is deployed-mode JSON (whose job output is then
+        the function's value, not a ``FunctionResponse``).
+
+    Raises:
+        ManifestError: the input carries code.
+        SerializationError: it is not a JSON object, or not a valid signed request.
+    """
+    from flash_actors.deployed.handler import deployed_request, refusal
+
+    try:
+        decoded = msgspec.json.decode(raw_input)
+    except (msgspec.DecodeError, RecursionError) as exc:
+        msg = f"input is not JSON: {exc}"
+        raise SerializationError(msg) from exc
+    if not isinstance(decoded, dict):
+        msg = (
+            "a deployed endpoint's input is a JSON object keyed by parameter name, e.g. "
+            f'{{"input": {{"a": 1}}}}; got {type(decoded).__name__}'
+        )
+        raise SerializationError(msg)
+    why = refusal(decoded, endpoint)
+    if why is not None:
+        raise ManifestError(why)
+    if "signature" in decoded:
+        return sign_for_workers(raw_input, endpoint), False
+    request = wire_encoder.encode(deployed_request(decoded))
+    return sign_for_workers(request, endpoint), True

@@ -1,6 +1,6 @@
 """The daemon's registered endpoints: what each one is, and which configs it accepts.
 
-One `Endpoint` per registered resource config, of two kinds:
+One `Endpoint` per registered resource config, of three kinds:
 
 - ``flash``: a ``@remote`` endpoint. Its jobs' ``input`` is a Flash ``FunctionRequest``;
   `flash_actors.providers.local.daemon.dispatch` hands them to the embedded local
@@ -10,6 +10,12 @@ One `Endpoint` per registered resource config, of two kinds:
   (`flash_actors.providers.local.daemon.worker_protocol`); the daemon starts and stops those
   worker processes itself (`flash_actors.providers.local.daemon.workers`), and unmodified
   workers started by hand with the same environment are served too.
+- ``deployed``: a resource of a built app, served from the unpacked archive (config key
+  ``"deployed": {"dir": <the unpacked folder>, "handler": "handler_<resource>.py"}``, see
+  `deployed_config`). Its workers are our own worker in deployed mode, started as ``python
+  handler_<resource>.py`` in that folder (the archive's runtime and dependencies), and run
+  only the code built into it. Jobs take Flash's deployed-mode JSON (the job's output is
+  the function's value) or signed requests without code (`flash_actors.providers.deployed`).
 
 The `Catalog` finds endpoints and jobs by name and checks configs: the shape of any
 registration (`Catalog.checked`), and what one sent over HTTP may make the daemon run
@@ -44,6 +50,7 @@ __all__ = [
     "Endpoint",
     "HandlerWorker",
     "config_of",
+    "deployed_config",
     "resource_from_config",
 ]
 
@@ -85,6 +92,45 @@ def config_of(resource: resources.ServerlessResource) -> dict[str, Any]:
     return {"class": type(resource).__name__, "resource": msgspec.to_builtins(resource)}
 
 
+def deployed_config(
+    resource: resources.ServerlessResource, build_dir: Path, handler: str
+) -> dict[str, Any]:
+    """The registration of ``resource`` served from the unpacked build ``build_dir``.
+
+    ``handler`` is the generated handler's file name in that folder
+    (`flash_actors.build.handlers.handler_name`).
+    """
+    return {
+        **config_of(resource),
+        "deployed": {"dir": str(build_dir), "handler": handler},
+    }
+
+
+def _deployed_entry(name: str, config: dict[str, Any]) -> Path | None:
+    """The handler file a ``deployed`` endpoint's workers run, or None for other kinds.
+
+    Raises:
+        ConfigurationError: the ``deployed`` key is malformed.
+    """
+    deployed = config.get("deployed")
+    if deployed is None:
+        return None
+    folder = deployed.get("dir") if isinstance(deployed, dict) else None
+    handler = deployed.get("handler") if isinstance(deployed, dict) else None
+    if (
+        not isinstance(folder, str)
+        or not isinstance(handler, str)
+        or not Path(folder).is_absolute()
+        or not re.fullmatch(r"[A-Za-z0-9_.-]+\.py", handler)
+    ):
+        msg = (
+            f'endpoint {name!r}: "deployed" must be {{"dir": <absolute folder>, '
+            '"handler": "handler_<resource>.py"}'
+        )
+        raise ConfigurationError(msg)
+    return Path(folder, handler)
+
+
 @dataclass(eq=False)
 class HandlerWorker:
     """A stock ``runpod`` worker serving a handler endpoint (started by us or by hand)."""
@@ -107,7 +153,13 @@ class Endpoint:
         self.name = name
         self.config = config
         self.resource = resource_from_config(config)
-        self.kind = "handler" if self.resource.handler else "flash"
+        self.entry = _deployed_entry(name, config)
+        """A ``deployed`` endpoint's handler file (in the unpacked build), else None."""
+        self.kind = (
+            "handler"
+            if self.resource.handler
+            else ("deployed" if self.entry is not None else "flash")
+        )
         self.queue: deque[Job] = deque()
         self.jobs: dict[str, Job] = {}
         self.available = anyio.Event()
@@ -157,9 +209,16 @@ class Endpoint:
         counts["retried"] = self.retried
         return counts
 
+    def start_error(self) -> str | None:
+        """Why the endpoint's workers fail to start (a pool's failed starts), else None."""
+        pool = self.backend.pool if self.backend is not None else None
+        if pool is None or not pool.start_failures:
+            return None
+        return pool.start_error
+
     def worker_counts(self) -> dict[str, int]:
         """Workers by state, for /health and ``flash local status``."""
-        if self.kind == "flash":
+        if self.kind != "handler":
             stats = self.backend.pool.statistics() if self.backend else {}
             workers = int(stats.get("workers", 0))
             ready = int(stats.get("ready", 0))
@@ -284,6 +343,12 @@ class Catalog:
                 "environment of `flash local up` instead"
             )
             raise GatewayError(403, msg)
+        try:
+            entry = _deployed_entry(name, config)
+        except ConfigurationError as exc:
+            raise GatewayError(400, str(exc)) from exc
+        if entry is not None:
+            return self._check_deployed(name, config, entry)
         fields = config.get("resource")
         if resource.handler is None or not isinstance(fields, dict):
             return config
@@ -307,3 +372,30 @@ class Catalog:
             msg = f"endpoint {name!r}: handler {str(real)!r} is not a regular .py file"
             raise GatewayError(400, msg)
         return {**config, "resource": {**fields, "handler": str(real)}}
+
+    def _check_deployed(
+        self, name: str, config: dict[str, Any], entry: Path
+    ) -> dict[str, Any]:
+        """A ``deployed`` registration over HTTP: its build inside the served folder."""
+        try:
+            real = entry.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:
+            msg = (
+                f"endpoint {name!r}: handler file {str(entry)!r} does not exist ({exc})"
+            )
+            raise GatewayError(400, msg) from exc
+        if not real.is_relative_to(self.served_dir):
+            msg = (
+                f"endpoint {name!r}: the build {str(real.parent)!r} is outside the folder "
+                f"this gateway serves ({str(self.served_dir)!r}); over HTTP only builds "
+                "inside it can be registered: unpack the archive there"
+            )
+            raise GatewayError(403, msg)
+        if not real.is_file() or not (real.parent / "flash_manifest.json").is_file():
+            msg = (
+                f"endpoint {name!r}: {str(real)!r} is not a handler of an unpacked build "
+                "(a regular file next to flash_manifest.json)"
+            )
+            raise GatewayError(400, msg)
+        deployed = {"dir": str(real.parent), "handler": real.name}
+        return {**config, "deployed": deployed}

@@ -21,7 +21,10 @@ from flash_actors.providers.local.daemon.errors import GatewayError
 from flash_actors.providers.local.daemon.jobs import Job
 from flash_actors.providers.local.daemon.store import JobRecord
 from flash_actors.providers.local.daemon.webhooks import check_webhook
-from flash_actors.providers.local.signing import sign_for_workers
+from flash_actors.providers.local.signing import (
+    sign_deployed_input,
+    sign_for_workers,
+)
 
 if TYPE_CHECKING:
     from flash_actors.providers.local.daemon.catalog import Endpoint
@@ -105,6 +108,16 @@ class DataPlane:
                 raw_input = sign_for_workers(raw_input, endpoint.resource.name)
             except FlashRuntimeError as exc:
                 raise GatewayError(400, str(exc)) from exc
+        elif endpoint.kind == "deployed":
+            # Deployed-mode JSON (wrapped for the workers) or a signed request; no code.
+            try:
+                raw_input, plain = sign_deployed_input(
+                    raw_input, endpoint.resource.name
+                )
+            except FlashRuntimeError as exc:
+                raise GatewayError(400, str(exc)) from exc
+            if plain:
+                clean["deployed_input"] = True
         record = JobRecord(
             id=job_id or f"{secrets.token_hex(4)}-{secrets.token_hex(8)}",
             endpoint=endpoint.name,

@@ -15,6 +15,7 @@ import anyio
 import msgspec
 
 from flash_actors._logging import get_logger
+from flash_actors.deployed.handler import job_result
 from flash_actors.errors import (
     DeliveryError,
     ExecutionTimeoutError,
@@ -84,7 +85,7 @@ class FlashDispatch:
         while True:
             try:
                 backend = await self.provider.open_endpoint(
-                    resource, endpoint_key(resource.name)
+                    resource, endpoint_key(resource.name), entry=endpoint.entry
                 )
             except (
                 Exception
@@ -137,6 +138,9 @@ class FlashDispatch:
                 return
             if not job.terminal:
                 job.worker = response.worker_id
+                if job.options.get("deployed_input"):
+                    _finish_deployed(book, job, response)
+                    return
                 book.complete(job, wire_encoder.encode(response))
                 if not response.success:
                     log.warning(
@@ -162,6 +166,22 @@ class FlashDispatch:
         finally:
             job.scope = None
             room.release()
+
+
+def _finish_deployed(book: JobBook, job: Job, response: FunctionResponse) -> None:
+    """A deployed-mode JSON job ends as RunPod's would: the value, or the error's message."""
+    if not response.success:
+        book.fail(job, response.error or response.error_message or "the job failed")
+        return
+    result = job_result(response.json_result)
+    if "error" in result:
+        error = result["error"]
+        book.fail(
+            job,
+            error if isinstance(error, str) else msgspec.json.encode(error).decode(),
+        )
+    else:
+        book.complete(job, wire_encoder.encode(result["output"]))
 
 
 async def _execute(backend: LocalBackend, call: Call, job: Job) -> FunctionResponse:

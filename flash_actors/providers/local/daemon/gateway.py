@@ -157,7 +157,7 @@ class Gateway:
 
     def _start_endpoint(self, endpoint: Endpoint) -> None:
         assert self._tg is not None  # noqa: S101 (run() set it)
-        if endpoint.kind == "flash":
+        if endpoint.kind != "handler":  # flash and deployed: the local worker pools
             self._tg.start_soon(self.dispatch.run, endpoint)
         else:
             self._tg.start_soon(run_handler_pool, self, endpoint)
@@ -236,11 +236,14 @@ class Gateway:
                     "name": endpoint.name,
                     "kind": endpoint.kind,
                     "class": type(endpoint.resource).__name__,
-                    "handler": endpoint.resource.handler,
+                    # a deployed endpoint's: its generated handler in the unpacked build
+                    "handler": endpoint.resource.handler
+                    or (str(endpoint.entry) if endpoint.entry else None),
                     "workersMin": endpoint.resource.workersMin,
                     "workersMax": endpoint.resource.workersMax,
                     "jobs": endpoint.counts(),
                     "workers": endpoint.worker_counts(),
+                    "start_error": endpoint.start_error(),
                 }
                 for endpoint in self.endpoints.values()
             ],

@@ -1,0 +1,351 @@
+"""The provider of deployed code: calls to the app's other resources, at their deployed endpoints.
+
+In a deployed process (``FLASH_RESOURCE_NAME`` set: a worker or load balancer started from a
+built archive) a call to a function of the process's own resource runs in the process
+(`flash_actors.remote`); a call to another resource's function is looked up by the Router in
+the manifest and sent here. `DeployedProvider` is then what the runtime uses by default (see
+`flash_actors.providers.registry`), and each such call:
+
+- goes WITHOUT code: deployed workers run only the code they were built with, so
+  ``function_code``, ``class_code``, ``modules`` and the dependency lists are taken off, and the
+  function is named by its manifest key (``function_name``, or ``class_name`` for a class,
+  = ``module:qualname``);
+- is signed with the target resource's key, derived from the app's secret (``FLASH_SECRET``)
+  as `flash_actors.deployed.handler.key_from_env` derives it there (deployed endpoints run
+  only signed requests, so without the secret the call fails with `ConfigurationError`);
+- carries the chain of resources waiting on it (``call_chain``), so that A -> B -> A fails
+  with `CallCycleError` in B instead of waiting on A's busy workers
+  (`flash_actors.worker.nested.deployed_chain`);
+- reaches the resource's endpoint through an `EndpointResolver`: the service that knows
+  where the app's resources are deployed.
+
+Resolvers: `DaemonResolver` asks a ``flash local`` daemon (``FLASH_LOCAL_URL`` and
+``FLASH_LOCAL_API_KEY``, which the daemon gives its workers, else ``.flash/local.json``):
+each resource is served there under its own name (``flash build --preview``, and ``flash
+deploy`` to ``flash local``). On RunPod the resolver is Flash's State Manager: the app's
+environment (``FLASH_ENVIRONMENT_ID``) maps each resource name to an endpoint id
+(``resources_endpoints`` in the persisted manifest), reached over HTTPS with
+``RUNPOD_API_KEY``; such a resolver returns a `QueueBackend` over the HTTPS `DataPlane` and
+is passed as ``DeployedProvider(resolver=...)`` (or made by `default_resolver`), with no
+change to the call path. A resolver that cannot be reached (connection refused, a timeout,
+5xx after retries) raises `ManifestServiceUnavailableError`; a resource it does not know,
+`ManifestError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import msgspec
+
+from flash_actors._logging import get_logger
+from flash_actors.errors import (
+    ConfigurationError,
+    DeliveryError,
+    ManifestError,
+    ManifestServiceUnavailableError,
+)
+from flash_actors.providers.base import ENFORCES_ALL
+from flash_actors.serialization import derive_key, sign_request
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from types import TracebackType
+
+    from anyio.streams.memory import MemoryObjectSendStream
+
+    from flash_actors.messages import Call, FunctionRequest, FunctionResponse
+    from flash_actors.providers.base import Enforced
+    from flash_actors.providers.local.daemon.record import DaemonRecord
+    from flash_actors.providers.local.daemon_client import GatewayProvider
+    from flash_actors.providers.runpod.backend import QueueBackend
+    from flash_actors.resources import ServerlessResource
+
+__all__ = [
+    "RESOLVE_TRIES",
+    "DaemonResolver",
+    "DeployedProvider",
+    "EndpointResolver",
+    "codeless",
+    "default_resolver",
+]
+
+log = get_logger(__name__)
+
+RESOLVE_TRIES = 4
+"""Attempts to reach the resolver (0.1 s backoff, doubled) before it is called unavailable."""
+
+
+class EndpointResolver(Protocol):
+    """Where the app's resources are deployed: a resource name in, its endpoint out.
+
+    Attributes:
+        service: the resolver, for messages (``"the flash local daemon at ..."``).
+    """
+
+    service: str
+
+    async def resolve(self, resource: str) -> QueueBackend:
+        """The deployed endpoint of ``resource``, as a data-plane backend.
+
+        Raises:
+            ManifestServiceUnavailableError: the resolver cannot be reached.
+            ManifestError: it has no endpoint for ``resource``.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close its connections."""
+        ...
+
+
+class DaemonResolver:
+    """Resources served by a ``flash local`` daemon under their own names.
+
+    Args:
+        record: the daemon (`flash_actors.providers.local.daemon.record.find_daemon`).
+        tries: attempts to reach it before `ManifestServiceUnavailableError`.
+    """
+
+    def __init__(self, record: DaemonRecord, *, tries: int = RESOLVE_TRIES) -> None:
+        from flash_actors.providers.local.daemon_client import GatewayProvider
+
+        self.tries = max(1, tries)
+        # The daemon client: its data plane, its reconnect window while a call waits.
+        self._client: GatewayProvider = GatewayProvider(record)
+        self.service = f"the flash local daemon at {record.url}"
+
+    async def resolve(self, resource: str) -> QueueBackend:
+        """The daemon's endpoint ``resource`` (checked with ``GET /v2/{resource}/health``).
+
+        Raises:
+            ManifestServiceUnavailableError: refused, cut or 5xx, ``tries`` times in a row.
+            ManifestError: the daemon has no endpoint of that name.
+            ConfigurationError: it refused the API key.
+        """
+        from flash_actors.providers.runpod.backend import QueueBackend
+        from flash_actors.providers.runpod.dataplane import error_text
+
+        client = self._client
+        delay = 0.1
+        problem = ""
+        for attempt in range(1, self.tries + 1):
+            try:
+                status, body = await client.request("GET", f"/v2/{resource}/health")
+            except DeliveryError as exc:
+                problem = _reason(exc)
+            else:
+                if status == 200:
+                    return QueueBackend(
+                        client.plane,
+                        resource,
+                        persist=client.reconnecting,
+                        job_policy=client.job_policy,
+                    )
+                if status == 404:
+                    msg = (
+                        f"resource {resource!r} is not deployed on {self.service} "
+                        f"({error_text(body)}): deploy the app again (`flash build "
+                        "--preview`, or `flash deploy`)"
+                    )
+                    raise ManifestError(msg)
+                if status in (401, 403):
+                    msg = (
+                        f"{self.service} refused the API key (FLASH_LOCAL_API_KEY) while "
+                        f"looking up resource {resource!r}: {error_text(body)}"
+                    )
+                    raise ConfigurationError(msg)
+                problem = f"HTTP {status}: {error_text(body)}"
+                if status < 500:
+                    break
+            if attempt < self.tries:
+                await anyio.sleep(delay)
+                delay *= 2
+        msg = (
+            f"cannot look up where resource {resource!r} is deployed: {self.service}, "
+            f"which resolves the app's endpoints, cannot be reached ({problem}; "
+            f"{self.tries} tries): start it again (`flash local up`, or run `flash build "
+            "--preview` again), or point FLASH_LOCAL_URL at the one serving the app"
+        )
+        raise ManifestServiceUnavailableError(msg)
+
+    async def aclose(self) -> None:
+        """Close the connections to the daemon."""
+        await self._client.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS error under ``exc`` (a refused connection, say), else its own message."""
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return str(root) or str(exc)
+
+
+def default_resolver() -> EndpointResolver:
+    """The resolver of this deployed process: the ``flash local`` daemon that serves the app.
+
+    Raises:
+        ManifestServiceUnavailableError: no resolver is configured (the message says what
+            to set).
+    """
+    from flash_actors.providers.local.daemon.record import find_daemon
+
+    record = find_daemon()
+    if record is None:
+        msg = (
+            "this deployed app has no service to resolve its endpoints: set "
+            "FLASH_LOCAL_URL and FLASH_LOCAL_API_KEY to the flash local daemon that serves "
+            "it (flash build --preview sets them), or unset FLASH_LOCAL=0"
+        )
+        raise ManifestServiceUnavailableError(msg)
+    return DaemonResolver(record)
+
+
+def codeless(call: Call, key: bytes | None) -> FunctionRequest:
+    """``call``'s request as a deployed endpoint takes it: no code, named by its key, signed.
+
+    Unchanged (no second signature) when it already is in that form.
+    """
+    req = call.request
+    name = call.key or None
+    fields: dict[str, Any] = {}
+    if req.execution_type == "class":
+        if name and req.class_name != name:
+            fields["class_name"] = name
+    elif name and req.function_name != name:
+        fields["function_name"] = name
+    for field in ("function_code", "class_code", "dependencies", "system_dependencies"):
+        if getattr(req, field) is not None:
+            fields[field] = None
+    if req.modules:
+        fields["modules"] = {}
+    if not fields:
+        return req
+    stripped = msgspec.structs.replace(req, **fields)
+    return sign_request(stripped, key) if key is not None else stripped
+
+
+class _DeployedBackend:
+    """A resource's deployed endpoint, resolved at its first call, sent calls without code.
+
+    Resolved when a call needs it (not when the Endpoint actor starts), so that a resolver
+    that cannot be reached is that call's answer; the next call tries again.
+    """
+
+    capacity = 4096  # the deployed endpoint queues; see QueueBackend
+    enforces: frozenset[Enforced] = ENFORCES_ALL
+
+    def __init__(
+        self, resolver: Callable[[], Awaitable[QueueBackend]], key: bytes | None
+    ) -> None:
+        self._resolver = resolver
+        self._key = key
+        self._backend: QueueBackend | None = None
+        self._lock = anyio.Lock()
+
+    async def _resolved(self) -> QueueBackend:
+        if self._backend is None:
+            async with self._lock:
+                if self._backend is None:
+                    self._backend = await self._resolver()
+        return self._backend
+
+    async def execute(
+        self,
+        call: Call,
+        *,
+        job_id: str,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
+    ) -> FunctionResponse:
+        if self._key is None:
+            msg = (
+                f"{call.function}() is on resource {call.endpoint!r}, and deployed "
+                "resources sign their calls to each other with the app's secret: set "
+                "FLASH_SECRET (the same hex string for every resource of the app)"
+            )
+            raise ConfigurationError(msg)
+        backend = await self._resolved()
+        request = codeless(call, self._key)
+        if request is not call.request:
+            call = msgspec.structs.replace(call, request=request)
+        return await backend.execute(call, job_id=job_id, chunks=chunks)
+
+    async def aclose(self) -> None:
+        if self._backend is not None:
+            await self._backend.aclose()
+
+
+class DeployedProvider:
+    """The app's other resources, at their deployed endpoints (see the module docstring).
+
+    Args:
+        resolver: where the endpoints are (default: `default_resolver`, made at the first
+            call).
+        secret: the app's secret (hex; default ``FLASH_SECRET``), from which each
+            resource's key is derived.
+    """
+
+    name = "deployed"
+
+    def __init__(
+        self, resolver: EndpointResolver | None = None, *, secret: str | None = None
+    ) -> None:
+        self._resolver = resolver
+        self._secret = os.environ.get("FLASH_SECRET", "") if secret is None else secret
+        self._keys: dict[str, bytes | None] = {}
+
+    def signing_key(self, endpoint: str) -> bytes | None:
+        """``endpoint``'s key under the app's secret, or None without one (calls then fail).
+
+        Raises:
+            ConfigurationError: the secret is not hex.
+        """
+        if endpoint not in self._keys:
+            key = None
+            if self._secret:
+                try:
+                    key = derive_key(bytes.fromhex(self._secret), endpoint)
+                except ValueError:
+                    msg = "FLASH_SECRET must be a hex string (e.g. `openssl rand -hex 32`)"
+                    raise ConfigurationError(msg) from None
+            self._keys[endpoint] = key
+        return self._keys[endpoint]
+
+    async def __aenter__(self) -> DeployedProvider:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open_endpoint(
+        self, resource: ServerlessResource, key: bytes | None
+    ) -> _DeployedBackend:
+        """``resource``'s deployed endpoint, resolved at its first call.
+
+        That call raises `ManifestServiceUnavailableError` when the resolver cannot be
+        reached, `ManifestError` when it has no endpoint for the resource.
+        """
+        return _DeployedBackend(functools.partial(self._resolve, resource.name), key)
+
+    async def _resolve(self, name: str) -> QueueBackend:
+        if self._resolver is None:
+            self._resolver = default_resolver()
+        backend = await self._resolver.resolve(name)
+        log.info("deployed.resolved", resource=name, service=self._resolver.service)
+        return backend
+
+    async def aclose(self) -> None:
+        """Close the resolver's connections."""
+        resolver, self._resolver = self._resolver, None
+        if resolver is not None:
+            with anyio.CancelScope(shield=True):
+                await resolver.aclose()
