@@ -259,6 +259,15 @@ cpu = CpuLiveServerless(name="cpu")
 @remote(cpu)
 async def add(a, b):
     return a + b
+
+
+twice_config = CpuLiveServerless(name="twice")
+
+
+@remote(twice_config)
+async def twice(a, b):
+    job = await add(a, b)  # another resource of the app: through the daemon
+    return 2 * job.output
 """
 
 
@@ -289,14 +298,31 @@ def test_deploy_send_uploads_a_build_and_deploys_it(
     folder = project / ".flash" / "deployments" / info["id"] / build_id
     assert (folder / "flash_manifest.json").is_file()
     assert (folder / "handler_cpu.py").is_file()
-    # Nothing reports success while a resource does not run.
-    if info["state"] == "DEPLOYED":
-        assert done.returncode == 0, done.stderr
-        assert [e["name"] for e in info["endpoints"]] == ["cpu"]
-    else:
-        assert info["state"] == "NOT_STARTED"
-        assert done.returncode == 1
-        assert "these resources are not running: cpu" in done.stderr
+    # The resource runs from the unpacked build, as a deployed endpoint of the daemon.
+    assert info["state"] == "DEPLOYED", info
+    assert done.returncode == 0, done.stderr
+    endpoints = {e["name"]: e["id"] for e in info["endpoints"]}
+    assert sorted(endpoints) == ["cpu", "twice"]
+    with daemon.client() as client:
+        answer = client.post(
+            f"/v2/{endpoints['cpu']}/runsync?wait=60000",
+            json={"input": {"a": 2, "b": 3}},
+        ).json()
+        assert answer["status"] == "COMPLETED", answer
+        assert answer["output"] == 5
+        answer = client.post(
+            f"/v2/{endpoints['twice']}/runsync?wait=60000",
+            json={"input": {"a": 2, "b": 3}},
+        ).json()
+        assert answer["status"] == "COMPLETED", answer
+        assert answer["output"] == 10
+        endpoint = {"id": endpoints["cpu"]}
+        # it runs only the code built into it
+        refused = client.post(
+            f"/v2/{endpoint['id']}/runsync",
+            json={"input": {"function_name": "add", "function_code": "def add(): 0"}},
+        )
+        assert refused.status_code == 400, refused.text
     builds = as_json("app", "get", "myapp", cwd=project)["flashBuilds"]
     assert [b["id"] for b in builds] == [build_id]
     # Sending again with no change: the plan says so.

@@ -42,6 +42,7 @@ import anyio
 import msgspec
 
 from flash_actors._logging import get_logger
+from flash_actors.build.manifest import PREFIX_ENV
 from flash_actors.errors import (
     ConfigurationError,
     DeliveryError,
@@ -130,6 +131,8 @@ class DaemonResolver:
         from flash_actors.providers.runpod.dataplane import error_text
 
         client = self._client
+        # a deployed environment's endpoints are named with its prefix (a preview's are not)
+        resource = os.environ.get(PREFIX_ENV, "") + resource
         delay = 0.1
         problem = ""
         for attempt in range(1, self.tries + 1):
@@ -308,7 +311,9 @@ class DeployedProvider:
             key = None
             if self._secret:
                 try:
-                    key = derive_key(bytes.fromhex(self._secret), endpoint)
+                    # a deployed environment's endpoints carry its prefix in their names
+                    named = os.environ.get(PREFIX_ENV, "") + endpoint
+                    key = derive_key(bytes.fromhex(self._secret), named)
                 except ValueError:
                     msg = "FLASH_SECRET must be a hex string (e.g. `openssl rand -hex 32`)"
                     raise ConfigurationError(msg) from None

@@ -16,15 +16,20 @@ import shutil
 import tarfile
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from flash_actors._logging import get_logger
 from flash_actors._private import private_dir
+from flash_actors.build.manifest import PREFIX_ENV
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
 __all__ = [
     "DEPLOYMENTS",
     "deployment_dir",
+    "endpoint_prefix",
     "prune",
     "resource_names",
     "start_environment",
@@ -88,59 +93,103 @@ def resource_names(manifest: Any) -> list[str]:
     return sorted(resources) if isinstance(resources, dict) else []
 
 
+def endpoint_prefix(environment_id: str) -> str:
+    """The prefix of an environment's endpoint names: two environments never share one."""
+    return f"env-{environment_id.replace('-', '')[:12]}-"
+
+
 async def start_environment(
     *,
+    apply: Callable[[str, dict[str, Any] | None], Awaitable[None]],
     app_name: str,
     environment_name: str,
     environment_id: str,
     folder: Path,
     manifest: Any,
 ) -> dict[str, str | None]:
-    """Run the resources of the build unpacked in ``folder`` as local workers.
+    """Run the queue resources of the build unpacked in ``folder`` as deployed endpoints.
+
+    Each resource with functions becomes the daemon endpoint ``env-<id>-<resource>`` (its
+    workers run ``handler_<resource>.py`` from ``folder``, our worker's deployed mode, and
+    know the prefix to reach the environment's other resources). Registering a resource
+    that runs already with another build replaces it (its workers restart with the new
+    code); `stop_environment` removes the ones a new build dropped.
 
     Args:
+        apply: registers (or with ``None`` removes) a daemon endpoint by name.
         app_name: the Flash app (``X-Flash-App`` of deployed-mode calls).
         environment_name: the environment (``X-Flash-Environment``).
         environment_id: its id.
         folder: the unpacked archive (handlers, ``flash_manifest.json``, dependencies).
-        manifest: the build's manifest (its ``resources`` are what to start).
+        manifest: the build's manifest as uploaded (its ``resources`` are what to start).
 
     Returns:
-        Every resource of the manifest mapped to the id of the endpoint it now runs as, or
-        to None when it was not started. The control plane reports exactly this (an
-        environment with a None here is ``NOT_STARTED``), so it must never claim more
-        than runs.
-
-    TODO(coordinator): wire the daemon's "deployed endpoint served from an unpacked
-    archive folder" feature (helper ``preview``) here: register one endpoint per resource
-    from ``folder`` and return their ids. Until then this starts nothing, logs what it
-    would start, and reports every resource as not started.
+        Every resource of the manifest mapped to the endpoint it now runs as, or to None
+        when it was not started (load balancers are not served by the daemon yet; a
+        resource whose config does not load is logged). The control plane reports exactly
+        this, so it never claims more than runs.
     """
-    names = resource_names(manifest)
-    log.warning(
-        "controlplane.environment_not_started",
-        app=app_name,
-        environment=environment_name,
-        environment_id=environment_id,
-        folder=str(folder),
-        resources=",".join(names),
-        reason="serving deployed archives is not wired into this daemon yet",
+    from flash_actors.build.handlers import handler_name
+    from flash_actors.build.manifest import MANIFEST_FILE, load_manifest
+    from flash_actors.errors import FlashRuntimeError
+    from flash_actors.providers.local.daemon.catalog import (
+        deployed_config,
+        resource_from_config,
     )
-    return dict.fromkeys(names)
+
+    names = resource_names(manifest)
+    started: dict[str, str | None] = dict.fromkeys(names)
+    try:
+        built = load_manifest(folder / MANIFEST_FILE)
+    except FlashRuntimeError as exc:
+        log.error(
+            "controlplane.environment_not_started", folder=str(folder), error=str(exc)
+        )
+        return started
+    prefix = endpoint_prefix(environment_id)
+    for name, entry in sorted(built.resources.items()):
+        if not entry.functions or entry.is_load_balanced:
+            continue
+        try:
+            resource = resource_from_config(
+                {
+                    "class": entry.resource_type,
+                    "resource": {**entry.config, "name": prefix + name},
+                }
+            )
+            resource = msgspec.structs.replace(
+                resource, env={**(resource.env or {}), PREFIX_ENV: prefix}
+            )
+            await apply(
+                prefix + name, deployed_config(resource, folder, handler_name(name))
+            )
+        except Exception as exc:  # noqa: BLE001 (one resource must not stop the rest)
+            log.error(
+                "controlplane.resource_not_started",
+                app=app_name,
+                environment=environment_name,
+                resource=name,
+                error=getattr(exc, "message", str(exc)),
+            )
+            continue
+        started[name] = prefix + name
+    return started
 
 
 async def stop_environment(
-    *, environment_id: str, resources: dict[str, str | None]
+    *,
+    apply: Callable[[str, dict[str, Any] | None], Awaitable[None]],
+    environment_id: str,
+    resources: dict[str, str | None],
 ) -> None:
-    """Stop what `start_environment` started for an environment (its endpoint ids).
-
-    TODO(coordinator): unregister the endpoints of ``resources`` once
-    `start_environment` registers them; nothing runs until then.
-    """
-    running = [endpoint for endpoint in resources.values() if endpoint]
-    if running:
-        log.warning(
-            "controlplane.environment_stop_skipped",
-            environment_id=environment_id,
-            endpoints=",".join(running),
-        )
+    """Remove the daemon endpoints of ``resources`` (their workers stop, queued jobs end)."""
+    for endpoint in sorted(e for e in resources.values() if e):
+        try:
+            await apply(endpoint, None)
+        except Exception as exc:  # noqa: BLE001 (the others still go)
+            log.error(
+                "controlplane.endpoint_not_removed",
+                environment_id=environment_id,
+                endpoint=endpoint,
+                error=getattr(exc, "message", str(exc)),
+            )

@@ -491,6 +491,7 @@ class ControlPlane(base.ControlPlane):
             raise RequestError(msg) from exc
         app = self.state.apps[env.flashAppId]
         return await deployments.start_environment(
+            apply=self._apply,
             app_name=app.name,
             environment_name=env.name,
             environment_id=env.id,
@@ -509,11 +510,19 @@ class ControlPlane(base.ControlPlane):
             )
             raise RequestError(msg)
         with anyio.CancelScope(shield=True):
-            if env.activeBuildId and env.activeBuildId != build.id:
-                await deployments.stop_environment(
-                    environment_id=env.id, resources=env.resources
-                )
+            # the new build's resources first (a resource it keeps is replaced in place),
+            # then the ones it dropped go
             resources = await self._start(env, build.id)
+            kept = set(resources.values())
+            await deployments.stop_environment(
+                apply=self._apply,
+                environment_id=env.id,
+                resources={
+                    name: endpoint
+                    for name, endpoint in env.resources.items()
+                    if endpoint not in kept
+                },
+            )
             env = msgspec.structs.replace(
                 env, activeBuildId=build.id, resources=resources
             )
@@ -536,7 +545,7 @@ class ControlPlane(base.ControlPlane):
         with anyio.CancelScope(shield=True):
             for env in envs:
                 await deployments.stop_environment(
-                    environment_id=env.id, resources=env.resources
+                    apply=self._apply, environment_id=env.id, resources=env.resources
                 )
             gone = {e.id for e in envs}
             self._store(
