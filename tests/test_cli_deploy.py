@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -314,7 +315,7 @@ def test_deploy_send_uploads_a_build_and_deploys_it(
             f"/v2/{endpoints['twice']}/runsync?wait=60000",
             json={"input": {"a": 2, "b": 3}},
         ).json()
-        assert answer["status"] == "COMPLETED", answer
+        assert answer["status"] == "COMPLETED", answer.get("error")
         assert answer["output"] == 10
         endpoint = {"id": endpoints["cpu"]}
         # it runs only the code built into it
@@ -323,6 +324,63 @@ def test_deploy_send_uploads_a_build_and_deploys_it(
             json={"input": {"function_name": "add", "function_code": "def add(): 0"}},
         )
         assert refused.status_code == 400, refused.text
+    # A deployed process of the environment (here: resource "twice" run as a script in the
+    # project) finds the others through the Flash control plane (FLASH_ENVIRONMENT_ID),
+    # as on RunPod: getFlashEnvironment, then the data plane with a signed, code-less call.
+    record = daemon.record
+    assert record is not None
+    deployed_env = {
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FLASH_", "RUNPOD_"))
+        },
+        "FLASH_RESOURCE_NAME": "twice",
+        "FLASH_ENVIRONMENT_ID": info["id"],
+        "FLASH_SECRET": record.secret,
+        "FLASH_MANIFEST_PATH": str(project / ".flash" / "flash_manifest.json"),
+        "RUNPOD_API_KEY": record.api_key,
+        "RUNPOD_API_BASE_URL": record.url,
+        "RUNPOD_ENDPOINT_BASE_URL": f"{record.url}/v2",
+        "FLASH_LOCAL": "0",
+    }
+    script = (
+        "import asyncio, main\n"
+        "async def go():\n"
+        "    try:\n"
+        "        job = await main.add(20, 1)\n"
+        "        job.raise_for_error()\n"
+        "        print(job.output)\n"
+        "    except Exception as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+        "asyncio.run(go())\n"
+    )
+
+    def deployed(**changes: str) -> str:
+        ran = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=project,
+            env={**deployed_env, **changes},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert ran.returncode == 0, ran.stderr
+        return ran.stdout.strip()
+
+    assert deployed() == "21"
+    unknown = deployed(FLASH_ENVIRONMENT_ID="no-such-environment")
+    assert unknown.startswith("ManifestError the Flash control plane at"), unknown
+    assert "deploy the app again" in unknown
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    down = deployed(RUNPOD_API_BASE_URL=gone)
+    assert down.startswith(
+        "ManifestServiceUnavailableError cannot look up where this app's resources "
+        "are deployed"
+    ), down
     builds = as_json("app", "get", "myapp", cwd=project)["flashBuilds"]
     assert [b["id"] for b in builds] == [build_id]
     # Sending again with no change: the plan says so.

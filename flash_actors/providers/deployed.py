@@ -11,8 +11,10 @@ the manifest and sent here. `DeployedProvider` is then what the runtime uses by 
   function is named by its manifest key (``function_name``, or ``class_name`` for a class,
   = ``module:qualname``);
 - is signed with the target resource's key, derived from the app's secret (``FLASH_SECRET``)
-  as `flash_actors.deployed.handler.key_from_env` derives it there (deployed endpoints run
-  only signed requests, so without the secret the call fails with `ConfigurationError`);
+  and the resource's name, as its workers check it (`flash_actors.deployed.handler.
+  key_from_env`; a ``flash local`` deployment's prefixed endpoints keep the resource's name
+  for their key); deployed endpoints run only signed requests, so without the secret the
+  call fails with `ConfigurationError`;
 - carries the chain of resources waiting on it (``call_chain``), so that A -> B -> A fails
   with `CallCycleError` in B instead of waiting on A's busy workers
   (`flash_actors.worker.nested.deployed_chain`);
@@ -22,12 +24,10 @@ the manifest and sent here. `DeployedProvider` is then what the runtime uses by 
 Resolvers: `DaemonResolver` asks a ``flash local`` daemon (``FLASH_LOCAL_URL`` and
 ``FLASH_LOCAL_API_KEY``, which the daemon gives its workers, else ``.flash/local.json``):
 each resource is served there under its own name (``flash build --preview``, and ``flash
-deploy`` to ``flash local``). On RunPod the resolver is Flash's State Manager: the app's
-environment (``FLASH_ENVIRONMENT_ID``) maps each resource name to an endpoint id
-(``resources_endpoints`` in the persisted manifest), reached over HTTPS with
-``RUNPOD_API_KEY``; such a resolver returns a `QueueBackend` over the HTTPS `DataPlane` and
-is passed as ``DeployedProvider(resolver=...)`` (or made by `default_resolver`), with no
-change to the call path. A resolver that cannot be reached (connection refused, a timeout,
+deploy`` to ``flash local``). `RunPodResolver`, chosen when ``FLASH_ENVIRONMENT_ID`` is set,
+asks the Flash control plane for the environment's endpoints by resource name
+(``getFlashEnvironment``, with ``RUNPOD_API_KEY`` and ``RUNPOD_API_BASE_URL``; ``flash local``
+answers it too) and reaches them on the data plane (``RUNPOD_ENDPOINT_BASE_URL``). A resolver that cannot be reached (connection refused, a timeout,
 5xx after retries) raises `ManifestServiceUnavailableError`; a resource it does not know,
 `ManifestError`.
 """
@@ -63,19 +63,26 @@ if TYPE_CHECKING:
     from flash_actors.providers.local.daemon.record import DaemonRecord
     from flash_actors.providers.local.daemon_client import GatewayProvider
     from flash_actors.providers.runpod.backend import QueueBackend
+    from flash_actors.providers.runpod.credentials import RunPodSettings
+    from flash_actors.providers.runpod.transport import Transport
     from flash_actors.resources import ServerlessResource
 
 __all__ = [
+    "ENVIRONMENT_ENV",
     "RESOLVE_TRIES",
     "DaemonResolver",
     "DeployedProvider",
     "EndpointResolver",
+    "RunPodResolver",
     "codeless",
     "default_resolver",
 ]
 
 log = get_logger(__name__)
 
+ENVIRONMENT_ENV = "FLASH_ENVIRONMENT_ID"
+"""The Flash environment a deployed process belongs to (runpod-flash's name): set, its
+endpoints are looked up on the Flash control plane (`RunPodResolver`)."""
 RESOLVE_TRIES = 4
 """Attempts to reach the resolver (0.1 s backoff, doubled) before it is called unavailable."""
 
@@ -180,6 +187,109 @@ class DaemonResolver:
         await self._client.aclose()
 
 
+class RunPodResolver:
+    """Resources of a Flash environment, from its endpoints (``getFlashEnvironment``).
+
+    RunPod's Flash control plane lists each deployed environment's endpoints by resource
+    name; ``flash local`` answers the same query for the environments deployed to it. The
+    endpoints are then reached on the data plane with the same key.
+
+    Args:
+        environment_id: the environment (``FLASH_ENVIRONMENT_ID``).
+        settings: the API key and URLs (default: `load_settings`, RunPod's variables).
+        transport: how requests travel (default: HTTPS).
+        tries: attempts to reach the control plane before `ManifestServiceUnavailableError`.
+    """
+
+    def __init__(
+        self,
+        environment_id: str,
+        settings: RunPodSettings | None = None,
+        *,
+        transport: Transport | None = None,
+        tries: int = RESOLVE_TRIES,
+    ) -> None:
+        from flash_actors.providers.runpod.credentials import load_settings
+        from flash_actors.providers.runpod.transport import HttpsTransport
+
+        self.environment_id = environment_id
+        self.settings = settings or load_settings()
+        self.transport: Transport = transport or HttpsTransport()
+        self.tries = max(1, tries)
+        self.service = (
+            f"the Flash control plane at {self.settings.api_base_url} "
+            f"(environment {environment_id})"
+        )
+        self._endpoints: dict[str, str] | None = None
+
+    async def _environment_endpoints(self) -> dict[str, str]:
+        from flash_actors.errors import GraphQLError
+        from flash_actors.providers.runpod.flash_apps import FlashApps
+        from flash_actors.providers.runpod.graphql import ControlPlane
+
+        control = ControlPlane(
+            self.transport, self.settings.api_base_url, self.settings.api_key
+        )
+        apps = FlashApps(control, self.transport)
+        delay = 0.1
+        problem = ""
+        for attempt in range(1, self.tries + 1):
+            try:
+                environment = await apps.environment(self.environment_id)
+            except GraphQLError as exc:
+                msg = (
+                    f"{self.service} does not know this app's environment ({exc}): deploy "
+                    "the app again (`flash deploy send`), or fix FLASH_ENVIRONMENT_ID"
+                )
+                raise ManifestError(msg) from exc
+            except DeliveryError as exc:
+                problem = _reason(exc)
+            else:
+                return {
+                    str(e["name"]): str(e["id"])
+                    for e in environment.get("endpoints") or []
+                    if isinstance(e, dict) and e.get("name") and e.get("id")
+                }
+            if attempt < self.tries:
+                await anyio.sleep(delay)
+                delay *= 2
+        msg = (
+            f"cannot look up where this app's resources are deployed: {self.service} "
+            f"cannot be reached ({problem}; {self.tries} tries): check RUNPOD_API_BASE_URL "
+            "and the network, then call again"
+        )
+        raise ManifestServiceUnavailableError(msg)
+
+    async def resolve(self, resource: str) -> QueueBackend:
+        """The environment's endpoint for ``resource`` (its list is read again when absent).
+
+        Raises:
+            ManifestServiceUnavailableError: the control plane cannot be reached.
+            ManifestError: the environment has no endpoint for ``resource``.
+        """
+        from flash_actors.providers.runpod.backend import QueueBackend
+        from flash_actors.providers.runpod.dataplane import DataPlane
+
+        if self._endpoints is None or resource not in self._endpoints:
+            self._endpoints = await self._environment_endpoints()
+        endpoint_id = self._endpoints.get(resource)
+        if endpoint_id is None:
+            known = ", ".join(sorted(self._endpoints)) or "none"
+            msg = (
+                f"resource {resource!r} has no endpoint in {self.service} (it has: "
+                f"{known}): deploy the app again (`flash deploy send`)"
+            )
+            raise ManifestError(msg)
+        plane = DataPlane(
+            self.transport, self.settings.endpoint_base_url, self.settings.api_key
+        )
+        return QueueBackend(plane, endpoint_id)
+
+    async def aclose(self) -> None:
+        """Close the HTTPS connections."""
+        await self.transport.aclose()
+
+
 def _reason(exc: BaseException) -> str:
     """The OS error under ``exc`` (a refused connection, say), else its own message."""
     root = exc
@@ -197,6 +307,9 @@ def default_resolver() -> EndpointResolver:
     """
     from flash_actors.providers.local.daemon.record import find_daemon
 
+    environment = os.environ.get(ENVIRONMENT_ENV)
+    if environment:
+        return RunPodResolver(environment)
     record = find_daemon()
     if record is None:
         msg = (
@@ -311,9 +424,7 @@ class DeployedProvider:
             key = None
             if self._secret:
                 try:
-                    # a deployed environment's endpoints carry its prefix in their names
-                    named = os.environ.get(PREFIX_ENV, "") + endpoint
-                    key = derive_key(bytes.fromhex(self._secret), named)
+                    key = derive_key(bytes.fromhex(self._secret), endpoint)
                 except ValueError:
                     msg = "FLASH_SECRET must be a hex string (e.g. `openssl rand -hex 32`)"
                     raise ConfigurationError(msg) from None

@@ -161,7 +161,10 @@ async def start_environment(
                 resource, env={**(resource.env or {}), PREFIX_ENV: prefix}
             )
             await apply(
-                prefix + name, deployed_config(resource, folder, handler_name(name))
+                prefix + name,
+                deployed_config(
+                    resource, folder, handler_name(name), resource_name=name
+                ),
             )
         except Exception as exc:  # noqa: BLE001 (one resource must not stop the rest)
             log.error(

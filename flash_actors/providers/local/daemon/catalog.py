@@ -93,17 +93,24 @@ def config_of(resource: resources.ServerlessResource) -> dict[str, Any]:
 
 
 def deployed_config(
-    resource: resources.ServerlessResource, build_dir: Path, handler: str
+    resource: resources.ServerlessResource,
+    build_dir: Path,
+    handler: str,
+    *,
+    resource_name: str | None = None,
 ) -> dict[str, Any]:
     """The registration of ``resource`` served from the unpacked build ``build_dir``.
 
     ``handler`` is the generated handler's file name in that folder
-    (`flash_actors.build.handlers.handler_name`).
+    (`flash_actors.build.handlers.handler_name`). ``resource_name`` is the resource's name
+    in the build when the endpoint has another (a deployed environment's prefixed names):
+    the endpoint's key is derived from it, as the app's other resources derive it
+    (`Endpoint.key_name`).
     """
-    return {
-        **config_of(resource),
-        "deployed": {"dir": str(build_dir), "handler": handler},
-    }
+    deployed = {"dir": str(build_dir), "handler": handler}
+    if resource_name is not None and resource_name != resource.name:
+        deployed["resource"] = resource_name
+    return {**config_of(resource), "deployed": deployed}
 
 
 def _deployed_entry(name: str, config: dict[str, Any]) -> Path | None:
@@ -131,6 +138,23 @@ def _deployed_entry(name: str, config: dict[str, Any]) -> Path | None:
     return Path(folder, handler)
 
 
+def _deployed_resource(name: str, config: dict[str, Any]) -> str | None:
+    """A ``deployed`` endpoint's resource name in its build, when it differs from ``name``.
+
+    Raises:
+        ConfigurationError: it is not a valid endpoint name.
+    """
+    deployed = config.get("deployed")
+    resource = deployed.get("resource") if isinstance(deployed, dict) else None
+    if resource is None:
+        return None
+    if not isinstance(resource, str):
+        msg = f'endpoint {name!r}: "deployed.resource" must be a resource name'
+        raise ConfigurationError(msg)
+    resources.check_endpoint_name(resource)
+    return resource
+
+
 @dataclass(eq=False)
 class HandlerWorker:
     """A stock ``runpod`` worker serving a handler endpoint (started by us or by hand)."""
@@ -155,6 +179,10 @@ class Endpoint:
         self.resource = resource_from_config(config)
         self.entry = _deployed_entry(name, config)
         """A ``deployed`` endpoint's handler file (in the unpacked build), else None."""
+        self.key_name = _deployed_resource(name, config) or self.resource.name
+        """The name the endpoint's signing key is derived from: a deployed endpoint's
+        resource name in its build (the app's other resources sign their calls with it),
+        else its own name."""
         self.kind = (
             "handler"
             if self.resource.handler

@@ -105,15 +105,13 @@ class DataPlane:
         if endpoint.kind == "flash":
             # Checked, and signed for the workers when a stock client sent it unsigned.
             try:
-                raw_input = sign_for_workers(raw_input, endpoint.resource.name)
+                raw_input = sign_for_workers(raw_input, endpoint.key_name)
             except FlashRuntimeError as exc:
                 raise GatewayError(400, str(exc)) from exc
         elif endpoint.kind == "deployed":
             # Deployed-mode JSON (wrapped for the workers) or a signed request; no code.
             try:
-                raw_input, plain = sign_deployed_input(
-                    raw_input, endpoint.resource.name
-                )
+                raw_input, plain = sign_deployed_input(raw_input, endpoint.key_name)
             except FlashRuntimeError as exc:
                 raise GatewayError(400, str(exc)) from exc
             if plain:

@@ -85,7 +85,7 @@ class FlashDispatch:
         while True:
             try:
                 backend = await self.provider.open_endpoint(
-                    resource, endpoint_key(resource.name), entry=endpoint.entry
+                    resource, endpoint_key(endpoint.key_name), entry=endpoint.entry
                 )
             except (
                 Exception

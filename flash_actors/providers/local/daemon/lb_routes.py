@@ -70,9 +70,7 @@ def add_lb_routes(app: web.Application, gateway: Gateway, bodies: Bodies) -> Non
         async with bodies.large(request, RUNSYNC_LIMIT, "execute"):
             body = await bodies.read(request, RUNSYNC_LIMIT, "execute")
             try:
-                signed = request_decoder.decode(
-                    sign_for_workers(body, ep.resource.name)
-                )
+                signed = request_decoder.decode(sign_for_workers(body, ep.key_name))
             except FlashRuntimeError as exc:
                 raise GatewayError(400, str(exc)) from exc
             with anyio.move_on_after(POOL_WAIT_S):
