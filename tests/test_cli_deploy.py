@@ -318,6 +318,35 @@ def test_deploy_send_uploads_a_build_and_deploys_it(
         assert answer["status"] == "COMPLETED", answer.get("error")
         assert answer["output"] == 10
         endpoint = {"id": endpoints["cpu"]}
+        # runpod-flash's deployed mode: one POST /v2/flash/runsync naming the app, the
+        # environment and the resource in headers (PROTOCOL.md section 5)
+        flash_headers = {
+            "X-Flash-App": "myapp",
+            "X-Flash-Environment": "production",
+            "X-Flash-Endpoint": "twice",
+        }
+        answer = client.post(
+            "/v2/flash/runsync", json={"input": {"a": 4, "b": 1}}, headers=flash_headers
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["output"] == 10
+        unknown = client.post(
+            "/v2/flash/runsync",
+            json={"input": {}},
+            headers={**flash_headers, "X-Flash-Endpoint": "nope"},
+        )
+        assert unknown.status_code == 404
+        assert (
+            "resource 'nope' does not run in myapp/production (running: cpu, twice)"
+            in (unknown.text)
+        )
+        partial = client.post(
+            "/v2/flash/runsync",
+            json={"input": {}},
+            headers={"X-Flash-Endpoint": "twice"},
+        )
+        assert partial.status_code == 400
+        assert "without X-Flash-App, X-Flash-Environment" in partial.text
         # it runs only the code built into it
         refused = client.post(
             f"/v2/{endpoint['id']}/runsync",

@@ -29,6 +29,25 @@ pytestmark = pytest.mark.slow
 
 RUNPOD_FLASH = "runpod-flash==1.21.0"
 PROGRAM = Path(__file__).parent / "gateway_files" / "runpod_flash_program.py"
+DEPLOYED_CALLER = (
+    Path(__file__).parent / "gateway_files" / "runpod_flash_deployed_caller.py"
+)
+APP = """\
+from flash_actors import CpuLiveServerless, remote
+
+cpu = CpuLiveServerless(name="cpu")
+twice_config = CpuLiveServerless(name="twice")
+
+
+@remote(cpu)
+async def add(a, b):
+    return a + b
+
+
+@remote(twice_config)
+async def twice(a, b):
+    return 2 * (await add(a, b)).output
+"""
 
 
 def runpod_flash_env() -> Path:
@@ -114,5 +133,63 @@ def test_an_unmodified_runpod_flash_program_runs_on_flash_local(tmp_path: Path) 
         ).json()
         names = [e["name"] for e in answer["data"]["myself"]["endpoints"]]
         assert any(name.startswith("live-cap-worker") for name in names), names
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.network  # flash build downloads wheels
+@pytest.mark.timeout(1200)  # the first run builds the environment
+def test_a_runpod_flash_program_calls_an_app_deployed_on_flash_local(
+    tmp_path: Path,
+) -> None:
+    """Deployed mode: `flash build` + `flash deploy send` here, runpod-flash's sentinel call."""
+    python = runpod_flash_env()
+    project = (
+        tmp_path / "myapp"
+    )  # runpod-flash's app name: the folder's (FLASH_APP unset)
+    project.mkdir()
+    (project / "main.py").write_text(APP)
+    daemon = Daemon(project / ".flash")
+    try:
+        record = daemon.record
+        assert record is not None
+        ours = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
+        for command in (["build"], ["deploy", "send", "production"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "flash_actors_cli.main", *command],
+                cwd=project,
+                env=ours,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert done.returncode == 0, done.stderr
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "RUNPOD_API_KEY": record.api_key,
+            "RUNPOD_API_BASE_URL": record.url,
+            "RUNPOD_ENDPOINT_BASE_URL": f"{record.url}/v2",
+            "RUNPOD_URL_MIXED_OK": "1",
+        }
+        caller = tmp_path / "caller" / "myapp"
+        caller.mkdir(parents=True)
+        ran = subprocess.run(
+            [str(python), str(DEPLOYED_CALLER)],
+            cwd=caller,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        out = ran.stdout + ran.stderr
+        assert ran.returncode == 0, out[-4000:]
+        lines = {line.split(" ", 1)[0]: line for line in out.splitlines() if line}
+        assert lines["TWICE"] == "TWICE 10", out[-4000:]
+        assert lines["GATHER"] == f"GATHER {[2 * i for i in range(5)]}", out[-4000:]
     finally:
         daemon.stop()

@@ -221,6 +221,44 @@ class ControlPlane(base.ControlPlane):
                 else:
                     deployments.prune(self.state_dir, env.id, env.activeBuildId or "")
 
+    def deployed_endpoint(self, app: str, environment: str, resource: str) -> str:
+        """The endpoint running ``resource`` of ``environment`` of ``app`` (deployed mode).
+
+        What runpod-flash 1.21 names with ``X-Flash-App``, ``X-Flash-Environment`` and
+        ``X-Flash-Endpoint`` on ``POST /v2/flash/runsync``.
+
+        Raises:
+            LookupError: no such app, environment or running resource; the message lists
+                what there is.
+        """
+        apps = {a.name: a for a in self.state.apps.values()}
+        found = apps.get(app)
+        if found is None:
+            known = ", ".join(sorted(apps)) or "none"
+            msg = f"no Flash app named {app!r} (apps: {known}): deploy it with `flash deploy send`"
+            raise LookupError(msg)
+        envs = {
+            e.name: e
+            for e in self.state.environments.values()
+            if e.flashAppId == found.id
+        }
+        env = envs.get(environment)
+        if env is None:
+            known = ", ".join(sorted(envs)) or "none"
+            msg = f"app {app!r} has no environment {environment!r} (it has: {known})"
+            raise LookupError(msg)
+        endpoint = env.resources.get(resource)
+        if endpoint is None:
+            running = (
+                ", ".join(sorted(r for r, e in env.resources.items() if e)) or "none"
+            )
+            msg = (
+                f"resource {resource!r} does not run in {app}/{environment} (running: "
+                f"{running})"
+            )
+            raise LookupError(msg)
+        return endpoint
+
     async def receive_upload(
         self, token: str, length: int | None, chunks: AsyncIterator[bytes]
     ) -> tuple[int, bytes]:

@@ -24,6 +24,8 @@ from flash_actors.providers.local.daemon.bodies import (
 from flash_actors.providers.local.daemon.errors import GatewayError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from aiohttp import web
 
     from flash_actors.providers.local.daemon.bodies import Bodies
@@ -50,9 +52,20 @@ _run_decoder = msgspec.json.Decoder(_RunBody)
 
 
 def add_dataplane_routes(
-    app: web.Application, gateway: Gateway, bodies: Bodies, *, runpod_only: bool = False
+    app: web.Application,
+    gateway: Gateway,
+    bodies: Bodies,
+    *,
+    runpod_only: bool = False,
+    deployed: Callable[[str, str, str], str] | None = None,
 ) -> None:
-    """Add the data plane's routes, served by ``gateway``, to ``app``."""
+    """Add the data plane's routes, served by ``gateway``, to ``app``.
+
+    ``deployed(app, environment, resource)`` names the endpoint of a deployed resource (or
+    raises `LookupError` saying what there is): with it, ``POST /v2/flash/runsync`` with
+    runpod-flash's ``X-Flash-App``, ``X-Flash-Environment`` and ``X-Flash-Endpoint`` headers
+    runs Flash's deployed-mode input on that endpoint.
+    """
     catalog, book, plane = gateway.catalog, gateway.book, gateway.plane
     known_policy = _RUNPOD_POLICY_FIELDS if runpod_only else _POLICY_FIELDS
 
@@ -67,7 +80,31 @@ def add_dataplane_routes(
         return response
 
     def endpoint(request: web.Request) -> Endpoint:
-        return catalog.endpoint(request.match_info["endpoint"])
+        name = request.match_info["endpoint"]
+        if name == "flash" and "X-Flash-Endpoint" in request.headers:
+            name = flash_endpoint(request)
+        return catalog.endpoint(name)
+
+    def flash_endpoint(request: web.Request) -> str:
+        """The endpoint runpod-flash's deployed-mode headers name."""
+        headers = request.headers
+        missing = [
+            h
+            for h in ("X-Flash-App", "X-Flash-Environment", "X-Flash-Endpoint")
+            if not headers.get(h)
+        ]
+        if missing:
+            raise GatewayError(400, f"deployed-mode call without {', '.join(missing)}")
+        if deployed is None:
+            raise GatewayError(404, "this server runs no deployed Flash apps")
+        try:
+            return deployed(
+                headers["X-Flash-App"],
+                headers["X-Flash-Environment"],
+                headers["X-Flash-Endpoint"],
+            )
+        except LookupError as exc:
+            raise GatewayError(404, str(exc.args[0] if exc.args else exc)) from None
 
     def job_of(request: web.Request) -> tuple[Endpoint, Job]:
         ep = endpoint(request)

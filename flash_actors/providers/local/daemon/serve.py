@@ -182,6 +182,7 @@ async def _serve_locked(
                 * 1024,
                 graphql=control.handle,
                 upload=control.receive_upload,
+                deployed=control.deployed_endpoint,
                 runpod_only=runpod_only(),
             ),
             sock,

@@ -68,6 +68,7 @@ def make_app(
     ]
     | None = None,
     runpod_only: bool = False,
+    deployed: Callable[[str, str, str], str] | None = None,
 ) -> web.Application:
     """The aiohttp application serving ``gateway``.
 
@@ -76,7 +77,8 @@ def make_app(
     as RunPod does.
 
     ``graphql`` answers ``POST /graphql`` bodies (RunPod's control plane): the HTTP status
-    and the JSON answer.
+    and the JSON answer. ``deployed`` names a deployed Flash app's endpoints for
+    ``POST /v2/flash/runsync`` (see `add_dataplane_routes`).
 
     ``owner_token`` (the private gateway's, known only to the process that started it; sent
     as ``?owner=``) lets a registration name a handler file outside the served folder; see
@@ -142,7 +144,9 @@ def make_app(
         return json_response({"status": "stopping"})
 
     app = web.Application(middlewares=[guard], client_max_size=SMALL_LIMIT)
-    add_dataplane_routes(app, gateway, bodies, runpod_only=runpod_only)
+    add_dataplane_routes(
+        app, gateway, bodies, runpod_only=runpod_only, deployed=deployed
+    )
     add_lb_routes(app, gateway, bodies)
     add_worker_routes(app, gateway, bodies)
     app.router.add_get("/flash/v1/status", flash_status)
