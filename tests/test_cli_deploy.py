@@ -330,15 +330,15 @@ def test_deploy_send_uploads_a_build_and_deploys_it(
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["output"] == 10
-        unknown = client.post(
+        not_running = client.post(
             "/v2/flash/runsync",
             json={"input": {}},
             headers={**flash_headers, "X-Flash-Endpoint": "nope"},
         )
-        assert unknown.status_code == 404
+        assert not_running.status_code == 404
         assert (
             "resource 'nope' does not run in myapp/production (running: cpu, twice)"
-            in (unknown.text)
+            in not_running.text
         )
         partial = client.post(
             "/v2/flash/runsync",
