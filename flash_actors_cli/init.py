@@ -148,10 +148,21 @@ def _existing(folder: Path) -> list[str]:
     return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
 
 
+_NAME_MAX = 191
+"""The longest Flash app name (``createFlashApp``): the project's folder name is its app's."""
+
+
 def _init(args: argparse.Namespace) -> int:
     here = args.name in (".", "")
     folder = Path.cwd() if here else Path(args.name)
     name = folder.resolve().name
+    if not name.isprintable() or not 1 <= len(name) <= _NAME_MAX:
+        print(
+            f"flash: error: {name!r} cannot name a Flash project (it becomes the app's "
+            f"name): use 1-{_NAME_MAX} printable characters, no control characters",
+            file=sys.stderr,
+        )
+        return 1
     if folder.exists() and not folder.is_dir():
         print(
             f"flash: error: {folder} is a file, not a folder: give another project name",

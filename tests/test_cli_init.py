@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,11 @@ def test_generated_project_works_in_a_fresh_venv(tmp_path: Path) -> None:
             timeout=60,
         )
         assert dev.json()["output"]["message"] == "dev"
+
+
+def test_init_refuses_a_name_no_app_can_have(tmp_path: Path) -> None:
+    for bad in ("bad\nname", "x" * 192):
+        done = flash("init", bad, cwd=tmp_path)
+        assert done.returncode == 1
+        assert re.match(r"^flash: error: .* cannot name a Flash project", done.stderr)
+    assert list(tmp_path.iterdir()) == []  # nothing written
