@@ -290,3 +290,17 @@ def test_ctrl_c_while_packing_leaves_no_archive(project: Path) -> None:
         "artifact.tar.gz",
         "flash_manifest.json",
     ]
+
+
+def test_a_second_build_of_the_project_is_refused_while_one_runs(project: Path) -> None:
+    from flash_actors.build._lock import project_lock
+
+    with project_lock(project, "build"):  # this test's process is the running build
+        done = flash_build(cwd=project)
+    assert done.returncode == 1
+    assert re.match(
+        rf"^flash: error: another flash build of {re.escape(str(project))} is running "
+        rf"\(pid {os.getpid()}\): wait for it or stop it first$",
+        done.stderr.strip(),
+    ), done.stderr
+    assert flash_build(cwd=project).returncode == 0  # released: the next one runs

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from flash_actors.build._lock import project_lock
 from flash_actors.build.archive import (
     ARCHIVE_PATH,
     MAX_ARCHIVE_BYTES,
@@ -181,11 +182,17 @@ def build_project(
     also shows `flash_actors._progress`'s live line or log lines.
 
     Raises:
-        BuildError: any step failed; the message says which and what to do.
+        BuildError: any step failed, or another build of the project runs; the message
+            says which and what to do.
     """
-    options = options or BuildOptions()
-    say = progress or (lambda _line: None)
     root = Path(project_dir).resolve()
+    with project_lock(root, "build"):
+        return _build(root, options or BuildOptions(), progress or (lambda _line: None))
+
+
+def _build(
+    root: Path, options: BuildOptions, say: Callable[[str], None]
+) -> BuildResult:
     python_version = target_python_version(options.python_version)
     output = (options.output or root / ARCHIVE_PATH).absolute()
     build_dir = root / BUILD_DIR

@@ -45,6 +45,7 @@ import anyio
 import msgspec
 
 from flash_actors._private import open_private, write_private
+from flash_actors.build._lock import project_lock
 from flash_actors.build.handlers import handler_name
 from flash_actors.build.manifest import MANIFEST_FILE, load_manifest
 from flash_actors.errors import ConfigurationError, DeliveryError, FlashRuntimeError
@@ -536,6 +537,9 @@ def run_preview(
     Raises:
         PreviewError: a part could not start, or one of its processes exited; everything
             it had started is stopped.
+        BuildError: another preview of the project runs.
         ManifestError: the archive's manifest does not load.
     """
-    anyio.run(_run, Path(project_dir).resolve(), archive, port, say, on_ready)
+    root = Path(project_dir).resolve()
+    with project_lock(root, "preview"):  # one preview owns .flash/.preview/
+        anyio.run(_run, root, archive, port, say, on_ready)
