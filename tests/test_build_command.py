@@ -154,6 +154,7 @@ def test_build_writes_the_archive(project: Path) -> None:
     assert not (project / ".flash" / ".build").exists()
     assert sorted(p.name for p in (project / ".flash").iterdir()) == [
         "artifact.tar.gz",
+        "build.lock",  # one build at a time (kept, as daemon.lock is)
         "flash_manifest.json",
     ]
 
@@ -288,6 +289,7 @@ def test_ctrl_c_while_packing_leaves_no_archive(project: Path) -> None:
     assert old.read_bytes() == b"the previous archive"
     assert sorted(p.name for p in old.parent.iterdir()) == [
         "artifact.tar.gz",
+        "build.lock",
         "flash_manifest.json",
     ]
 
