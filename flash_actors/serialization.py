@@ -43,6 +43,7 @@ import pybase64
 
 from flash_actors._memory import tune_allocator
 from flash_actors.errors import (
+    ConfigurationError,
     PayloadSignatureError,
     ResultTypeUnavailableError,
     SerializationError,
@@ -66,6 +67,7 @@ __all__ = [
     "endpoint_key",
     "loads",
     "master_secret",
+    "secret_key",
     "set_master_secret",
     "sign_request",
     "to_json",
@@ -125,6 +127,20 @@ def derive_key(secret: bytes, endpoint: str) -> bytes:
     return hmac.digest(
         secret, b"flash-actors/endpoint\x00" + endpoint.encode(), "sha256"
     )
+
+
+def secret_key(secret: str, endpoint: str, *, named: str = "FLASH_SECRET") -> bytes:
+    """The MAC key of ``endpoint`` under the hex master secret ``secret`` (`derive_key`).
+
+    Raises:
+        ConfigurationError: ``secret`` is not hex; the message names where it came from.
+    """
+    try:
+        raw = bytes.fromhex(secret)
+    except ValueError:
+        msg = f"{named} must be a hex string (for example `openssl rand -hex 32`)"
+        raise ConfigurationError(msg) from None
+    return derive_key(raw, endpoint)
 
 
 class _NotPlain(Exception):

@@ -58,7 +58,7 @@ from flash_actors.errors import (
     PayloadSignatureError,
 )
 from flash_actors.messages import FunctionRequest, FunctionResponse
-from flash_actors.serialization import derive_key, to_json, verify_request
+from flash_actors.serialization import secret_key, to_json, verify_request
 from flash_actors.worker.executor import Emit, Executor, invoke
 
 if TYPE_CHECKING:
@@ -287,17 +287,15 @@ def key_from_env(resource: str) -> bytes | None:
     Raises:
         ConfigurationError: ``FLASH_ENDPOINT_KEY`` or ``FLASH_SECRET`` is not hex.
     """
-    try:
-        raw = os.environ.get("FLASH_ENDPOINT_KEY")
-        if raw:
+    raw = os.environ.get("FLASH_ENDPOINT_KEY")
+    if raw:
+        try:
             return bytes.fromhex(raw)
-        secret = os.environ.get("FLASH_SECRET")
-        if secret:
-            return derive_key(bytes.fromhex(secret), resource)
-    except ValueError:
-        msg = "FLASH_ENDPOINT_KEY and FLASH_SECRET must be hex strings (e.g. `openssl rand -hex 32`)"
-        raise ConfigurationError(msg) from None
-    return None
+        except ValueError:
+            msg = "FLASH_ENDPOINT_KEY must be a hex string (the endpoint's key)"
+            raise ConfigurationError(msg) from None
+    secret = os.environ.get("FLASH_SECRET")
+    return secret_key(secret, resource) if secret else None
 
 
 def refusal(job_input: dict[str, Any], resource: str) -> str | None:

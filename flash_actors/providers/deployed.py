@@ -50,7 +50,7 @@ from flash_actors.errors import (
     ManifestServiceUnavailableError,
 )
 from flash_actors.providers.base import ENFORCES_ALL
-from flash_actors.serialization import derive_key, sign_request
+from flash_actors.serialization import secret_key, sign_request
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -421,14 +421,9 @@ class DeployedProvider:
             ConfigurationError: the secret is not hex.
         """
         if endpoint not in self._keys:
-            key = None
-            if self._secret:
-                try:
-                    key = derive_key(bytes.fromhex(self._secret), endpoint)
-                except ValueError:
-                    msg = "FLASH_SECRET must be a hex string (e.g. `openssl rand -hex 32`)"
-                    raise ConfigurationError(msg) from None
-            self._keys[endpoint] = key
+            self._keys[endpoint] = (
+                secret_key(self._secret, endpoint) if self._secret else None
+            )
         return self._keys[endpoint]
 
     async def __aenter__(self) -> DeployedProvider:

@@ -47,7 +47,7 @@ from flash_actors.providers.local.daemon.record import (
 )
 from flash_actors.providers.runpod.backend import QueueBackend
 from flash_actors.providers.runpod.dataplane import FLASH_LOCAL, DataPlane, error_text
-from flash_actors.serialization import derive_key, master_secret
+from flash_actors.serialization import master_secret, secret_key
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -220,13 +220,11 @@ class GatewayProvider:
         if endpoint in self._keys:
             return self._keys[endpoint]
         secret = self.record.secret or os.environ.get("FLASH_SECRET", "")
-        key = None
-        if secret:
-            try:
-                key = derive_key(bytes.fromhex(secret), endpoint)
-            except ValueError as exc:
-                msg = "the daemon's secret (or FLASH_SECRET) is not a hex string"
-                raise ConfigurationError(msg) from exc
+        key = (
+            secret_key(secret, endpoint, named="the daemon's secret (or FLASH_SECRET)")
+            if secret
+            else None
+        )
         self._keys[endpoint] = key
         return key
 
