@@ -217,5 +217,6 @@ def test_over_the_limit_fails_listing_the_largest_and_keeps_the_old_archive(
     assert output.read_bytes() == b"the previous archive"
     assert sorted(p.name for p in output.parent.iterdir()) == [
         "artifact.tar.gz",
+        "build.lock",
         "flash_manifest.json",
     ]  # no temporary file left, the build folder removed
