@@ -3,6 +3,8 @@
 Environments of a Flash app, the builds they run, and the endpoints deployed, through
 `flash_actors.providers.runpod.flash_apps.FlashApps` on ``flash local`` (default) or RunPod
 (``--target runpod``). ``flash env`` (`flash_actors_cli.apps`) shares these functions.
+``send`` then saves the build's endpoints itself, as runpod-flash does
+(`flash_actors.providers.runpod.environments.reconcile`): the same code for both targets.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
+from flash_actors.providers.runpod.environments import plan, reconcile
 from flash_actors_cli._target import (
     CommandError,
     add_common,
@@ -39,7 +42,6 @@ __all__ = [
     "delete_environment",
     "environment_info",
     "list_environments",
-    "plan",
     "run_deploy",
     "run_undeploy",
 ]
@@ -149,23 +151,6 @@ async def find_environment(
         else f"create it with `flash deploy new {name}`"
     )
     raise CommandError(msg, hint)
-
-
-def plan(old: Any, new: Any) -> dict[str, list[str]]:
-    """What deploying manifest ``new`` over ``old`` changes, by resource name."""
-    before = (old or {}).get("resources") or {}
-    after = (new or {}).get("resources") or {}
-    same = sorted(set(before) & set(after))
-
-    def key(config: Any) -> str:
-        return json.dumps(config, sort_keys=True, default=str)
-
-    return {
-        "add": sorted(set(after) - set(before)),
-        "update": [n for n in same if key(before[n]) != key(after[n])],
-        "remove": sorted(set(before) - set(after)),
-        "unchanged": [n for n in same if key(before[n]) == key(after[n])],
-    }
 
 
 async def _remove_endpoints(target: Target, ids: set[str]) -> list[str]:
@@ -300,7 +285,7 @@ def _load_build(archive: Path) -> dict[str, Any]:
 
 
 async def send(args: argparse.Namespace) -> int:
-    """``flash deploy send ENV``: upload the build, deploy it, report what runs."""
+    """``flash deploy send ENV``: upload the build, deploy it, reconcile its endpoints."""
     archive = Path(args.archive)
     manifest = await anyio.to_thread.run_sync(_load_build, archive)
     async with connect(args) as target:
@@ -328,28 +313,42 @@ async def send(args: argparse.Namespace) -> int:
                 app["id"], archive, manifest, progress=progress
             )
         build_id = str(upload.build["id"])
-        with step(f"deploying build {short(build_id)} to {env['name']}"):
+        with step(f"deploying build {short(build_id)} to {env['name']}") as progress:
             await apps.deploy_build(env["id"], build_id)
-            env = await apps.environment(env["id"])
-    resources = sorted((manifest.get("resources") or {}).keys())
-    endpoints = env.get("endpoints") or []
+            done = await reconcile(
+                target.control,
+                app_name=app["name"],
+                environment=env,
+                manifest=manifest,
+                previous=old_manifest,
+                progress=progress,
+            )
     if args.json:
-        print_json({"build": build_id, "environment": env, "plan": changes})
-    else:
-        print(
-            f"deployed build {build_id} to {env['name']!r} of app {app['name']!r} "
-            f"({upload.size / 2**20:.1f} MiB)"
+        print_json(
+            {
+                "build": build_id,
+                "environment": {"id": env["id"], "name": env["name"]},
+                "added": done.added,
+                "updated": done.updated,
+                "removed": done.removed,
+                "unchanged": done.unchanged,
+                "endpoints": done.endpoints,
+            }
         )
-        for endpoint in endpoints:
-            print(f"  {endpoint.get('name')}  {endpoint.get('id')}")
-    if env.get("state") == "NOT_STARTED" or len(endpoints) < len(resources):
-        running = {str(e.get("name")) for e in endpoints}
-        missing = [r for r in resources if r not in running]
-        raise CommandError(
-            f"build {short(build_id)} is recorded for {env['name']!r} but these resources "
-            f"are not running: {', '.join(missing) or ', '.join(resources)}",
-            "see the target's log (flash local: .flash/logs/gateway.log)",
-        )
+        return 0
+    print(
+        f"deployed build {build_id} to {env['name']!r} of app {app['name']!r} "
+        f"({upload.size / 2**20:.1f} MiB)"
+    )
+    state = {
+        **dict.fromkeys(done.added, "added"),
+        **dict.fromkeys(done.updated, "updated"),
+        **dict.fromkeys(done.unchanged, "unchanged (left running)"),
+    }
+    for resource, endpoint in sorted(done.endpoints.items()):
+        print(f"  {resource}  {endpoint}  {state.get(resource, '')}")
+    for resource in done.removed:
+        print(f"  {resource}  removed (the build no longer has it)")
     return 0
 
 

@@ -415,3 +415,69 @@ def test_deploy_send_uploads_a_build_and_deploys_it(
     # Sending again with no change: the plan says so.
     again = flash("deploy", "send", "production", "--dry-run", cwd=project)
     assert "flash: plan: unchanged cpu" in again.stderr
+
+    # Sending the same code again: a new build, and every resource left alone (same
+    # endpoint, not saved again: its workers keep running the build they started with).
+    def versions() -> dict[str, int]:
+        with daemon.client() as client:
+            answer = client.post(
+                "/graphql",
+                json={"query": "query { myself { endpoints { id version } } }"},
+            ).json()
+        return {e["id"]: e["version"] for e in answer["data"]["myself"]["endpoints"]}
+
+    before = versions()
+    assert flash("build", cwd=project, timeout=240).returncode == 0
+    same = flash("deploy", "send", "production", "--json", cwd=project)
+    assert same.returncode == 0, same.stderr
+    result = json.loads(same.stdout)
+    assert result["unchanged"] == ["cpu", "twice"]
+    assert result["added"] == result["updated"] == result["removed"] == []
+    assert result["endpoints"] == endpoints
+    assert versions() == before
+    assert folder.is_dir()  # the build the endpoints still serve stays unpacked
+    with daemon.client() as client:
+        answer = client.post(
+            f"/v2/{endpoints['twice']}/runsync?wait=60000",
+            json={"input": {"a": 1, "b": 1}},
+        ).json()
+        assert answer["output"] == 4, answer
+
+    # Dropping a resource and changing the code: the dropped one's endpoint is removed
+    # (saying so), the changed one updated in place (same id, saved again).
+    (project / "main.py").write_text(MAIN.split("twice_config")[0] + "# changed\n")
+    assert flash("build", cwd=project, timeout=240).returncode == 0
+    changed = flash("deploy", "send", "production", cwd=project)
+    assert changed.returncode == 0, changed.stderr
+    assert "flash: plan: update cpu" in changed.stderr
+    assert "flash: plan: remove twice" in changed.stderr
+    assert "twice  removed (the build no longer has it)" in changed.stdout
+    now = versions()
+    assert endpoints["twice"] not in now
+    assert now[endpoints["cpu"]] == before[endpoints["cpu"]] + 1
+    assert not folder.exists()  # no endpoint serves the first build any more
+    with daemon.client() as client:
+        answer = client.post(
+            f"/v2/{endpoints['cpu']}/runsync?wait=60000",
+            json={"input": {"a": 20, "b": 3}},
+        ).json()
+        assert answer["output"] == 23, answer
+
+    # --target runpod (FLASH_PROVIDER=runpod) runs the same client code against RunPod's
+    # API: here flash local's, named by RUNPOD_API_BASE_URL as a RunPod stand-in.
+    runpod = {
+        "FLASH_PROVIDER": "runpod",
+        "RUNPOD_API_KEY": record.api_key,
+        "RUNPOD_API_BASE_URL": record.url,
+    }
+    staged = flash("deploy", "send", "staging", "--json", cwd=project, env=runpod)
+    assert staged.returncode == 0, staged.stderr
+    staging = json.loads(staged.stdout)
+    assert staging["added"] == ["cpu"]
+    assert staging["endpoints"]["cpu"] != endpoints["cpu"]
+    with daemon.client() as client:
+        answer = client.post(
+            f"/v2/{staging['endpoints']['cpu']}/runsync?wait=60000",
+            json={"input": {"a": 1, "b": 2}},
+        ).json()
+        assert answer["output"] == 3, answer

@@ -199,11 +199,9 @@ def test_upload_and_deploy_unpack_the_build_per_environment(daemon: Daemon) -> N
         "flashEnvironment"
     ]
     assert state["activeBuildId"] == build["id"]
-    # Truthful: DEPLOYED only when every resource runs as an endpoint listed here.
-    if state["state"] == "DEPLOYED":
-        assert len(state["endpoints"]) == len(MANIFEST["resources"])
-    else:
-        assert state["state"] == "NOT_STARTED"
+    # As on RunPod, deploying starts nothing: the deploying client saves the endpoints.
+    assert state["state"] == "DEPLOYED"
+    assert state["endpoints"] == []
     builds = ok(daemon, q.LIST_BUILDS, {"flashAppId": app["id"]})["flashApp"][
         "flashBuilds"
     ]
@@ -465,3 +463,56 @@ def test_a_restart_unpacks_deployed_builds_again_and_drops_leftovers(
     assert not (daemon.state_dir / "deployments" / "gone-env").exists()
     state = ok(daemon, q.GET_ENVIRONMENT, {"flashEnvironmentId": env["id"]})
     assert state["flashEnvironment"]["activeBuildId"] == build["id"]
+
+
+SAVE_DEPLOYED = (
+    "mutation saveEndpoint($input: EndpointInput!) { saveEndpoint(input: $input) "
+    "{ id name flashEnvironmentId } }"
+)
+
+
+def deployed_input(env_id: str, resource: str) -> dict[str, Any]:
+    """A deployed resource's endpoint as runpod-flash 1.21's deploy saves it."""
+    return {
+        "input": {
+            "name": resource,
+            "flashEnvironmentId": env_id,
+            "workersMin": 0,
+            "workersMax": 1,
+            "instanceIds": ["cpu3c-1-2"],
+            "template": {
+                "name": f"{resource}-{env_id}",
+                "imageName": "runpod/flash-cpu:py3.12-latest",
+                "env": [
+                    {"key": "FLASH_RESOURCE_NAME", "value": resource},
+                    {"key": "FLASH_APP", "value": "demo"},
+                ],
+            },
+        }
+    }
+
+
+def test_a_deployed_endpoint_needs_its_environment_build_and_resource(
+    daemon: Daemon,
+) -> None:
+    app = ok(daemon, q.CREATE_APP, {"input": {"name": "demo"}})["createFlashApp"]
+    env = ok(
+        daemon,
+        q.CREATE_ENVIRONMENT,
+        {"input": {"flashAppId": app["id"], "name": "prod"}},
+    )["createFlashEnvironment"]
+    gone = error(daemon, SAVE_DEPLOYED, deployed_input("no-such-env", "cpu_worker"))
+    assert 'Flash environment not found: no environment with id "no-such-env"' in gone
+    early = error(daemon, SAVE_DEPLOYED, deployed_input(env["id"], "cpu_worker"))
+    assert "Flash environment 'prod' has no build yet" in early
+    build = upload(daemon, app["id"], archive({"flash_manifest.json": b"{}"}))
+    ok(
+        daemon,
+        q.DEPLOY_BUILD,
+        {"input": {"flashEnvironmentId": env["id"], "flashBuildId": build["id"]}},
+    )
+    unknown = error(daemon, SAVE_DEPLOYED, deployed_input(env["id"], "gpu_worker"))
+    assert "has no resource 'gpu_worker' (it has: cpu_worker)" in unknown
+    # nothing of the refused saves was kept
+    listed = ok(daemon, "query { myself { endpoints { id } } }")["myself"]["endpoints"]
+    assert listed == []

@@ -35,7 +35,6 @@ __all__ = [
     "MANIFEST_FILE",
     "MANIFEST_PATH",
     "MANIFEST_VERSION",
-    "PREFIX_ENV",
     "RESOURCE_ENV",
     "Manifest",
     "ManifestFunction",
@@ -55,9 +54,6 @@ MANIFEST_ENV = "FLASH_MANIFEST_PATH"
 """Where a deployed process reads its manifest (runpod-flash's name for it)."""
 RESOURCE_ENV = "FLASH_RESOURCE_NAME"
 """The resource a deployed process serves (runpod-flash's name for it)."""
-PREFIX_ENV = "FLASH_ENDPOINT_PREFIX"
-"""Set on a deployed environment's workers on ``flash local``: what goes before a resource's
-name to make the endpoint that serves it (unset in a preview: the names themselves)."""
 #: ``1.0`` is runpod-flash's; ``1.1`` adds module-qualified keys, calls and the fingerprint.
 MANIFEST_VERSION = "1.1"
 _KNOWN_MAJOR = "1"

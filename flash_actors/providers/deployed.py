@@ -12,8 +12,8 @@ the manifest and sent here. `DeployedProvider` is then what the runtime uses by 
   = ``module:qualname``);
 - is signed with the target resource's key, derived from the app's secret (``FLASH_SECRET``)
   and the resource's name, as its workers check it (`flash_actors.deployed.handler.
-  key_from_env`; a ``flash local`` deployment's prefixed endpoints keep the resource's name
-  for their key); deployed endpoints run only signed requests, so without the secret the
+  key_from_env`; a ``flash local`` deployment's endpoints, named by id, keep the resource's
+  name for their key); deployed endpoints run only signed requests, so without the secret the
   call fails with `ConfigurationError`;
 - carries the chain of resources waiting on it (``call_chain``), so that A -> B -> A fails
   with `CallCycleError` in B instead of waiting on A's busy workers
@@ -21,13 +21,14 @@ the manifest and sent here. `DeployedProvider` is then what the runtime uses by 
 - reaches the resource's endpoint through an `EndpointResolver`: the service that knows
   where the app's resources are deployed.
 
-Resolvers: `DaemonResolver` asks a ``flash local`` daemon (``FLASH_LOCAL_URL`` and
-``FLASH_LOCAL_API_KEY``, which the daemon gives its workers, else ``.flash/local.json``):
-each resource is served there under its own name (``flash build --preview``, and ``flash
-deploy`` to ``flash local``). `RunPodResolver`, chosen when ``FLASH_ENVIRONMENT_ID`` is set,
-asks the Flash control plane for the environment's endpoints by resource name
-(``getFlashEnvironment``, with ``RUNPOD_API_KEY`` and ``RUNPOD_API_BASE_URL``; ``flash local``
-answers it too) and reaches them on the data plane (``RUNPOD_ENDPOINT_BASE_URL``). A resolver that cannot be reached (connection refused, a timeout,
+Resolvers: `RunPodResolver`, chosen when ``FLASH_ENVIRONMENT_ID`` is set (a deployed
+environment, on RunPod or on ``flash local``), asks the Flash control plane for the
+environment's endpoints by resource name (``getFlashEnvironment``) and reaches them on the
+data plane: RunPod's (``RUNPOD_API_KEY``, ``RUNPOD_API_BASE_URL``,
+``RUNPOD_ENDPOINT_BASE_URL``), or, in a worker of a ``flash local`` daemon
+(``FLASH_LOCAL_URL`` and ``FLASH_LOCAL_API_KEY``, which the daemon gives its workers), that
+daemon's. `DaemonResolver` asks a ``flash local`` daemon for an endpoint named as the resource
+(``flash build --preview`` serves each resource under its own name). A resolver that cannot be reached (connection refused, a timeout,
 5xx after retries) raises `ManifestServiceUnavailableError`; a resource it does not know,
 `ManifestError`.
 """
@@ -42,7 +43,6 @@ import anyio
 import msgspec
 
 from flash_actors._logging import get_logger
-from flash_actors.build.manifest import PREFIX_ENV
 from flash_actors.errors import (
     ConfigurationError,
     DeliveryError,
@@ -138,8 +138,6 @@ class DaemonResolver:
         from flash_actors.providers.runpod.dataplane import error_text
 
         client = self._client
-        # a deployed environment's endpoints are named with its prefix (a preview's are not)
-        resource = os.environ.get(PREFIX_ENV, "") + resource
         delay = 0.1
         problem = ""
         for attempt in range(1, self.tries + 1):
@@ -246,7 +244,7 @@ class RunPodResolver:
                 problem = _reason(exc)
             else:
                 return {
-                    str(e["name"]): str(e["id"])
+                    _resource_of(str(e["name"])): str(e["id"])
                     for e in environment.get("endpoints") or []
                     if isinstance(e, dict) and e.get("name") and e.get("id")
                 }
@@ -290,6 +288,13 @@ class RunPodResolver:
         await self.transport.aclose()
 
 
+def _resource_of(endpoint_name: str) -> str:
+    """The resource an environment's endpoint serves: its name less FlashBoot's ``-fb``."""
+    while endpoint_name.endswith("-fb"):
+        endpoint_name = endpoint_name[:-3]
+    return endpoint_name
+
+
 def _reason(exc: BaseException) -> str:
     """The OS error under ``exc`` (a refused connection, say), else its own message."""
     root = exc
@@ -309,7 +314,7 @@ def default_resolver() -> EndpointResolver:
 
     environment = os.environ.get(ENVIRONMENT_ENV)
     if environment:
-        return RunPodResolver(environment)
+        return RunPodResolver(environment, _daemon_settings())
     record = find_daemon()
     if record is None:
         msg = (
@@ -319,6 +324,22 @@ def default_resolver() -> EndpointResolver:
         )
         raise ManifestServiceUnavailableError(msg)
     return DaemonResolver(record)
+
+
+def _daemon_settings() -> RunPodSettings | None:
+    """The RunPod settings of a ``flash local`` daemon's worker: the daemon (None elsewhere)."""
+    from flash_actors.providers.runpod.credentials import RunPodSettings
+
+    url = os.environ.get("FLASH_LOCAL_URL", "").strip().rstrip("/")
+    key = os.environ.get("FLASH_LOCAL_API_KEY", "")
+    if not (url and key):
+        return None
+    return RunPodSettings(
+        api_key=key,
+        api_base_url=url,
+        endpoint_base_url=f"{url}/v2",
+        api_key_source="FLASH_LOCAL_API_KEY",
+    )
 
 
 def codeless(call: Call, key: bytes | None) -> FunctionRequest:

@@ -74,7 +74,8 @@ DELETE_TEMPLATE = (
 LIST_ENDPOINTS = (
     "query myEndpoints { myself { endpoints { id name templateId gpuIds gpuCount "
     "instanceIds idleTimeout locations networkVolumeId scalerType scalerValue workersMin "
-    "workersMax executionTimeoutMs type flashBootType template { id name imageName "
+    "workersMax executionTimeoutMs type flashBootType flashEnvironmentId template { id "
+    "name imageName "
     "containerDiskInGb dockerArgs env { key value } } } } }"
 )
 """The account's endpoints with what `ensure_endpoint` compares (``myself { endpoints }``)."""
@@ -271,6 +272,7 @@ class ControlPlane:
             "executionTimeoutMs",
             "type",
             "flashBootType",
+            "flashEnvironmentId",
         )
         update = {k: endpoint[k] for k in fields if endpoint.get(k) is not None}
         if not update.get("instanceIds"):

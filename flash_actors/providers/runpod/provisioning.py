@@ -60,6 +60,7 @@ __all__ = [
     "live_name",
     "remove_endpoint",
     "same_config",
+    "update_endpoint",
 ]
 
 log = get_logger(__name__)
@@ -182,15 +183,22 @@ def _template_fields(template: PodTemplate | None) -> dict[str, Any]:
 
 
 def endpoint_input(
-    resource: ServerlessResource, *, api_key: str | None = None
+    resource: ServerlessResource,
+    *,
+    api_key: str | None = None,
+    environment_id: str | None = None,
 ) -> dict[str, Any]:
-    """The ``saveEndpoint`` input runpod-flash 1.21 sends for ``resource`` in live mode.
+    """The ``saveEndpoint`` input runpod-flash 1.21 sends for ``resource``.
 
     Args:
         resource: the endpoint's config.
         api_key: added to the template's env as ``RUNPOD_API_KEY`` unless the config sets
             that variable itself (1.21 adds the caller's key the same way); ``None`` adds
             nothing.
+        environment_id: ``None`` for a live endpoint (``live-<name>``, what ``flash run``
+            provisions); else the Flash environment a deployed resource's endpoint belongs
+            to (``flash deploy``): it is named as the resource and carries
+            ``flashEnvironmentId``, as 1.21's deploy sends it.
 
     Raises:
         ConfigurationError: the config cannot run on RunPod (no image for a non-Live class,
@@ -244,7 +252,12 @@ def endpoint_input(
         if resource.is_load_balancer
         else ServerlessScalerType(resource.scalerType)
     )
-    name = live_name(resource.name, flashboot=resource.flashboot)
+    if environment_id is None:
+        name = live_name(resource.name, flashboot=resource.flashboot)
+    else:
+        name = resource.name
+        while resource.flashboot and name.endswith("-fb"):
+            name = name[:-3]
     gpu_count: int | None
     gpu_ids: str | None
     cuda: str | None
@@ -283,6 +296,8 @@ def endpoint_input(
     resource_id = f"{kind}_{_md5(f'{kind}:{_json(hashed)}')}"
 
     payload: dict[str, Any] = {"executionTimeoutMs": resource.executionTimeoutMs}
+    if environment_id is not None:
+        payload["flashEnvironmentId"] = environment_id
     if not cpu_shape:
         payload["gpuCount"] = gpu_count
     payload["idleTimeout"] = resource.idleTimeout
@@ -488,6 +503,24 @@ async def ensure_endpoint(
             "runpod.endpoint.reused", endpoint=name, endpoint_id=existing.get("id")
         )
         return existing
+    return await update_endpoint(cp, existing, desired, differ)
+
+
+async def update_endpoint(
+    cp: ControlPlane,
+    existing: Mapping[str, Any],
+    desired: Mapping[str, Any],
+    differ: list[str] | None = None,
+) -> dict[str, Any]:
+    """Give the endpoint ``existing`` the config ``desired``, keeping its id, as 1.21 does.
+
+    ``saveEndpoint`` with its ``id`` and ``templateId``, then ``saveTemplate`` for its
+    template (the platform's env keys it has kept).
+
+    Raises:
+        as `ensure_endpoint`.
+    """
+    name = desired["name"]
     update = dict(desired)
     update["id"] = existing["id"]
     template = update.pop("template", None) if existing.get("templateId") else None
@@ -520,7 +553,7 @@ async def ensure_endpoint(
         "runpod.endpoint.updated",
         endpoint=name,
         endpoint_id=existing["id"],
-        changed=",".join(differ),
+        changed=",".join(differ or config_differences(existing, desired)),
     )
     return saved
 

@@ -3,11 +3,11 @@
 ``deployBuildToEnvironment`` unpacks the build's archive into
 ``<state folder>/deployments/<environment id>/<build id>/`` (`unpack`: into a temporary
 folder first, members checked by tarfile's ``"data"`` filter, then renamed into place, so a
-folder that exists is whole), then `start_environment` runs its resources. Folders of
-builds an environment no longer runs are removed (`prune`).
+folder that exists is whole). Folders of builds no endpoint of the environment serves any
+more are removed (`prune`).
 
-`start_environment` and `stop_environment` are the one seam between the control plane and
-the daemon's feature that serves a deployed endpoint from an unpacked archive folder.
+`deployed_endpoint_config` is the one seam between the control plane and the daemon's
+feature that serves a deployed endpoint from an unpacked archive folder.
 """
 
 from __future__ import annotations
@@ -18,26 +18,28 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from flash_actors._logging import get_logger
 from flash_actors._private import private_dir
-from flash_actors.build.manifest import PREFIX_ENV
+from flash_actors.build.manifest import RESOURCE_ENV
+from flash_actors.providers.local.controlplane.language import RequestError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
     from pathlib import Path
+
+    from flash_actors.providers.local.controlplane.state import (
+        EndpointRecord,
+        TemplateRecord,
+    )
 
 __all__ = [
     "DEPLOYMENTS",
+    "DEPLOY_ENV",
+    "deployed_endpoint_config",
     "deployment_dir",
-    "endpoint_prefix",
     "prune",
+    "resource_name",
     "resource_names",
-    "start_environment",
-    "stop_environment",
     "unpack",
 ]
-
-log = get_logger(__name__)
 
 DEPLOYMENTS = "deployments"
 
@@ -74,8 +76,8 @@ def unpack(archive: Path, target: Path) -> None:
         raise
 
 
-def prune(state_dir: Path, environment_id: str, keep: str | None) -> None:
-    """Remove an environment's unpacked builds but ``keep`` (None: the whole folder)."""
+def prune(state_dir: Path, environment_id: str, keep: set[str] | None) -> None:
+    """Remove an environment's unpacked builds but those in ``keep`` (None: all of them)."""
     folder = state_dir / DEPLOYMENTS / environment_id
     if keep is None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -83,7 +85,7 @@ def prune(state_dir: Path, environment_id: str, keep: str | None) -> None:
     if not folder.is_dir():
         return
     for entry in folder.iterdir():
-        if entry.name != keep:
+        if entry.name not in keep:
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -93,106 +95,83 @@ def resource_names(manifest: Any) -> list[str]:
     return sorted(resources) if isinstance(resources, dict) else []
 
 
-def endpoint_prefix(environment_id: str) -> str:
-    """The prefix of an environment's endpoint names: two environments never share one."""
-    return f"env-{environment_id.replace('-', '')[:12]}-"
+def resource_name(endpoint_name: str, env: list[dict[str, str]]) -> str:
+    """The resource a deployed endpoint serves: its env's ``FLASH_RESOURCE_NAME``.
+
+    Without one, its name less the ``-fb`` FlashBoot suffix (how runpod-flash 1.21 maps an
+    endpoint back to its manifest entry).
+    """
+    for pair in env:
+        if pair.get("key") == RESOURCE_ENV and pair.get("value"):
+            return pair["value"]
+    name = endpoint_name
+    while name.endswith("-fb"):
+        name = name[:-3]
+    return name
 
 
-async def start_environment(
+DEPLOY_ENV = frozenset(
+    {
+        RESOURCE_ENV,
+        "FLASH_APP",
+        "FLASH_ENV",
+        "FLASH_ENVIRONMENT_ID",
+        "FLASH_ENDPOINT_TYPE",
+        "FLASH_MAIN_FILE",
+        "FLASH_APP_VARIABLE",
+        "FLASH_SECRET",
+    }
+)
+"""Variables a deploying client puts in a deployed endpoint's env for Flash's worker image.
+The daemon sets what its own workers need of them itself (below), so they are taken out of
+the template rather than refused as other ``FLASH_`` variables are."""
+
+
+def deployed_endpoint_config(
+    record: EndpointRecord,
+    template: TemplateRecord,
+    handlers: dict[str, Path],
     *,
-    apply: Callable[[str, dict[str, Any] | None], Awaitable[None]],
+    folder: Path,
     app_name: str,
     environment_name: str,
     environment_id: str,
-    folder: Path,
-    manifest: Any,
-) -> dict[str, str | None]:
-    """Run the queue resources of the build unpacked in ``folder`` as deployed endpoints.
+) -> dict[str, Any]:
+    """The daemon's config for a deployed endpoint: its resource served from ``folder``.
 
-    Each resource with functions becomes the daemon endpoint ``env-<id>-<resource>`` (its
-    workers run ``handler_<resource>.py`` from ``folder``, our worker's deployed mode, and
-    know the prefix to reach the environment's other resources). Registering a resource
-    that runs already with another build replaces it (its workers restart with the new
-    code); `stop_environment` removes the ones a new build dropped.
+    Its workers run ``handler_<resource>.py`` from the unpacked build (our worker's deployed
+    mode) with the environment's id (``FLASH_ENVIRONMENT_ID``): they find its other
+    resources through this daemon's Flash control plane, as Flash workers do on RunPod.
+    The endpoint's key derives from the resource's name, as the app's callers derive it.
 
-    Args:
-        apply: registers (or with ``None`` removes) a daemon endpoint by name.
-        app_name: the Flash app (``X-Flash-App`` of deployed-mode calls).
-        environment_name: the environment (``X-Flash-Environment``).
-        environment_id: its id.
-        folder: the unpacked archive (handlers, ``flash_manifest.json``, dependencies).
-        manifest: the build's manifest as uploaded (its ``resources`` are what to start).
-
-    Returns:
-        Every resource of the manifest mapped to the endpoint it now runs as, or to None
-        when it was not started (load balancers are not served by the daemon yet; a
-        resource whose config does not load is logged). The control plane reports exactly
-        this, so it never claims more than runs.
+    Raises:
+        RequestError: the build is not unpacked, or the endpoint's config cannot run.
     """
     from flash_actors.build.handlers import handler_name
-    from flash_actors.build.manifest import MANIFEST_FILE, load_manifest
-    from flash_actors.errors import FlashRuntimeError
-    from flash_actors.providers.local.daemon.catalog import (
-        deployed_config,
-        resource_from_config,
-    )
+    from flash_actors.providers.local.controlplane.images import resource_for
+    from flash_actors.providers.local.daemon.catalog import deployed_config
 
-    names = resource_names(manifest)
-    started: dict[str, str | None] = dict.fromkeys(names)
-    try:
-        built = load_manifest(folder / MANIFEST_FILE)
-    except FlashRuntimeError as exc:
-        log.error(
-            "controlplane.environment_not_started", folder=str(folder), error=str(exc)
+    resource = resource_name(record.name, template.env)
+    if not folder.is_dir():
+        msg = (
+            f"endpoint {record.name!r}: the build of Flash environment "
+            f"{environment_name!r} it serves is not unpacked here; deploy it again"
         )
-        return started
-    prefix = endpoint_prefix(environment_id)
-    for name, entry in sorted(built.resources.items()):
-        if not entry.functions or entry.is_load_balanced:
-            continue
-        try:
-            resource = resource_from_config(
-                {
-                    "class": entry.resource_type,
-                    "resource": {**entry.config, "name": prefix + name},
-                }
-            )
-            resource = msgspec.structs.replace(
-                resource, env={**(resource.env or {}), PREFIX_ENV: prefix}
-            )
-            await apply(
-                prefix + name,
-                deployed_config(
-                    resource, folder, handler_name(name), resource_name=name
-                ),
-            )
-        except Exception as exc:  # noqa: BLE001 (one resource must not stop the rest)
-            log.error(
-                "controlplane.resource_not_started",
-                app=app_name,
-                environment=environment_name,
-                resource=name,
-                error=getattr(exc, "message", str(exc)),
-            )
-            continue
-        started[name] = prefix + name
-    return started
-
-
-async def stop_environment(
-    *,
-    apply: Callable[[str, dict[str, Any] | None], Awaitable[None]],
-    environment_id: str,
-    resources: dict[str, str | None],
-) -> None:
-    """Remove the daemon endpoints of ``resources`` (their workers stop, queued jobs end)."""
-    for endpoint in sorted(e for e in resources.values() if e):
-        try:
-            await apply(endpoint, None)
-        except Exception as exc:  # noqa: BLE001 (the others still go)
-            log.error(
-                "controlplane.endpoint_not_removed",
-                environment_id=environment_id,
-                endpoint=endpoint,
-                error=getattr(exc, "message", str(exc)),
-            )
+        raise RequestError(msg)
+    plain = msgspec.structs.replace(
+        template, env=[p for p in template.env if p.get("key") not in DEPLOY_ENV]
+    )
+    served = resource_for(record, plain, handlers)
+    served = msgspec.structs.replace(
+        served,
+        env={
+            **(served.env or {}),
+            RESOURCE_ENV: resource,
+            "FLASH_APP": app_name,
+            "FLASH_ENV": environment_name,
+            "FLASH_ENVIRONMENT_ID": environment_id,
+        },
+    )
+    return deployed_config(
+        served, folder, handler_name(resource), resource_name=resource
+    )

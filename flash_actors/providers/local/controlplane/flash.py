@@ -11,15 +11,25 @@ The operations runpod-flash 1.21 sends (``core/api/runpod.py``), with its answer
   ``finalizeFlashArtifactUpload(input: {flashAppId, objectKey, manifest})`` (the archive
   must have arrived whole: it becomes a build), ``updateFlashBuildManifest(input:
   {flashBuildId, manifest})``, ``deployBuildToEnvironment(input: {flashEnvironmentId,
-  flashBuildId})`` (unpacks the build and starts its resources, see `deployments`),
-  ``deleteFlashEnvironment(flashEnvironmentId)``, ``deleteFlashApp(flashAppId)``.
+  flashBuildId})`` (unpacks the build and makes it the environment's active one, see
+  `deployments`), ``deleteFlashEnvironment(flashEnvironmentId)`` (its endpoints go too),
+  ``deleteFlashApp(flashAppId)``.
+
+As on RunPod, deploying a build starts nothing by itself: the deploying client then saves
+one endpoint per resource with ``saveEndpoint(input: {..., flashEnvironmentId})`` and the
+resource's name in its env (``FLASH_RESOURCE_NAME``), which is what runpod-flash 1.21's
+``flash deploy`` and ours send. RunPod's Flash worker image fetches the environment's build
+and serves that resource; here such an endpoint is served from the build unpacked for the
+environment (our worker's deployed mode): the build active when the endpoint was saved,
+which it keeps until it is saved again, so a resource the client left alone keeps running.
+Its workers find the environment's other resources the RunPod way (``FLASH_ENVIRONMENT_ID``
+and ``getFlashEnvironment``, asked of this daemon).
 
 Names are unique (an app's per account, an environment's per app): a second one is refused.
 What is not there is an error whose message holds "app not found" / "environment not
 found" / "build not found", which is what runpod-flash looks for to tell "missing" from
-"failed". An environment's ``state`` is ``PENDING`` (no build yet), ``DEPLOYED`` (every
-resource of its build runs) or ``NOT_STARTED`` (its build is unpacked, some resource does not
-run); its ``endpoints`` are the endpoints that run for it.
+"failed". An environment's ``state`` is ``PENDING`` (no build yet) or ``DEPLOYED``; its
+``endpoints`` are the endpoints saved for it.
 
 Every change is written to ``controlplane.json`` atomically after the files it points to
 exist (archives, unpacked folders), so a daemon killed at any point leaves a store that
@@ -53,7 +63,9 @@ from flash_actors.providers.local.controlplane.schema import (
 from flash_actors.providers.local.controlplane.state import (
     AppRecord,
     BuildRecord,
+    EndpointRecord,
     EnvironmentRecord,
+    TemplateRecord,
     new_uuid,
 )
 from flash_actors.providers.local.controlplane.uploads import MAX_ARCHIVE, Uploads
@@ -180,29 +192,23 @@ class ControlPlane(base.ControlPlane):
     # -- start ------------------------------------------------------------------------------
 
     async def restore(self) -> None:
-        """Register stored endpoints, drop leftovers, start every deployed environment."""
-        await super().restore()
+        """Drop leftovers, unpack again what a crash left half done, register endpoints."""
         async with self._lock:
             await anyio.to_thread.run_sync(self._tidy)
             for env in list(self.state.environments.values()):
-                if env.activeBuildId is None:
-                    continue
-                try:
-                    resources = await self._start(env, env.activeBuildId)
-                except RequestError as exc:
-                    log.error(
-                        "controlplane.environment_restore_failed",
-                        environment=env.id,
-                        error=exc.message,
-                    )
-                    continue
-                if resources != env.resources:
-                    self._store(
-                        environments={
-                            **self.state.environments,
-                            env.id: msgspec.structs.replace(env, resources=resources),
-                        }
-                    )
+                for build_id in sorted(self._kept(env.id)):
+                    build = self.state.builds.get(build_id)
+                    if build is None:
+                        continue
+                    try:
+                        await self._unpack(env, build)
+                    except RequestError as exc:  # its endpoints are logged as failing
+                        log.error(
+                            "controlplane.environment_restore_failed",
+                            environment=env.id,
+                            error=exc.message,
+                        )
+        await super().restore()
 
     def _tidy(self) -> None:
         """Remove files no record names: partial uploads, orphan archives and folders."""
@@ -219,7 +225,117 @@ class ControlPlane(base.ControlPlane):
                 if env is None:
                     shutil.rmtree(env_dir, ignore_errors=True)
                 else:
-                    deployments.prune(self.state_dir, env.id, env.activeBuildId or "")
+                    deployments.prune(self.state_dir, env.id, self._kept(env.id))
+
+    def _kept(self, environment_id: str) -> set[str]:
+        """The builds of an environment still needed: its active one, and its endpoints'."""
+        env = self.state.environments.get(environment_id)
+        kept = {e.flashBuildId for e in self._endpoints_of(environment_id)}
+        if env is not None:
+            kept.add(env.activeBuildId)
+        return {b for b in kept if b}
+
+    def _endpoints_of(self, environment_id: str) -> list[EndpointRecord]:
+        """The endpoints saved for an environment."""
+        return [
+            e
+            for e in self.state.endpoints.values()
+            if e.flashEnvironmentId == environment_id
+        ]
+
+    def _resource_of(self, record: EndpointRecord) -> str:
+        """The resource of its environment's build that a deployed endpoint serves."""
+        template = self.state.templates.get(record.templateId)
+        return deployments.resource_name(record.name, template.env if template else [])
+
+    # -- deployed endpoints (the hooks of `schema.ControlPlane`) ------------------------------
+
+    async def _commit(self, change: base._Change) -> None:
+        """`schema.ControlPlane._commit`, then unpacked builds no endpoint serves go."""
+        touched = {e.flashEnvironmentId for e in change.endpoints}
+        dropped = self.state.endpoints.get(change.drop_endpoint or "")
+        if dropped is not None:
+            touched.add(dropped.flashEnvironmentId)
+        await super()._commit(change)
+        for env_id in sorted(e for e in touched if e in self.state.environments):
+            await anyio.to_thread.run_sync(
+                deployments.prune, self.state_dir, env_id, self._kept(env_id)
+            )
+
+    def _pin(self, record: EndpointRecord, template: TemplateRecord) -> EndpointRecord:
+        """A deployed endpoint serves its environment's active build, which must have it.
+
+        Raises:
+            RequestError: no such environment, no build deployed to it yet, or its build
+                has no such resource (the message lists those it has).
+        """
+        known = self.state.endpoints.get(record.id)
+        if record.flashEnvironmentId is None and known is not None:
+            # an update that leaves it out (scaling, say) keeps the endpoint's environment
+            return msgspec.structs.replace(
+                record,
+                flashEnvironmentId=known.flashEnvironmentId,
+                flashBuildId=known.flashBuildId,
+            )
+        if record.flashEnvironmentId is None:
+            return record
+        where = "saveEndpoint(input).flashEnvironmentId"
+        env = self._env(record.flashEnvironmentId, where)
+        if env.activeBuildId is None:
+            msg = (
+                f"saveEndpoint: Flash environment {env.name!r} has no build yet: deploy "
+                "one to it (deployBuildToEnvironment) before saving its endpoints"
+            )
+            raise RequestError(msg)
+        build = self._build(env.activeBuildId, where)
+        resource = deployments.resource_name(record.name, template.env)
+        declared = deployments.resource_names(build.manifest)
+        if (
+            resource not in declared
+            and known is not None
+            and known.flashEnvironmentId == record.flashEnvironmentId
+        ):  # a resource the active build dropped, scaled down before it is deleted
+            return msgspec.structs.replace(record, flashBuildId=known.flashBuildId)
+        if resource not in declared:
+            msg = (
+                f"saveEndpoint: the build deployed to {env.name!r} has no resource "
+                f"{resource!r} (it has: {', '.join(declared) or 'none'}); name it with "
+                "FLASH_RESOURCE_NAME in the endpoint's env"
+            )
+            raise RequestError(msg)
+        return msgspec.structs.replace(record, flashBuildId=env.activeBuildId)
+
+    def _config(
+        self,
+        record: EndpointRecord,
+        template: TemplateRecord,
+        handlers: dict[str, Path],
+    ) -> dict[str, Any]:
+        """A deployed endpoint's config: its resource, from its build's unpacked folder.
+
+        Raises:
+            RequestError: its environment or build is gone, or the config cannot run.
+        """
+        if record.flashEnvironmentId is None:
+            return super()._config(record, template, handlers)
+        env = self.state.environments.get(record.flashEnvironmentId)
+        build_id = record.flashBuildId or (env.activeBuildId if env else None)
+        if env is None or build_id is None:
+            msg = (
+                f"endpoint {record.name!r} belongs to Flash environment "
+                f'"{record.flashEnvironmentId}", which has no build here'
+            )
+            raise RequestError(msg)
+        app = self.state.apps.get(env.flashAppId)
+        return deployments.deployed_endpoint_config(
+            record,
+            template,
+            handlers,
+            folder=deployments.deployment_dir(self.state_dir, env.id, build_id),
+            app_name=app.name if app else "",
+            environment_name=env.name,
+            environment_id=env.id,
+        )
 
     def deployed_endpoint(self, app: str, environment: str, resource: str) -> str:
         """The endpoint running ``resource`` of ``environment`` of ``app`` (deployed mode).
@@ -247,14 +363,12 @@ class ControlPlane(base.ControlPlane):
             known = ", ".join(sorted(envs)) or "none"
             msg = f"app {app!r} has no environment {environment!r} (it has: {known})"
             raise LookupError(msg)
-        endpoint = env.resources.get(resource)
+        running = {self._resource_of(e): e.id for e in self._endpoints_of(env.id)}
+        endpoint = running.get(resource)
         if endpoint is None:
-            running = (
-                ", ".join(sorted(r for r, e in env.resources.items() if e)) or "none"
-            )
             msg = (
                 f"resource {resource!r} does not run in {app}/{environment} (running: "
-                f"{running})"
+                f"{', '.join(sorted(running)) or 'none'})"
             )
             raise LookupError(msg)
         return endpoint
@@ -274,10 +388,12 @@ class ControlPlane(base.ControlPlane):
         apps: dict[str, AppRecord] | None = None,
         environments: dict[str, EnvironmentRecord] | None = None,
         builds: dict[str, BuildRecord] | None = None,
+        endpoints: dict[str, EndpointRecord] | None = None,
     ) -> None:
         """Replace records and write the file; on a failed write nothing changes."""
         state = self.state
-        previous = (state.apps, state.environments, state.builds)
+        previous = (state.apps, state.environments, state.builds, state.endpoints)
+        state.endpoints = state.endpoints if endpoints is None else endpoints
         state.apps = state.apps if apps is None else apps
         state.environments = (
             state.environments if environments is None else environments
@@ -286,7 +402,7 @@ class ControlPlane(base.ControlPlane):
         try:
             state.save()
         except OSError as exc:
-            state.apps, state.environments, state.builds = previous
+            state.apps, state.environments, state.builds, state.endpoints = previous
             msg = f"the control-plane state could not be written: {exc}"
             raise RequestError(msg) from exc
 
@@ -326,24 +442,8 @@ class ControlPlane(base.ControlPlane):
         }
 
     def _env_view(self, env: EnvironmentRecord) -> dict[str, Any]:
-        running = {e: name for name, e in env.resources.items() if e}
-        endpoints = [
-            self._endpoint_view(e)
-            for e in self.state.endpoints.values()
-            if e.flashEnvironmentId == env.id or e.id in running
-        ]
-        listed = {e["id"] for e in endpoints}
-        endpoints += [  # started from the archive, not saved through GraphQL
-            {"id": endpoint, "name": name, "flashEnvironmentId": env.id}
-            for endpoint, name in running.items()
-            if endpoint not in listed
-        ]
-        if env.activeBuildId is None:
-            state = "PENDING"
-        elif all(env.resources.values()):
-            state = "DEPLOYED"
-        else:
-            state = "NOT_STARTED"
+        endpoints = [self._endpoint_view(e) for e in self._endpoints_of(env.id)]
+        state = "PENDING" if env.activeBuildId is None else "DEPLOYED"
         build = self.state.builds.get(env.activeBuildId or "")
         return {
             "id": env.id,
@@ -512,13 +612,12 @@ class ControlPlane(base.ControlPlane):
         self._store(builds={**self.state.builds, build.id: build})
         return self._build_view(build)
 
-    async def _start(
-        self, env: EnvironmentRecord, build_id: str
-    ) -> dict[str, str | None]:
-        """Unpack a build for ``env`` (unless it is) and start its resources."""
-        build = self.state.builds.get(build_id)
-        if build is None:
-            raise RequestError(f'Flash build not found: no build with id "{build_id}"')
+    async def _unpack(self, env: EnvironmentRecord, build: BuildRecord) -> None:
+        """Unpack a build for ``env`` (unless it is).
+
+        Raises:
+            RequestError: the archive cannot be unpacked.
+        """
         folder = deployments.deployment_dir(self.state_dir, env.id, build.id)
         try:
             await anyio.to_thread.run_sync(
@@ -527,15 +626,6 @@ class ControlPlane(base.ControlPlane):
         except Exception as exc:
             msg = f"the archive of build {build.id} cannot be unpacked: {exc}"
             raise RequestError(msg) from exc
-        app = self.state.apps[env.flashAppId]
-        return await deployments.start_environment(
-            apply=self._apply,
-            app_name=app.name,
-            environment_name=env.name,
-            environment_id=env.id,
-            folder=folder,
-            manifest=build.manifest,
-        )
 
     async def _deploy(self, parent: Any, args: dict[str, Any]) -> dict[str, Any]:
         data = _DEPLOY(args.get("input"), "deployBuildToEnvironment(input)")
@@ -548,47 +638,42 @@ class ControlPlane(base.ControlPlane):
             )
             raise RequestError(msg)
         with anyio.CancelScope(shield=True):
-            # the new build's resources first (a resource it keeps is replaced in place),
-            # then the ones it dropped go
-            resources = await self._start(env, build.id)
-            kept = set(resources.values())
-            await deployments.stop_environment(
-                apply=self._apply,
-                environment_id=env.id,
-                resources={
-                    name: endpoint
-                    for name, endpoint in env.resources.items()
-                    if endpoint not in kept
-                },
-            )
-            env = msgspec.structs.replace(
-                env, activeBuildId=build.id, resources=resources
-            )
+            # the folder first: a record names whole files
+            await self._unpack(env, build)
+            env = msgspec.structs.replace(env, activeBuildId=build.id)
             self._store(environments={**self.state.environments, env.id: env})
             await anyio.to_thread.run_sync(
-                deployments.prune, self.state_dir, env.id, build.id
+                deployments.prune, self.state_dir, env.id, self._kept(env.id)
             )
-        log.info(
-            "controlplane.build_deployed",
-            environment=env.id,
-            build=build.id,
-            started=sum(1 for e in resources.values() if e),
-            resources=len(resources),
-        )
+        log.info("controlplane.build_deployed", environment=env.id, build=build.id)
         return self._env_view(env)
 
     async def _drop_envs(
         self, envs: list[EnvironmentRecord], **also: dict[str, Any]
     ) -> None:
+        """Remove environments and their endpoints (workers stopped, queued jobs ended)."""
+        gone = {e.id for e in envs}
+        dropped = [
+            e for e in self.state.endpoints.values() if e.flashEnvironmentId in gone
+        ]
         with anyio.CancelScope(shield=True):
-            for env in envs:
-                await deployments.stop_environment(
-                    apply=self._apply, environment_id=env.id, resources=env.resources
-                )
-            gone = {e.id for e in envs}
+            for endpoint in dropped:
+                try:
+                    await self._apply(endpoint.id, None)
+                except Exception as exc:  # noqa: BLE001 (the others still go)
+                    log.error(
+                        "controlplane.endpoint_not_removed",
+                        endpoint=endpoint.id,
+                        error=getattr(exc, "message", str(exc)),
+                    )
             self._store(
                 environments={
                     k: v for k, v in self.state.environments.items() if k not in gone
+                },
+                endpoints={
+                    k: v
+                    for k, v in self.state.endpoints.items()
+                    if v.flashEnvironmentId not in gone
                 },
                 **also,
             )

@@ -555,7 +555,9 @@ class ControlPlane:
                     if handlers is None:
                         handlers = image_map(self.state_dir)
                     template = self.state.templates[record.templateId]
-                    await self._apply(record.id, config_for(record, template, handlers))
+                    await self._apply(
+                        record.id, self._config(record, template, handlers)
+                    )
                 except Exception as exc:  # noqa: BLE001 (one endpoint must not stop the rest)
                     log.error(
                         "controlplane.restore_failed",
@@ -790,7 +792,7 @@ class ControlPlane:
             )
         except TypeError as exc:  # pragma: no cover - ENDPOINT_INPUT lists the fields
             raise RequestError(f"saveEndpoint(input): {exc}") from None
-        change.endpoints.append(record)
+        change.endpoints.append(self._pin(record, template))
         await self._commit(change)
         log.info(
             "controlplane.endpoint_saved",
@@ -901,6 +903,29 @@ class ControlPlane:
             raise RequestError(msg)
         await self._commit(_Change(drop_template=template.id))
 
+    # -- hooks (the Flash control plane's deployed endpoints) --------------------------------
+
+    def _pin(self, record: EndpointRecord, template: TemplateRecord) -> EndpointRecord:
+        """``record`` (saved with ``template``) as it is stored (here: unchanged).
+
+        Raises:
+            RequestError: it cannot be saved.
+        """
+        return record
+
+    def _config(
+        self,
+        record: EndpointRecord,
+        template: TemplateRecord,
+        handlers: dict[str, Path],
+    ) -> dict[str, Any]:
+        """The daemon's registration config for ``record`` (`images.config_for`).
+
+        Raises:
+            RequestError: it cannot run here.
+        """
+        return config_for(record, template, handlers)
+
     # -- changes ----------------------------------------------------------------------------
 
     async def _commit(self, change: _Change) -> None:
@@ -931,7 +956,7 @@ class ControlPlane:
         if affected:
             handlers = image_map(self.state_dir)
             for record in affected:
-                configs[record.id] = config_for(
+                configs[record.id] = self._config(
                     record, templates[record.templateId], handlers
                 )
         old_configs = self._configs(
@@ -973,7 +998,7 @@ class ControlPlane:
             if template is None:
                 continue
             try:
-                out[record.id] = config_for(record, template, handlers)
+                out[record.id] = self._config(record, template, handlers)
             except RequestError:
                 continue
         return out

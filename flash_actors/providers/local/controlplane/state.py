@@ -103,6 +103,9 @@ class EndpointRecord(msgspec.Struct, frozen=True, kw_only=True):
     flashEnvironmentId: str | None = None
     createdAt: str = ""
     version: int = 0
+    #: the build of its Flash environment it serves (the environment's active one when it
+    #: was saved); not part of RunPod's input: the daemon sets it
+    flashBuildId: str | None = None
 
 
 class AppRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,10 +129,10 @@ class BuildRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class EnvironmentRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """A Flash environment of an app, and the build it runs.
+    """A Flash environment of an app and its active build.
 
-    ``resources`` maps each resource of the active build to the endpoint id it runs as, or
-    None while it is not started (see ``controlplane.deployments``).
+    Its resources run as the endpoints saved with its ``flashEnvironmentId`` (as on RunPod,
+    the deploying client creates them: see ``controlplane.flash``).
     """
 
     id: str
@@ -137,7 +140,6 @@ class EnvironmentRecord(msgspec.Struct, frozen=True, kw_only=True):
     flashAppId: str
     createdAt: str
     activeBuildId: str | None = None
-    resources: dict[str, str | None] = {}
 
 
 class _File(msgspec.Struct, kw_only=True):
