@@ -481,3 +481,57 @@ def test_deploy_send_uploads_a_build_and_deploys_it(
             json={"input": {"a": 1, "b": 2}},
         ).json()
         assert answer["output"] == 3, answer
+
+
+HALF = """\
+from flash_actors import CpuLiveServerless, remote
+
+first = CpuLiveServerless(name="first")
+second = CpuLiveServerless(name="second", env={"LD_PRELOAD": "/tmp/evil.so"})
+
+
+@remote(first)
+async def one(x):
+    return x + 1
+
+
+@remote(second)
+async def two(x):
+    return x + 2
+"""
+
+
+@pytest.mark.network  # flash build downloads wheels (uv's cache makes it fast)
+@pytest.mark.timeout(300)
+def test_a_deploy_that_fails_halfway_says_so_and_sending_again_converges(
+    daemon: Daemon, project: Path
+) -> None:
+    (project / "main.py").write_text(HALF)
+    assert flash("build", cwd=project, timeout=240).returncode == 0
+    lines = fails("deploy", "send", "production", cwd=project)
+    # flash local refuses the second resource's env: the command fails naming it, after
+    # the first resource's endpoint was saved whole
+    assert any("LD_PRELOAD" in line for line in lines), lines
+    info = as_json("deploy", "info", "production", cwd=project)
+    assert [e["name"] for e in info["endpoints"]] == ["first"]
+    first_id = info["endpoints"][0]["id"]
+
+    (project / "main.py").write_text(
+        HALF.replace(', env={"LD_PRELOAD": "/tmp/evil.so"}', "")
+    )
+    assert flash("build", cwd=project, timeout=240).returncode == 0
+    done = flash("deploy", "send", "production", "--json", cwd=project)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["added"] == ["second"]
+    assert result["updated"] == ["first"]  # the source changed
+    assert result["endpoints"]["first"] == first_id  # the same endpoint, no second one
+    info = as_json("deploy", "info", "production", cwd=project)
+    assert sorted(e["name"] for e in info["endpoints"]) == ["first", "second"]
+    with daemon.client() as client:
+        for name, expected in (("first", 2), ("second", 3)):
+            answer = client.post(
+                f"/v2/{result['endpoints'][name]}/runsync?wait=60000",
+                json={"input": {"x": 1}},
+            ).json()
+            assert answer["output"] == expected, answer
