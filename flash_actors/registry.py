@@ -67,6 +67,7 @@ class Registry:
         in deployed code)."""
         self._routes: dict[str, dict[tuple[str, str], tuple[str, FunctionRequest]]] = {}
         self.generation = 0
+        self._warm = 0
         """Counts changes: callers that cache where the Router sent them check it (see
         `flash_actors.remote`)."""
 
@@ -145,10 +146,27 @@ class Registry:
             ManifestError: no such endpoint is known.
         """
         try:
-            return self._resources[name]
+            config = self._resources[name]
         except KeyError:
             msg = f"no endpoint named {name!r} is registered (decorate a function with it, or load a manifest)"
             raise ManifestError(msg) from None
+        if self._warm and config.workersMin < self._warm <= config.workersMax:
+            return msgspec.structs.replace(config, workersMin=self._warm)
+        return config
+
+    def keep_warm(self, workers: int = 1) -> None:
+        """From now on every endpoint keeps at least ``workers`` workers started.
+
+        Its config reads ``workersMin`` of at least ``workers`` (where its ``workersMax``
+        allows): what ``flash run --auto-provision`` asks for. 0 turns it off.
+
+        Raises:
+            ValueError: ``workers`` is negative.
+        """
+        if workers < 0:
+            msg = f"keep_warm: workers must be 0 or more, got {workers}"
+            raise ValueError(msg)
+        self._warm = workers
 
     def endpoint_of(self, function: str) -> str:
         """The endpoint a function runs on, by ``module:qualname`` (or a bare name, if unique).

@@ -64,3 +64,19 @@ def test_registry_generation_counts_changes_only() -> None:
     assert registry.generation == start + 2
     registry.register_function("f", "elsewhere")
     assert registry.generation == start + 3
+
+
+def test_keep_warm_raises_workers_min_where_workers_max_allows() -> None:
+    registry = Registry()
+    registry.register(CpuLiveServerless(name="cold", workersMin=0, workersMax=3))
+    registry.register(CpuLiveServerless(name="off", workersMin=0, workersMax=0))
+    registry.register(CpuLiveServerless(name="hot", workersMin=2, workersMax=3))
+    assert registry.resource("cold").workersMin == 0
+    registry.keep_warm(1)
+    assert registry.resource("cold").workersMin == 1
+    assert registry.resource("off").workersMin == 0  # it may run no worker at all
+    assert registry.resource("hot").workersMin == 2
+    registry.keep_warm(0)
+    assert registry.resource("cold").workersMin == 0
+    with pytest.raises(ValueError, match="workers must be 0 or more, got -1"):
+        registry.keep_warm(-1)

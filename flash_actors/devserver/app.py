@@ -38,14 +38,13 @@ from flash_actors.build.scanner import scan_project
 from flash_actors.devserver.docs import install_docs
 from flash_actors.errors import BuildError, FlashRuntimeError
 from flash_actors.jobs import JobOutput
-from flash_actors.registry import REGISTRY, Registry
+from flash_actors.registry import REGISTRY
 from flash_actors.remote import RemoteFunction
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from flash_actors.build.scanner import ScannedFunction
-    from flash_actors.resources import ServerlessResource
 
 __all__ = [
     "AUTO_PROVISION_ENV",
@@ -301,20 +300,6 @@ def _project_app(project: Path) -> FastAPI | None:
     return None
 
 
-class _WarmRegistry(Registry):
-    """The process registry, with every endpoint keeping at least one worker warm."""
-
-    def __init__(self, base: Registry) -> None:
-        self.__dict__ = base.__dict__  # one state: what @remote registers later counts
-
-    def resource(self, name: str) -> ServerlessResource:
-        """The endpoint's config with ``workersMin`` at least 1."""
-        config = super().resource(name)
-        if config.workersMin >= 1 or config.workersMax < 1:
-            return config
-        return msgspec.structs.replace(config, workersMin=1)
-
-
 async def _provision(rt: Any, names: list[str]) -> None:
     for name in names:
         rt.endpoint(name)  # the endpoint actor opens its pool: workersMin workers start
@@ -367,11 +352,14 @@ def build_app(project: Path, *, auto_provision: bool = False) -> FastAPI:
             "/ping", _ping, methods=["GET"], tags=["health"], summary="Health check"
         )
     user_lifespan = app.router.lifespan_context
-    registry = _WarmRegistry(REGISTRY) if auto_provision else None
+    if auto_provision:
+        REGISTRY.keep_warm(
+            1
+        )  # the dev server's process: every endpoint, one worker warm
 
     @asynccontextmanager
     async def lifespan(app_: Any) -> AsyncIterator[Any]:
-        async with flash_actors.runtime(registry=registry) as rt:
+        async with flash_actors.runtime() as rt:
             if auto_provision:
                 await _provision(rt, endpoints)
             async with user_lifespan(app_) as state:
