@@ -40,6 +40,7 @@ __all__ = [
     "environment_info",
     "list_environments",
     "plan",
+    "remove_endpoints",
     "run_deploy",
     "run_undeploy",
 ]
@@ -168,7 +169,7 @@ def plan(old: Any, new: Any) -> dict[str, list[str]]:
     }
 
 
-async def _remove_endpoints(target: Target, ids: set[str]) -> list[str]:
+async def remove_endpoints(target: Target, ids: set[str]) -> list[str]:
     """Scale each endpoint to zero and delete it; returns the names removed."""
     removed = []
     for endpoint in await target.control.find_endpoints():
@@ -266,7 +267,7 @@ async def delete_environment(args: argparse.Namespace) -> int:
                     "not deleted: not confirmed", "--yes deletes without asking"
                 )
         with step(f"deleting environment {env['name']}"):
-            removed = await _remove_endpoints(target, ids)
+            removed = await remove_endpoints(target, ids)
             await target.apps.delete_environment(env["id"])
     if args.json:
         print_json({"deleted": env["name"], "endpoints": removed})
