@@ -34,6 +34,7 @@ from rich.progress import (
 from rich.table import Column, Table
 from rich.text import Text
 
+from flash_actors._private import StateDirError
 from flash_actors._progress import format_bytes, live as live_progress
 from flash_actors.errors import FlashRuntimeError, GraphQLError
 from flash_actors.providers.local.daemon.control import start_daemon
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from rich.progress_bar import ProgressBar
 
 __all__ = [
+    "STATE_DIR_HINT",
     "CommandError",
     "StepProgress",
     "Target",
@@ -63,6 +65,10 @@ __all__ = [
     "short",
     "step",
 ]
+
+
+STATE_DIR_HINT = "give --state-dir a folder of your own that is not a symbolic link"
+"""What to do about a state folder that is refused (`StateDirError`)."""
 
 
 class CommandError(Exception):
@@ -180,11 +186,15 @@ class StepProgress:
         )
 
 
-class _Bar(BarColumn):
+class _Bar(ProgressColumn):
     """The bar, once the step knows its bytes (nothing before: no bar for plain waits)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._bar = BarColumn(bar_width=20)
+
     def render(self, task: Task) -> Text | ProgressBar:
-        return Text("") if task.total is None else super().render(task)
+        return Text("") if task.total is None else self._bar.render(task)
 
 
 class _Sent(ProgressColumn):
@@ -230,7 +240,7 @@ def step(text: str) -> Iterator[StepProgress]:
                 "{task.description}",
                 table_column=Column(no_wrap=True, overflow="ellipsis"),
             ),
-            _Bar(bar_width=20),
+            _Bar(),
             _Sent(table_column=Column(no_wrap=True, min_width=19)),
             TimeElapsedColumn(),
             console=err,
@@ -353,7 +363,9 @@ def run(
         else:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             hint = "-v shows the traceback"
-            if isinstance(exc, GraphQLError):
+            if isinstance(exc, StateDirError):
+                hint = STATE_DIR_HINT
+            elif isinstance(exc, GraphQLError):
                 hint = f"{args.target} refused the request; " + hint
             elif args.target == "local":
                 hint = f"see {Path(args.state_dir) / 'logs' / 'gateway.log'}; " + hint

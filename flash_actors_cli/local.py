@@ -25,7 +25,7 @@ from flash_actors.providers.local.daemon.control import (
     start_daemon,
     stop_daemon,
 )
-from flash_actors_cli._target import fail
+from flash_actors_cli._target import STATE_DIR_HINT, fail
 
 if TYPE_CHECKING:
     import argparse
@@ -101,11 +101,7 @@ def _up(args: argparse.Namespace) -> int:
             )
         )
     except StateDirError as exc:
-        return fail(
-            str(exc),
-            "give --state-dir a folder of your own that is not a symbolic link",
-            verbose=args.verbose,
-        )
+        return fail(str(exc), STATE_DIR_HINT, verbose=args.verbose)
     except ConfigurationError as exc:
         return fail(
             str(exc),
