@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 SCRIPT = Path(sys.executable).parent / "flash"
-pytestmark = pytest.mark.timeout(240)  # several interpreter starts per test, on a busy machine
+pytestmark = pytest.mark.timeout(
+    240
+)  # several interpreter starts per test, on a busy machine
 COLUMNS = "100"
 ANSI = re.compile(r"\x1b\[")
 
@@ -337,3 +339,21 @@ def test_plain_step_progress_prints_each_quarter_once(
         "flash: uploading x: sent 75 B of 100 B (75%)",
         "flash: uploading x: sent 100 B of 100 B (100%)",
     ]
+
+
+def test_the_readme_shows_every_command_with_an_example() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `flash ")]
+    leaves = [
+        words
+        for words, parser in commands(build_parser())
+        if words
+        and not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+    ]
+    assert len(leaves) >= 20
+    for words in leaves:
+        name = "flash " + " ".join(words)
+        row = next((r for r in rows if r.startswith(f"| `{name}")), None)
+        assert row is not None, f"README has no table row for {name}"
+        example = row.split("|")[2]
+        assert f"`{name}" in example, row  # the example runs that very command
