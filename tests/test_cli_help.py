@@ -8,13 +8,17 @@ script), the rest through the same parser in this process.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import http.server
 import io
 import json
 import os
+import pty
 import re
 import subprocess
 import sys
 import tarfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +26,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import flash_actors
+from flash_actors.errors import DeliveryError
 from flash_actors.providers.runpod.flash_apps import ByteProgress, FlashApps
 from flash_actors.providers.runpod.graphql import ControlPlane
 from flash_actors.providers.runpod.transport import (
+    UPLOAD_CHUNK,
+    FileUploader,
+    HttpsTransport,
     RecordedRequest,
     RecordingTransport,
     Response,
@@ -282,6 +290,47 @@ def test_upload_shows_bytes_sent_as_plain_lines_off_a_terminal(
     assert percents[0] < 100
 
 
+def test_upload_shows_a_bar_on_a_terminal(daemon: Daemon, tmp_path: Path) -> None:
+    project = tmp_path / "myapp"
+    _fake_build(project, 3 * 2**20)
+    command = [str(SCRIPT)] if SCRIPT.is_file() else ["flash"]
+    leader, follower = pty.openpty()
+    out = bytearray()
+    try:
+        with subprocess.Popen(
+            [*command, "deploy", "send", "production"],
+            cwd=project,
+            env={**os.environ, "COLUMNS": COLUMNS, "TERM": "xterm"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=follower,
+        ) as proc:
+            os.close(follower)
+            follower = -1
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:  # EIO: the command closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            assert proc.stdout is not None
+            stdout = proc.stdout.read().decode()
+            assert proc.wait(timeout=60) == 0, out.decode(errors="replace")
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    drawn = out.decode(errors="replace")
+    assert "\x1b[" in drawn  # drawn live, not as lines
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    assert "flash: uploading .flash/artifact.tar.gz: sent" not in text
+    assert "3.0 MiB/3.0 MiB" in text  # the bytes column of the bar
+    assert "✓ uploading .flash/artifact.tar.gz (" in text
+    assert stdout.startswith("deployed build ")
+
+
 class Lines(StepProgress):
     """A `StepProgress` that keeps what it is told instead of printing it."""
 
@@ -357,3 +406,79 @@ def test_the_readme_shows_every_command_with_an_example() -> None:
         assert row is not None, f"README has no table row for {name}"
         example = row.split("|")[2]
         assert f"`{name}" in example, row  # the example runs that very command
+
+
+@pytest.fixture
+def put_server() -> Iterator[str]:
+    """A plain HTTP server on 127.0.0.1 answering a PUT with what arrived, as JSON."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            size = int(self.headers.get("Content-Length", "0"))
+            body = self.rfile.read(size)
+            answer = json.dumps(
+                {
+                    "length": len(body),
+                    "content_length": self.headers.get("Content-Length"),
+                    "transfer_encoding": self.headers.get("Transfer-Encoding"),
+                    "content_type": self.headers.get("Content-Type"),
+                    "sha256": hashlib.sha256(body).hexdigest(),
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:
+            del args
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, *args: Any) -> None:
+            del args  # the shortened upload breaks its connection on purpose
+
+    server = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/upload"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_https_transport_streams_a_file_with_its_length(
+    put_server: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "archive.tar.gz"
+    data = os.urandom(2 * UPLOAD_CHUNK + 5)
+    path.write_bytes(data)
+    seen: list[int] = []
+    transport = HttpsTransport()
+    try:
+        assert isinstance(transport, FileUploader)
+        answer = await transport.upload_file(
+            "PUT",
+            put_server,
+            path,
+            len(data),
+            headers={"Content-Type": "application/gzip"},
+            sent=seen.append,
+        )
+        assert answer.status == 200
+        got = json.loads(answer.body)
+        # a Content-Length, never chunked: presigned upload URLs refuse chunked bodies
+        assert got == {
+            "length": len(data),
+            "content_length": str(len(data)),
+            "transfer_encoding": None,
+            "content_type": "application/gzip",
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        assert seen == [UPLOAD_CHUNK, 2 * UPLOAD_CHUNK, len(data)]
+        # a file shorter than announced fails the upload, naming the file
+        with pytest.raises(DeliveryError, match="shrank to"):
+            await transport.upload_file("PUT", put_server, path, len(data) + 10)
+    finally:
+        await transport.aclose()
