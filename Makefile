@@ -46,8 +46,11 @@ browser:
 
 test: lint typecheck pytest
 
+# runpod-flash (a reference in the benchmarks) installs a `flash` script of its own: ours is
+# installed again after it, so .venv/bin/flash stays flash-actors' command.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --no-deps --force-reinstall -e .
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

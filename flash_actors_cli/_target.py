@@ -21,8 +21,21 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from rich import box
 from rich.console import Console
-from rich.table import Table
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Column, Table
+from rich.text import Text
 
+from flash_actors._private import StateDirError
+from flash_actors._progress import format_bytes, live as live_progress
 from flash_actors.errors import FlashRuntimeError, GraphQLError
 from flash_actors.providers.local.daemon.control import start_daemon
 from flash_actors.providers.runpod.credentials import load_settings
@@ -34,12 +47,17 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
+    from rich.progress_bar import ProgressBar
+
 __all__ = [
+    "STATE_DIR_HINT",
     "CommandError",
+    "StepProgress",
     "Target",
     "add_common",
     "confirm",
     "connect",
+    "fail",
     "print_json",
     "print_table",
     "run",
@@ -47,6 +65,10 @@ __all__ = [
     "short",
     "step",
 ]
+
+
+STATE_DIR_HINT = "give --state-dir a folder of your own that is not a symbolic link"
+"""What to do about a state folder that is refused (`StateDirError`)."""
 
 
 class CommandError(Exception):
@@ -117,29 +139,119 @@ def _console(stream: Any) -> Console:
     )
 
 
+def fail(message: str, hint: str = "", *, verbose: bool = False, code: int = 1) -> int:
+    """Report a failure: one ``flash: error: <message>`` line and ``  hint: <hint>``.
+
+    With ``verbose`` (``-v``) the traceback of the exception being handled comes first.
+    Returns ``code``, the command's exit code.
+    """
+    if verbose:
+        traceback.print_exc()
+    print(f"flash: error: {message}", file=sys.stderr)
+    if hint:
+        print(f"  hint: {hint}", file=sys.stderr)
+    sys.stderr.flush()
+    return code
+
+
 def say(line: str) -> None:
     """A notice on stderr: ``flash: <line>``."""
     print(f"flash: {line}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def step(text: str) -> Iterator[Callable[[str], None]]:
-    """Long work: a spinner on a terminal, plain lines otherwise; yields a progress callback.
+class StepProgress:
+    """What `step` yields: call it with a line for the step's status; bytes go to `transferred`.
 
-    Ends with ``<text>: done in N s`` (or ``failed after N s``).
+    Off a terminal each line is printed as ``flash: <step>: <line>``, and bytes as a few
+    lines (at each quarter of the total); on a terminal both update the live display.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._quarter = 0
+
+    def __call__(self, line: str) -> None:
+        """The step's status (``uploading 4.8 MiB``)."""
+        say(f"{self.text}: {line}")
+
+    def transferred(self, done: int, total: int) -> None:
+        """``done`` of ``total`` bytes sent so far."""
+        quarter = 4 * done // total if total > 0 else 4
+        if quarter <= self._quarter:
+            return
+        self._quarter = quarter
+        percent = 100 * done // total if total > 0 else 100
+        say(
+            f"{self.text}: sent {format_bytes(done)} of {format_bytes(total)} ({percent}%)"
+        )
+
+
+class _Bar(ProgressColumn):
+    """The bar, once the step knows its bytes (nothing before: no bar for plain waits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bar = BarColumn(bar_width=20)
+
+    def render(self, task: Task) -> Text | ProgressBar:
+        return Text("") if task.total is None else self._bar.render(task)
+
+
+class _Sent(ProgressColumn):
+    """``sent/total`` once the step knows its bytes."""
+
+    def render(self, task: Task) -> Text:
+        if task.total is None:
+            return Text("")
+        done, total = int(task.completed), int(task.total)
+        return Text(
+            f"{format_bytes(done)}/{format_bytes(total)}", style="progress.download"
+        )
+
+
+class _LiveStepProgress(StepProgress):
+    """`StepProgress` on a terminal: a spinner, the status, and a bar for bytes."""
+
+    def __init__(self, text: str, shown: Progress, task: TaskID) -> None:
+        super().__init__(text)
+        self._shown = shown
+        self._task = task
+
+    def __call__(self, line: str) -> None:
+        self._shown.update(self._task, description=f"{self.text}: {line}")
+
+    def transferred(self, done: int, total: int) -> None:
+        self._shown.update(self._task, total=total, completed=done)
+
+
+@contextlib.contextmanager
+def step(text: str) -> Iterator[StepProgress]:
+    """Long work: a spinner (and a bar for bytes) on a terminal, plain lines otherwise.
+
+    Yields a `StepProgress`: call it with status lines; ``transferred(done, total)`` shows
+    bytes. Ends with ``<text>: done in N s`` (or ``failed after N s``).
     """
     started = time.monotonic()
     err = _console(sys.stderr)
-    live = sys.stderr.isatty() and not os.environ.get("FLASH_NO_PROGRESS")
-    if live:
-        with err.status(f"{text}...") as status:
-
-            def update(line: str) -> None:
-                status.update(f"{text}: {line}")
-
+    if live_progress():
+        shown = Progress(
+            SpinnerColumn(),
+            TextColumn(
+                "{task.description}",
+                table_column=Column(no_wrap=True, overflow="ellipsis"),
+            ),
+            _Bar(),
+            _Sent(table_column=Column(no_wrap=True, min_width=19)),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        )
+        with shown:
+            task = shown.add_task(f"{text}...", total=None)
             try:
-                yield update
+                yield _LiveStepProgress(text, shown, task)
             except BaseException:
+                shown.stop()
                 err.print(
                     f"[red]x[/red] {text}: failed after {time.monotonic() - started:.1f} s"
                 )
@@ -148,7 +260,7 @@ def step(text: str) -> Iterator[Callable[[str], None]]:
         return
     say(f"{text}...")
     try:
-        yield lambda line: say(f"{text}: {line}")
+        yield StepProgress(text)
     except BaseException:
         say(f"{text}: failed after {time.monotonic() - started:.1f} s")
         raise
@@ -246,18 +358,15 @@ def run(
         say("error: interrupted")
         return 130
     except (CommandError, FlashRuntimeError, OSError) as exc:
-        if getattr(args, "verbose", False):
-            traceback.print_exc()
         if isinstance(exc, CommandError):
             text, hint = exc.message, exc.hint
         else:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             hint = "-v shows the traceback"
-            if isinstance(exc, GraphQLError):
+            if isinstance(exc, StateDirError):
+                hint = STATE_DIR_HINT
+            elif isinstance(exc, GraphQLError):
                 hint = f"{args.target} refused the request; " + hint
             elif args.target == "local":
                 hint = f"see {Path(args.state_dir) / 'logs' / 'gateway.log'}; " + hint
-        print(f"flash: error: {text}", file=sys.stderr)
-        if hint:
-            print(f"  hint: {hint}", file=sys.stderr)
-        return 1
+        return fail(text, hint, verbose=getattr(args, "verbose", False))

@@ -54,13 +54,14 @@ def add_parser(commands: Any) -> None:
         default=[],
         metavar="PKG[,PKG...]",
         help="packages the base image has, left out of the archive (e.g. "
-        "torch,torchvision); GPU resources leave out torch, torchvision and torchaudio "
-        "by default",
+        "torch,torchvision; repeatable) (default: none, but apps with a GPU resource "
+        "leave out torch, torchvision and torchaudio)",
     )
     build.add_argument(
         "--keep-build",
         action="store_true",
-        help="keep the build folder .flash/.build/ (to inspect the generated handlers)",
+        help="keep the build folder .flash/.build/ (to inspect the generated handlers) "
+        "(default: off: it is removed)",
     )
     build.add_argument(
         "--python-version",
@@ -73,7 +74,7 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="then run the built archive here, with no Docker: every queue resource as "
         "local workers started from the unpacked archive, load balancers on "
-        "localhost:8000; Ctrl-C stops it",
+        "localhost:8000; Ctrl-C stops it (default: off)",
     )
     build.add_argument(
         "--port",
@@ -86,7 +87,7 @@ def add_parser(commands: Any) -> None:
         "--verbose",
         "-v",
         action="store_true",
-        help="show a failure's traceback",
+        help="show a failure's traceback (default: off)",
     )
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "delete_environment",
     "environment_info",
     "list_environments",
+    "remove_endpoints",
     "run_deploy",
     "run_undeploy",
 ]
@@ -153,7 +154,7 @@ async def find_environment(
     raise CommandError(msg, hint)
 
 
-async def _remove_endpoints(target: Target, ids: set[str]) -> list[str]:
+async def remove_endpoints(target: Target, ids: set[str]) -> list[str]:
     """Scale each endpoint to zero and delete it; returns the names removed."""
     removed = []
     for endpoint in await target.control.find_endpoints():
@@ -251,7 +252,7 @@ async def delete_environment(args: argparse.Namespace) -> int:
                     "not deleted: not confirmed", "--yes deletes without asking"
                 )
         with step(f"deleting environment {env['name']}"):
-            removed = await _remove_endpoints(target, ids)
+            removed = await remove_endpoints(target, ids)
             await target.apps.delete_environment(env["id"])
     if args.json:
         print_json({"deleted": env["name"], "endpoints": removed})

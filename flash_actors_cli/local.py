@@ -2,13 +2,15 @@
 
 ``up`` starts the daemon in the background, waits until it listens and prints its URL (one
 state folder, one daemon: when another ``up`` won the race, it says who runs); ``status``
-prints its endpoints, workers and queues; ``down`` stops it and so every worker it started.
-Each calls one function of `flash_actors.providers.local.daemon.control` and prints.
+prints its endpoints, workers and queues (``--json``: the daemon's own status document);
+``down`` stops it and so every worker it started. Each calls one function of
+`flash_actors.providers.local.daemon.control` and prints. Failures are one ``flash: error:``
+line and a hint (``-v`` adds the traceback): exit code 2 for a bad option, else 1.
 """
 
 from __future__ import annotations
 
-import sys
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +25,7 @@ from flash_actors.providers.local.daemon.control import (
     start_daemon,
     stop_daemon,
 )
+from flash_actors_cli._target import STATE_DIR_HINT, fail
 
 if TYPE_CHECKING:
     import argparse
@@ -52,16 +55,38 @@ def add_parser(commands: Any) -> None:
         action="append",
         default=[],
         metavar="NAME=HANDLER.py[:WORKERS_MAX]",
-        help="serve a RunPod handler file as endpoint NAME (repeatable)",
+        help="serve a RunPod handler file as endpoint NAME (repeatable) (default: none)",
     )
     up.add_argument(
         "--runpod-only",
         action="store_true",
         help="answer exactly as RunPod does, without this daemon's extensions "
-        "(caller job ids, long-polled status, the stream flag)",
+        "(caller job ids, long-polled status, the stream flag) (default: off)",
     )
-    sub.add_parser("status", help="show endpoints, workers and queue depths")
-    sub.add_parser("down", help="stop the daemon and every worker it started")
+    status = sub.add_parser("status", help="show endpoints, workers and queue depths")
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print the daemon's record and status as JSON instead of a table "
+        "(default: off)",
+    )
+    down = sub.add_parser("down", help="stop the daemon and every worker it started")
+    for parser in (up, status, down):
+        parser.add_argument(
+            "--verbose",
+            "-v",
+            action="store_true",
+            help="show a failure's traceback (default: off)",
+        )
+
+
+def _daemon_error(exc: DaemonControlError, log: Path, *, verbose: bool) -> int:
+    """A daemon that did not start or answer: its message, cut to one line, and a hint."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if len(lines) > 1:  # "failed to start:" and the end of its log; its last line: why
+        text = f"{text.rstrip(':')}: {lines[-1].strip().removeprefix('flash local: ')}"
+    return fail(text, f"see {log}; -v shows the traceback", verbose=verbose)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -76,20 +101,22 @@ def _up(args: argparse.Namespace) -> int:
             )
         )
     except StateDirError as exc:
-        print(f"flash local: {exc}", file=sys.stderr)
-        return 1
+        return fail(str(exc), STATE_DIR_HINT, verbose=args.verbose)
     except ConfigurationError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    except DaemonControlError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. its logs/ is a file: say so, not a traceback
-        print(
-            f"flash local: cannot use {Path(args.state_dir).resolve()}: {exc}",
-            file=sys.stderr,
+        return fail(
+            str(exc),
+            "`flash local up --help` shows the options",
+            verbose=args.verbose,
+            code=2,
         )
-        return 1
+    except DaemonControlError as exc:
+        return _daemon_error(exc, given / "logs" / "gateway.log", verbose=args.verbose)
+    except OSError as exc:  # e.g. its logs/ is a file: say so, not a traceback
+        return fail(
+            f"cannot use {Path(args.state_dir).resolve()}: {exc}",
+            "check that folder and its permissions; -v shows the traceback",
+            verbose=args.verbose,
+        )
     record = start.record
     if not start.started:
         print(f"flash local is already running: {record.url}/v2 (pid {record.pid})")
@@ -112,16 +139,26 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
-def _status(state_dir: Path) -> int:
+def _status(state_dir: Path, args: argparse.Namespace) -> int:
     try:
         found = anyio.run(daemon_status, state_dir)
     except DaemonControlError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+        return _daemon_error(
+            exc, state_dir / "logs" / "gateway.log", verbose=args.verbose
+        )
     if found is None:
-        print("flash local is not running (start it with `flash local up`)")
-        return 1
+        return fail("flash local is not running", "start it with `flash local up`")
     record, status = found.record, found.table
+    if args.json:
+        print(
+            json.dumps(
+                {"url": record.url, "pid": record.pid, **status},
+                indent=2,
+                sort_keys=True,
+                default=str,
+            )
+        )
+        return 0
     uptime = int(time.time() - float(status["started"]))
     print(f"flash local: {record.url}/v2 (pid {record.pid}, up {uptime} s)")
     rows = [
@@ -166,12 +203,13 @@ def _status(state_dir: Path) -> int:
     return 0
 
 
-def _down(state_dir: Path) -> int:
+def _down(state_dir: Path, args: argparse.Namespace) -> int:
     try:
         record = anyio.run(stop_daemon, state_dir)
     except DaemonControlError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+        return _daemon_error(
+            exc, state_dir / "logs" / "gateway.log", verbose=args.verbose
+        )
     if record is None:
         print("flash local is not running")
         return 0
@@ -185,5 +223,5 @@ def run(args: argparse.Namespace) -> int:
         return _up(args)
     state_dir = Path(args.state_dir).resolve()
     if args.local_command == "status":
-        return _status(state_dir)
-    return _down(state_dir)
+        return _status(state_dir, args)
+    return _down(state_dir, args)

@@ -23,11 +23,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flash",
         description="flash-actors: await Python functions on remote GPU and CPU workers.",
+        epilog="`flash COMMAND --help` lists a command's options and their defaults. A "
+        "failure is one `flash: error:` line and a hint, exit code 1 (2: a bad option); "
+        "-v shows its traceback.",
     )
     parser.add_argument(
         "--version",
         action="version",
         version=f"flash-actors {flash_actors.__version__}",
+        help="print the version (flash-actors X.Y.Z) and exit",
+    )
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        dest="verbose_all",
+        action="store_true",
+        help="show a failure's traceback, for any command (default: off; `flash "
+        "COMMAND -v` does the same)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     local.add_parser(commands)
@@ -47,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.verbose_all:  # `flash -v COMMAND`: the sub-command's own -v defaults to off
+        args.verbose = True
     runners = {
         "build": build.run,
         "init": init_command.run,

@@ -351,7 +351,7 @@ def test_up_checks_endpoint_specs_before_starting(
     shutil.copy(ECHO, project / "h.py")
     done = flash("local", "up", "--endpoint", spec, cwd=project)
     assert done.returncode == 2
-    assert done.stderr.startswith(f"--endpoint {spec!r}: ")
+    assert done.stderr.startswith(f"flash: error: --endpoint {spec!r}: ")
     assert error in done.stderr
     assert "Traceback" not in done.stderr
     assert read_record(project / ".flash") is None

@@ -128,7 +128,8 @@ def test_a_linked_or_foreign_state_folder_is_refused(tmp_path: Path) -> None:
         kill_all([started.pid, *descendants(started.pid)])
     assert done.returncode == 1
     assert re.match(
-        r"flash local: state folder '.*/link' is a symbolic link; refusing", done.stderr
+        r"flash: error: state folder '.*/link' is a symbolic link; refusing",
+        done.stderr,
     ), done.stderr
     assert list(real.iterdir()) == []
     if os.getuid() == 0:  # only root can hand a folder to another user
@@ -138,7 +139,7 @@ def test_a_linked_or_foreign_state_folder_is_refused(tmp_path: Path) -> None:
         done = flash("local", "--state-dir", "foreign", "up", cwd=tmp_path)
         assert done.returncode == 1
         assert re.match(
-            r"flash local: state folder '.*/foreign' belongs to another user \(uid 54321",
+            r"flash: error: state folder '.*/foreign' belongs to another user \(uid 54321",
             done.stderr,
         ), done.stderr
         assert list(foreign.iterdir()) == []

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 import anyio.to_thread
 
@@ -25,6 +25,7 @@ from flash_actors.errors import (
     GraphQLError,
     GraphQLQueryError,
 )
+from flash_actors.providers.runpod.transport import FileUploader
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -51,6 +52,7 @@ __all__ = [
     "MAX_ARCHIVE",
     "PREPARE_UPLOAD",
     "UPDATE_BUILD_MANIFEST",
+    "ByteProgress",
     "FlashApps",
     "Upload",
 ]
@@ -137,6 +139,22 @@ class Upload:
     build: dict[str, Any]
     size: int
     seconds: float
+
+
+@runtime_checkable
+class ByteProgress(Protocol):
+    """A progress callback that also takes bytes: what `FlashApps.upload_build` reports to.
+
+    The ``flash`` command's steps are one (`flash_actors_cli._target.StepProgress`).
+    """
+
+    def __call__(self, line: str) -> None:
+        """A new status line."""
+        ...
+
+    def transferred(self, done: int, total: int) -> None:
+        """``done`` of ``total`` bytes sent so far."""
+        ...
 
 
 def _not_found(exc: GraphQLError) -> bool:
@@ -287,7 +305,8 @@ class FlashApps:
             archive: ``.flash/artifact.tar.gz`` as ``flash build`` writes it.
             manifest: the build's manifest (``.flash/flash_manifest.json``).
             progress: called with a line at each step (asking for the URL, sending,
-                finalizing).
+                finalizing); a `ByteProgress` also gets the bytes sent as they go
+                (streamed from disk when the transport is a `FileUploader`).
 
         Raises:
             ConfigurationError: no archive there, not a gzip file, or over `MAX_ARCHIVE`.
@@ -303,16 +322,29 @@ class FlashApps:
         if not isinstance(url, str) or not isinstance(key, str):
             msg = "prepareFlashArtifactUpload gave no uploadUrl and objectKey"
             raise GraphQLQueryError(msg)
-        body = await anyio.to_thread.run_sync(archive.read_bytes)
         say(f"uploading {size / 2**20:.1f} MiB")
+        sent = progress.transferred if isinstance(progress, ByteProgress) else None
+        headers = {"Content-Type": "application/gzip"}
         started = time.monotonic()
-        answer = await self.transport.request(
-            "PUT",
-            url,
-            body=body,
-            headers={"Content-Type": "application/gzip"},
-            timeout_s=UPLOAD_TIMEOUT_S,
-        )
+        if sent is not None:
+            sent(0, size)
+        if isinstance(self.transport, FileUploader):
+            answer = await self.transport.upload_file(
+                "PUT",
+                url,
+                archive,
+                size,
+                headers=headers,
+                timeout_s=UPLOAD_TIMEOUT_S,
+                sent=None if sent is None else lambda done: sent(done, size),
+            )
+        else:
+            body = await anyio.to_thread.run_sync(archive.read_bytes)
+            answer = await self.transport.request(
+                "PUT", url, body=body, headers=headers, timeout_s=UPLOAD_TIMEOUT_S
+            )
+            if sent is not None:
+                sent(len(body), size)
         seconds = time.monotonic() - started
         if not 200 <= answer.status < 300:
             detail = answer.body[:200].decode("utf-8", "replace")

@@ -13,6 +13,9 @@ The contract every transport keeps:
   ``timeout_s`` raises `DeliveryError` naming the host and the reason. Whether the request
   reached the server is unknown then; callers retry by their policy.
 - Response header names are lower-case.
+
+A transport that can also stream a file from disk (`FileUploader`: `HttpsTransport`) says
+how many bytes have gone out as they go; `FlashApps.upload_build` uses that for its progress.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import inspect
 import platform
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
 import anyio.lowlevel
 import httpx
@@ -29,9 +32,12 @@ import msgspec
 from flash_actors.errors import ConfigurationError, DeliveryError, NotDeliveredError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from pathlib import Path
 
 __all__ = [
+    "UPLOAD_CHUNK",
+    "FileUploader",
     "HttpsTransport",
     "RecordedRequest",
     "RecordingTransport",
@@ -43,6 +49,8 @@ __all__ = [
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 """How long `HttpsTransport` waits for a connection when a request gives no ``timeout_s``."""
+UPLOAD_CHUNK = 1024 * 1024
+"""Bytes read from disk and sent at a time by `HttpsTransport.upload_file`."""
 
 
 def default_user_agent() -> str:
@@ -98,6 +106,39 @@ class Transport(Protocol):
 
     async def aclose(self) -> None:
         """Close the transport's connections."""
+        ...
+
+
+@runtime_checkable
+class FileUploader(Protocol):
+    """A `Transport` that can also send a file from disk, telling the bytes as they go."""
+
+    async def upload_file(
+        self,
+        method: str,
+        url: str,
+        path: Path,
+        size: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        sent: Callable[[int], None] | None = None,
+    ) -> Response:
+        """Send the first ``size`` bytes of ``path`` as the body (``Content-Length: size``).
+
+        Args:
+            method: ``"PUT"``, ``"POST"``, ...
+            url: the absolute URL.
+            path: the file to send.
+            size: how many bytes of it to send (its size when it was checked).
+            headers: request headers.
+            timeout_s: as for `Transport.request`.
+            sent: called with the number of bytes sent so far, after each chunk.
+
+        Raises:
+            DeliveryError: as `Transport.request`; also when the file is shorter than
+                ``size``.
+        """
         ...
 
 
@@ -177,6 +218,63 @@ class HttpsTransport:
                 host and the reason).
             ConfigurationError: ``url`` is not an absolute http or https URL.
         """
+        target = self._target(method, url)
+        return await self._send(method, target, body, headers, timeout_s)
+
+    async def upload_file(
+        self,
+        method: str,
+        url: str,
+        path: Path,
+        size: int,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout_s: float | None = None,
+        sent: Callable[[int], None] | None = None,
+    ) -> Response:
+        """Stream ``size`` bytes of ``path`` in `UPLOAD_CHUNK` pieces (see `FileUploader`).
+
+        The body goes with ``Content-Length`` (never chunked: presigned upload URLs refuse
+        that), read from disk as it is sent, so a large archive is never held in memory.
+
+        Raises:
+            DeliveryError: unreachable server, broken connection, timeout, or a file
+                shorter than ``size``.
+            ConfigurationError: ``url`` is not an absolute http or https URL.
+        """
+        target = self._target(method, url)
+        tell = sent or (lambda n: None)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            done = 0
+            async with await anyio.open_file(path, "rb") as fh:
+                while done < size:
+                    chunk = await fh.read(min(UPLOAD_CHUNK, size - done))
+                    if not chunk:
+                        msg = (
+                            f"{path} shrank to {done} bytes while it was sent ({size})"
+                        )
+                        raise OSError(msg)
+                    yield chunk
+                    done += len(chunk)
+                    tell(done)
+
+        sized = {
+            **{
+                k: v
+                for k, v in (headers or {}).items()
+                if k.lower() != "content-length"
+            },
+            "Content-Length": str(size),
+        }
+        try:
+            return await self._send(method, target, chunks(), sized, timeout_s)
+        except OSError as exc:
+            msg = f"{method} {_origin(target)}{target.path}: {exc}"
+            raise DeliveryError(msg) from exc
+
+    @staticmethod
+    def _target(method: str, url: str) -> httpx.URL:
         try:
             target = httpx.URL(url)
         except httpx.InvalidURL as exc:
@@ -185,6 +283,16 @@ class HttpsTransport:
         if target.scheme not in ("http", "https") or not target.host:
             msg = f"{method} {url!r}: need an absolute http:// or https:// URL"
             raise ConfigurationError(msg)
+        return target
+
+    async def _send(
+        self,
+        method: str,
+        target: httpx.URL,
+        body: bytes | AsyncIterator[bytes] | None,
+        headers: Mapping[str, str] | None,
+        timeout_s: float | None,
+    ) -> Response:
         timeout = (
             httpx.Timeout(timeout_s)
             if timeout_s is not None
