@@ -107,11 +107,13 @@ async def start_environment(
     folder: Path,
     manifest: Any,
 ) -> dict[str, str | None]:
-    """Run the queue resources of the build unpacked in ``folder`` as deployed endpoints.
+    """Run the resources of the build unpacked in ``folder`` as deployed endpoints.
 
     Each resource with functions becomes the daemon endpoint ``env-<id>-<resource>`` (its
     workers run ``handler_<resource>.py`` from ``folder``, our worker's deployed mode, and
-    know the prefix to reach the environment's other resources). Registering a resource
+    know the prefix to reach the environment's other resources); a load balancer with
+    routes runs that handler as its HTTP app, at ``Host: env-<id>-<resource>.<daemon>``.
+    Registering a resource
     that runs already with another build replaces it (its workers restart with the new
     code); `stop_environment` removes the ones a new build dropped.
 
@@ -125,7 +127,7 @@ async def start_environment(
 
     Returns:
         Every resource of the manifest mapped to the endpoint it now runs as, or to None
-        when it was not started (load balancers are not served by the daemon yet; a
+        when it was not started (a load balancer without routes has nothing to serve; a
         resource whose config does not load is logged). The control plane reports exactly
         this, so it never claims more than runs.
     """
@@ -148,7 +150,9 @@ async def start_environment(
         return started
     prefix = endpoint_prefix(environment_id)
     for name, entry in sorted(built.resources.items()):
-        if not entry.functions or entry.is_load_balanced:
+        if not entry.functions or (
+            entry.is_load_balanced and not built.routes.get(name)
+        ):
             continue
         try:
             resource = resource_from_config(
