@@ -328,10 +328,6 @@ def test_a_dead_app_is_restarted_and_a_crash_loop_is_reported(
 
 
 MAIN = """\
-import asyncio
-import os
-from pathlib import Path
-
 from flash_actors import CpuLiveLoadBalancer, CpuLiveServerless, remote
 
 cpu = CpuLiveServerless(name="cpu")
@@ -346,6 +342,8 @@ async def add(a, b):
 
 @remote(api, method="POST", path="/v1/predict")
 async def predict(a, b):
+    import os
+
     job = await add(a, b)  # a queue resource of the app: through the daemon
     if job.error:
         raise RuntimeError(job.error)
@@ -359,6 +357,9 @@ async def health():
 
 @remote(api, method="POST", path="/slow")
 async def slow(marker):
+    import asyncio
+    from pathlib import Path
+
     Path(marker).write_text("started")
     try:
         await asyncio.sleep(120)

@@ -265,9 +265,9 @@ class BalancerApp:
         if self.failures >= START_TRIES:
             self.error = f"{self.failures} failed starts in a row; the last: {why}"
         log.warning(
-            "balancer.start_failed",
+            "balancer.restarting",
             endpoint=self.name,
-            failures=self.failures,
+            failures_in_a_row=self.failures,
             retry_in_s=round(self._backoff(), 3),
             error=why,
         )
