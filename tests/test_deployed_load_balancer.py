@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import textwrap
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 ECHO_APP = """
 import json
 import os
+import re
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -121,7 +123,7 @@ def daemon(project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
 def register_echo(daemon: Daemon, project: Path, name: str, **env: str) -> None:
     """Register the echo app as the deployed load balancer ``name`` (a build's layout)."""
     folder = project / "builds" / name
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "flash_manifest.json").write_text("{}")
     (folder / f"handler_{name}.py").write_text(textwrap.dedent(ECHO_APP))
     config = deployed_config(
@@ -295,7 +297,7 @@ def test_the_client_going_away_closes_the_upstream_request(
 
 
 @pytest.mark.timeout(120)
-def test_a_dead_app_is_restarted_and_a_crash_loop_is_reported(
+def test_the_app_is_restarted_replaced_and_stopped_by_pid(
     daemon: Daemon, project: Path
 ) -> None:
     register_echo(daemon, project, "echo")
@@ -303,28 +305,51 @@ def test_a_dead_app_is_restarted_and_a_crash_loop_is_reported(
         assert wait_answer(client, "GET", "/a").status_code == 201
         launcher = app_pid(daemon, "echo")
         (app,) = descendants(launcher)  # the handler under its launcher
-        os.kill(app, signal.SIGKILL)
+        os.kill(app, signal.SIGKILL)  # the app dies
         assert wait_gone([launcher, app]) == []  # its group ends with it
         assert wait_answer(client, "GET", "/b").status_code == 201  # started again
-        assert app_pid(daemon, "echo") != launcher
+        launcher = app_pid(daemon, "echo")
+        old = [launcher, *descendants(launcher)]
 
+        register_echo(daemon, project, "echo", VERSION="2")  # replaced: a new config
+        assert wait_gone(old) == []
+        answer = wait_answer(client, "GET", "/c")
+        assert answer.status_code == 201
+        launcher = app_pid(daemon, "echo")
+        assert launcher not in old
+        running = [launcher, *descendants(launcher)]
+
+    daemon.down()  # the daemon stops: its apps with it
+    assert wait_gone(running) == []
+
+
+@pytest.mark.timeout(120)
+def test_an_app_that_cannot_start_is_reported_with_its_log(
+    daemon: Daemon, project: Path
+) -> None:
     register_echo(daemon, project, "broken", ECHO_FAIL="1")
     deadline = time.monotonic() + 60
     while status_of(daemon, "broken")["start_error"] is None:
         assert time.monotonic() < deadline, status_of(daemon, "broken")
         time.sleep(0.05)
-    error = status_of(daemon, "broken")["start_error"]
     log = project / ".flash" / "logs" / "broken" / "app.log"
-    assert error.startswith(
-        "3 failed starts in a row; the last: its process exited "
-    ), error
-    assert f"(log: {log}): boom: this app cannot start" in error
+    pattern = (
+        r"(\d+) failed starts in a row; the last: its process exited with code -?\d+ "
+        rf"before it answered GET /ping \(log: {re.escape(str(log))}\): boom: this app "
+        "cannot start"
+    )
+    found = re.fullmatch(pattern, status_of(daemon, "broken")["start_error"])
+    assert found is not None, status_of(daemon, "broken")
+    assert int(found[1]) >= 3
     with lb_client(daemon, "broken") as client:
         answer = client.get("/anything")
         assert answer.status_code == 503
-        assert answer.json()["error"] == (
-            f"endpoint 'broken' cannot start its app: {error}"
-        )
+        error = answer.json()["error"]
+        assert re.fullmatch(
+            f"endpoint 'broken' cannot start its app: {pattern}", error
+        ), error
+    # it keeps trying, spaced out: each start is in its log
+    assert log.read_text().count("flash local: starting handler_broken.py") >= 3
 
 
 MAIN = """\
