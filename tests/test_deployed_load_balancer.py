@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from flash_actors.providers.local.daemon.catalog import deployed_config
+from flash_actors.providers.local.daemon.lb_routes import _endpoint_label
 from flash_actors.providers.local.daemon.record import pid_alive
 from flash_actors.resources import CpuLiveLoadBalancer
 from tests._daemon import Daemon, descendants, wait_gone
@@ -176,6 +177,26 @@ def app_pid(daemon: Daemon, name: str) -> int:
     assert app["pid"] is not None, app
     pid: int = app["pid"]
     return pid
+
+
+@pytest.mark.parametrize(
+    ("host", "endpoint"),
+    [
+        ("abc.127.0.0.1:8000", "abc"),
+        ("env-1a2b-api.127.0.0.1:8000", "env-1a2b-api"),
+        ("abc.localhost:8000", "abc"),
+        ("abc.[::1]:8000", "abc"),
+        ("abc.127.0.0.1", "abc"),
+        ("127.0.0.1:8000", None),  # the daemon itself
+        ("localhost:8000", None),
+        ("abc.example.com", None),  # not the daemon's address: its own routes
+        (".127.0.0.1:8000", None),
+    ],
+)
+def test_the_endpoint_is_the_first_label_of_host(
+    host: str, endpoint: str | None
+) -> None:
+    assert _endpoint_label(host) == endpoint
 
 
 def test_any_method_and_path_is_proxied_with_headers_and_bodies(

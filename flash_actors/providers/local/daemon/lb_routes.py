@@ -101,9 +101,12 @@ def _forwardable(headers: Mapping[str, str]) -> list[tuple[str, str]]:
 
 def _is_address(host: str) -> bool:
     """``host`` (``name:port``) is a bare IP address: no endpoint label in front of it."""
-    name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if host.startswith("[") and "]" in host:  # [IPv6]:port
+        name = host[1 : host.index("]")]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     try:
-        ipaddress.ip_address(name.strip("[]"))
+        ipaddress.ip_address(name)
     except ValueError:
         return False
     return True
