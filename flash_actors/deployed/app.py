@@ -165,7 +165,8 @@ def serve_load_balancer(handler: DeployedHandler, argv: list[str] | None) -> Non
     """Run `load_balancer_app` until SIGTERM or Ctrl-C.
 
     ``--host`` (default ``FLASH_HOST``, else 0.0.0.0 on RunPod and 127.0.0.1 elsewhere) and
-    ``--port`` (default ``PORT``, else 8000).
+    ``--port`` (default ``PORT``, else 8000). A client that disconnects cancels its route's
+    function (its ``await`` raises ``CancelledError``).
     """
     import argparse
 
@@ -184,4 +185,5 @@ def serve_load_balancer(handler: DeployedHandler, argv: list[str] | None) -> Non
         port=args.port,
         print=None,
         access_log=None,
+        handler_cancellation=True,
     )

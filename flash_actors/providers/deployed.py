@@ -19,7 +19,9 @@ the manifest and sent here. `DeployedProvider` is then what the runtime uses by 
   with `CallCycleError` in B instead of waiting on A's busy workers
   (`flash_actors.worker.nested.deployed_chain`);
 - reaches the resource's endpoint through an `EndpointResolver`: the service that knows
-  where the app's resources are deployed.
+  where the app's resources are deployed; a load balancer's function is one ``POST
+  /execute`` on the endpoint's own host, as the RunPod provider calls it
+  (`flash_actors.providers.runpod.provider.RunPodBackend`).
 
 Resolvers: `RunPodResolver`, chosen when ``FLASH_ENVIRONMENT_ID`` is set (a deployed
 environment, on RunPod or on ``flash local``), asks the Flash control plane for the
@@ -134,8 +136,8 @@ class DaemonResolver:
             ManifestError: the daemon has no endpoint of that name.
             ConfigurationError: it refused the API key.
         """
-        from flash_actors.providers.runpod.backend import QueueBackend
         from flash_actors.providers.runpod.dataplane import error_text
+        from flash_actors.providers.runpod.provider import RunPodBackend, lb_target
 
         client = self._client
         delay = 0.1
@@ -147,9 +149,12 @@ class DaemonResolver:
                 problem = _reason(exc)
             else:
                 if status == 200:
-                    return QueueBackend(
+                    lb_url, lb_headers = lb_target(client.plane.base_url, resource)
+                    return RunPodBackend(
                         client.plane,
                         resource,
+                        lb_url=lb_url,
+                        lb_headers=lb_headers,
                         persist=client.reconnecting,
                         job_policy=client.job_policy,
                     )
@@ -265,8 +270,8 @@ class RunPodResolver:
             ManifestServiceUnavailableError: the control plane cannot be reached.
             ManifestError: the environment has no endpoint for ``resource``.
         """
-        from flash_actors.providers.runpod.backend import QueueBackend
         from flash_actors.providers.runpod.dataplane import DataPlane
+        from flash_actors.providers.runpod.provider import RunPodBackend, lb_target
 
         if self._endpoints is None or resource not in self._endpoints:
             self._endpoints = await self._environment_endpoints()
@@ -281,7 +286,8 @@ class RunPodResolver:
         plane = DataPlane(
             self.transport, self.settings.endpoint_base_url, self.settings.api_key
         )
-        return QueueBackend(plane, endpoint_id)
+        lb_url, lb_headers = lb_target(plane.base_url, endpoint_id)
+        return RunPodBackend(plane, endpoint_id, lb_url=lb_url, lb_headers=lb_headers)
 
     async def aclose(self) -> None:
         """Close the HTTPS connections."""

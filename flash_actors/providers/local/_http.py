@@ -9,6 +9,7 @@ time; the pool keeps one per worker and in-flight request.
 
 from __future__ import annotations
 
+import re
 import struct
 from contextlib import aclosing
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["Connection", "LoopbackTransport", "Response"]
 
 _MAX_HEADER = 64 * 1024
+_HOST = re.compile(r"[A-Za-z0-9._:\[\]-]+")
 _FRAME = struct.Struct(">I")
 
 
@@ -144,11 +146,19 @@ class Connection:
         path: str,
         body: bytes = b"",
         content_type: str = "application/json",
+        host: str | None = None,
     ) -> Response:
-        """Send a request and read the status line and headers of the answer."""
+        """Send a request and read the status line and headers of the answer.
+
+        ``host`` is its ``Host`` header (default ``127.0.0.1:port``): a ``flash local``
+        daemon tells load-balancer endpoints apart by it.
+        """
+        if host is not None and not _HOST.fullmatch(host):
+            msg = f"not a valid Host header: {host!r}"
+            raise ValueError(msg)
         stream, reader = await self._connect()
         head = (
-            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: {host or f'127.0.0.1:{self.port}'}\r\n"
             f"Authorization: {self._auth}\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         ).encode()
@@ -192,8 +202,9 @@ class LoopbackTransport:
 
     It implements `flash_actors.providers.runpod.transport.Transport` for one
     ``http://127.0.0.1:port`` origin (only the URL's path is sent) with the daemon's API key
-    (the ``Authorization`` header given per request is not needed). At most ``limit``
-    requests are in flight at once.
+    (the ``Authorization`` header given per request is not needed; a ``Host`` header is
+    sent, for the daemon's load-balancer endpoints). At most ``limit`` requests are in
+    flight at once.
     """
 
     def __init__(self, port: int, api_key: str, *, limit: int = 256) -> None:
@@ -218,7 +229,10 @@ class LoopbackTransport:
             NotDeliveredError: the daemon refused the connection.
             DeliveryError: it went away in the middle of the request or its answer.
         """
-        del headers, timeout_s
+        del timeout_s
+        host = next(
+            (v for k, v in (headers or {}).items() if k.lower() == "host"), None
+        )
         if not url.startswith(self.origin):
             msg = f"the loopback transport serves {self.origin}, not {url!r}"
             raise ValueError(msg)
@@ -229,14 +243,14 @@ class LoopbackTransport:
             conn = self._idle.pop() if reused else Connection(self.port, self.api_key)
             try:
                 try:
-                    response = await conn.request(method, path, payload)
+                    response = await conn.request(method, path, payload, host=host)
                 except DeliveryError:
                     if not reused:
                         raise
                     # The daemon closes keep-alive connections idle past its timeout (never
                     # one with a request in flight): send again on a new connection.
                     await conn.aclose()
-                    response = await conn.request(method, path, payload)
+                    response = await conn.request(method, path, payload, host=host)
                 data = await response.read()
             except BaseException:
                 await conn.aclose()

@@ -32,6 +32,7 @@ from flash_actors.providers.runpod.provisioning import ensure_endpoint
 from flash_actors.providers.runpod.transport import HttpsTransport
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from types import TracebackType
 
     from anyio.streams.memory import MemoryObjectSendStream
@@ -63,7 +64,10 @@ def lb_target(endpoint_base_url: str, endpoint_id: str) -> tuple[str, dict[str, 
 
 
 class RunPodBackend(QueueBackend):
-    """One RunPod endpoint: queue jobs through the data plane, load-balancer calls over HTTP."""
+    """One RunPod endpoint: queue jobs through the data plane, load-balancer calls over HTTP.
+
+    ``persist`` and ``job_policy`` are `QueueBackend`'s.
+    """
 
     def __init__(
         self,
@@ -72,8 +76,11 @@ class RunPodBackend(QueueBackend):
         *,
         lb_url: str,
         lb_headers: dict[str, str],
+        persist: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
+        | None = None,
+        job_policy: Callable[[dict[str, int]], dict[str, int]] | None = None,
     ) -> None:
-        super().__init__(plane, endpoint_id)
+        super().__init__(plane, endpoint_id, persist=persist, job_policy=job_policy)
         self.lb_url = lb_url
         self._lb_headers = {
             **plane.headers,

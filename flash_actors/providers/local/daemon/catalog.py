@@ -16,6 +16,9 @@ One `Endpoint` per registered resource config, of three kinds:
   handler_<resource>.py`` in that folder (the archive's runtime and dependencies), and run
   only the code built into it. Jobs take Flash's deployed-mode JSON (the job's output is
   the function's value) or signed requests without code (`flash_actors.providers.deployed`).
+  A deployed load balancer (`Endpoint.serves_app`) has no queue and no workers: the daemon
+  runs its HTTP app as one process (`flash_actors.providers.local.daemon.balancers`) and
+  proxies requests for its host to it (`flash_actors.providers.local.daemon.lb_routes`).
 
 The `Catalog` finds endpoints and jobs by name and checks configs: the shape of any
 registration (`Catalog.checked`), and what one sent over HTTP may make the daemon run
@@ -41,6 +44,7 @@ from flash_actors.providers.local.daemon.errors import GatewayError
 if TYPE_CHECKING:
     from anyio.abc import Process
 
+    from flash_actors.providers.local.daemon.balancers import BalancerApp
     from flash_actors.providers.local.daemon.jobs import Job
     from flash_actors.providers.local.pool import LocalBackend
 
@@ -101,7 +105,9 @@ def deployed_config(
 ) -> dict[str, Any]:
     """The registration of ``resource`` served from the unpacked build ``build_dir``.
 
-    ``handler`` is the generated handler's file name in that folder
+    A queue resource's endpoint runs workers of the build; a load balancer's runs its HTTP
+    app (`Endpoint.serves_app`): the same config for both, told apart by the resource's
+    class. ``handler`` is the generated handler's file name in that folder
     (`flash_actors.build.handlers.handler_name`). ``resource_name`` is the resource's name
     in the build when the endpoint has another (a deployed environment's prefixed names):
     the endpoint's key is derived from it, as the app's other resources derive it
@@ -194,7 +200,14 @@ class Endpoint:
         self.retried = 0
         self.workers: dict[str, HandlerWorker] = {}
         self.backend: LocalBackend | None = None
+        self.app: BalancerApp | None = None
+        """A deployed load balancer's app process, once the gateway runs it."""
         self.scope = anyio.CancelScope()
+
+    @property
+    def serves_app(self) -> bool:
+        """A deployed load balancer: the daemon runs its HTTP app and proxies to it."""
+        return self.kind == "deployed" and self.resource.is_load_balancer
 
     def push(self, job: Job, *, front: bool = False) -> None:
         """Queue a job and wake whoever takes jobs."""
@@ -238,7 +251,9 @@ class Endpoint:
         return counts
 
     def start_error(self) -> str | None:
-        """Why the endpoint's workers fail to start (a pool's failed starts), else None."""
+        """Why the endpoint's workers (or app) fail to start, else None."""
+        if self.app is not None:
+            return self.app.error
         pool = self.backend.pool if self.backend is not None else None
         if pool is None or not pool.start_failures:
             return None
@@ -246,6 +261,17 @@ class Endpoint:
 
     def worker_counts(self) -> dict[str, int]:
         """Workers by state, for /health and ``flash local status``."""
+        if self.app is not None:  # its one app process
+            starting = int(self.app.starting)
+            ready = int(self.app.ready)
+            return {
+                "idle": ready,
+                "running": 0,
+                "initializing": starting,
+                "ready": ready,
+                "throttled": 0,
+                "unhealthy": int(not ready and not starting),
+            }
         if self.kind != "handler":
             stats = self.backend.pool.statistics() if self.backend else {}
             workers = int(stats.get("workers", 0))

@@ -74,8 +74,15 @@ class DataPlane:
         """Queue a job (committed before this returns). An existing ``job_id`` is returned as is.
 
         Raises:
-            GatewayError: 400 for a bad policy or input.
+            GatewayError: 400 for a bad policy or input, or a load balancer's app (it takes
+                no jobs).
         """
+        if endpoint.serves_app:
+            msg = (
+                f"endpoint {endpoint.name!r} is a load balancer: it takes no jobs; call its "
+                f"routes with Host: {endpoint.name}.<this daemon's host:port>"
+            )
+            raise GatewayError(400, msg)
         if job_id is not None:
             if not _JOB_ID.fullmatch(job_id):
                 msg = f"job id {job_id!r} must be 1-128 letters, digits, '-' or '_'"

@@ -5,6 +5,7 @@
 - `dataplane`: what clients ask (run, runsync, status, stream, health);
 - `worker_protocol`: what stock ``runpod`` workers of handler endpoints ask;
 - `dispatch`: Flash endpoints' jobs handed to the local provider's worker pools;
+- deployed load balancers' app processes (`balancers`), one per such endpoint;
 - `webhooks` and `janitor`: what happens to a job without anyone asking.
 
 `Gateway` itself owns the lifecycle: reading state back at start-up (`load`), registering
@@ -24,6 +25,7 @@ import anyio
 
 from flash_actors._logging import get_logger
 from flash_actors.errors import ConfigurationError
+from flash_actors.providers.local.daemon.balancers import BalancerApp
 from flash_actors.providers.local.daemon.catalog import Catalog, Endpoint
 from flash_actors.providers.local.daemon.dataplane import DataPlane
 from flash_actors.providers.local.daemon.dispatch import FlashDispatch
@@ -157,7 +159,15 @@ class Gateway:
 
     def _start_endpoint(self, endpoint: Endpoint) -> None:
         assert self._tg is not None  # noqa: S101 (run() set it)
-        if endpoint.kind != "handler":  # flash and deployed: the local worker pools
+        if endpoint.serves_app:  # a deployed load balancer: its app process
+            endpoint.app = BalancerApp(
+                endpoint,
+                log_dir=self.state_dir / "logs" / endpoint.name,
+                daemon_url=self.base_url,
+                api_key=self.api_key,
+            )
+            self._tg.start_soon(endpoint.app.run)
+        elif endpoint.kind != "handler":  # flash and deployed: the local worker pools
             self._tg.start_soon(self.dispatch.run, endpoint)
         else:
             self._tg.start_soon(run_handler_pool, self, endpoint)
@@ -174,6 +184,8 @@ class Gateway:
                     endpoint, job, reason="its endpoint was stopped", count=False
                 )
         endpoint.scope.cancel()
+        if endpoint.app is not None:
+            await endpoint.app.stop()
         if endpoint.backend is not None:
             await endpoint.backend.aclose()
             endpoint.backend = None
@@ -244,6 +256,18 @@ class Gateway:
                     "jobs": endpoint.counts(),
                     "workers": endpoint.worker_counts(),
                     "start_error": endpoint.start_error(),
+                    # a deployed load balancer's app process: where it answers, its log
+                    **(
+                        {
+                            "app": {
+                                "pid": endpoint.app.pid,
+                                "port": endpoint.app.port or None,
+                                "log": str(endpoint.app.log_path),
+                            }
+                        }
+                        if endpoint.app is not None
+                        else {}
+                    ),
                 }
                 for endpoint in self.endpoints.values()
             ],

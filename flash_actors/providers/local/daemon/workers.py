@@ -44,10 +44,12 @@ from flash_actors.providers.local.volumes import apply_volume
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from anyio.abc import Process
+
     from flash_actors.providers.local.daemon.catalog import Endpoint
     from flash_actors.providers.local.daemon.gateway import Gateway
 
-__all__ = ["run_handler_pool", "stop_workers", "worker_env"]
+__all__ = ["run_handler_pool", "stop_launched", "stop_workers", "worker_env"]
 
 log = get_logger(__name__)
 
@@ -157,10 +159,17 @@ async def _start(gateway: Gateway, endpoint: Endpoint, starts: _Starts) -> None:
 
 
 async def _terminate(worker: HandlerWorker) -> None:
-    """SIGTERM the launcher (it stops its group); SIGKILL the group if that takes too long."""
-    process = worker.process
-    if process is None:
-        return
+    """Stop a worker we started (`stop_launched`)."""
+    if worker.process is not None:
+        await stop_launched(worker.process)
+
+
+async def stop_launched(process: Process) -> None:
+    """Stop a process started under the launcher, and its whole group; always reaped.
+
+    SIGTERM to the launcher (it stops its group, see `launch`), SIGKILL to the group if that
+    takes longer than the launcher's grace. Shielded: it finishes even when cancelled.
+    """
     with anyio.CancelScope(shield=True):
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
