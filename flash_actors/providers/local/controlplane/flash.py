@@ -294,6 +294,7 @@ class ControlPlane(base.ControlPlane):
             resource not in declared
             and known is not None
             and known.flashEnvironmentId == record.flashEnvironmentId
+            and resource == self._resource_of(known)
         ):  # a resource the active build dropped, scaled down before it is deleted
             return msgspec.structs.replace(record, flashBuildId=known.flashBuildId)
         if resource not in declared:
