@@ -64,7 +64,9 @@ def test_signature_of_a_plain_call_matches_the_general_path() -> None:
     assert decode_request(fast, KEY).kwargs == {"k": 3.0}
 
 
-@pytest.mark.parametrize("size", [10, 3 * 1024 * 1024])  # the large one: base64 in parallel
+@pytest.mark.parametrize(
+    "size", [10, 3 * 1024 * 1024]
+)  # the large one: base64 in parallel
 def test_result_signature_is_keyed_blake3_over_the_framed_pickle(size: int) -> None:
     text, signature = encode_result((bytes(range(256)) * (size // 256 + 1))[:size], KEY)
     raw = pybase64.b64decode(text)
