@@ -1,4 +1,4 @@
-"""The worker reads a request body once into a buffer of its announced length."""
+"""Large bodies on the loopback hot path: sent in slices, read once into one buffer."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import io
 from typing import TYPE_CHECKING
 
 import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 
+from flash_actors.providers.local._http import Connection
 from flash_actors.worker.server import read_body
 
 if TYPE_CHECKING:
@@ -86,4 +88,28 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read() -> None:
             async with client.post(url, data=io.BytesIO(bytes(2 * 1024 * 1024))) as r:
                 assert r.status == 413
     finally:
+        await runner.cleanup()
+
+
+@ASYNCIO
+@pytest.mark.parametrize("size", [1000, 65536, 3 * 1024 * 1024 + 7])
+async def test_the_loopback_client_sends_large_bodies_whole_and_in_order(
+    size: int,
+) -> None:
+    runner, _ = await _serve(8 * 1024 * 1024)
+    port = runner.addresses[0][1]
+    data = b"".join(
+        hashlib.sha256(i.to_bytes(4, "big")).digest() for i in range(size // 32 + 1)
+    )[:size]
+    conn = Connection(port, "token")
+    try:
+        for _ in range(2):  # and again on the same keep-alive connection
+            response = await conn.request("POST", "/", data)
+            assert response.status == 200
+            assert msgspec.json.decode(await response.read()) == {
+                "size": size,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+    finally:
+        await conn.aclose()
         await runner.cleanup()
