@@ -336,7 +336,7 @@ class RequestSigner:
     pickles, hashes and encodes its arguments.
 
     Args:
-        key: the endpoint's HMAC key (`endpoint_key`); ``None`` builds unsigned requests, for
+        key: the endpoint's MAC key (`endpoint_key`); ``None`` builds unsigned requests, for
             providers whose workers do not check signatures (stock Flash workers on RunPod).
         template: the request's static fields; its ``args``/``kwargs`` are ignored.
     """

@@ -184,7 +184,7 @@ class WorkerApp:
     """The state of one worker process.
 
     Args:
-        key: the endpoint's HMAC key.
+        key: the endpoint's MAC key.
         token: the bearer token callers must present.
         routes: user routes (load-balancer workers).
     """
