@@ -59,7 +59,7 @@ from flash_actors.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from flash_actors.messages import FunctionRequest
 
@@ -495,8 +495,11 @@ class DecodedRequest:
         self.constructor_kwargs = constructor_kwargs
 
 
-def _decode_seq(mac: Any, tag: bytes, texts: Iterable[str], label: str) -> list[bytes]:
-    raws = [_b64decode(t, f"{label} {i}") for i, t in enumerate(texts)]
+def _decode_seq(mac: Any, tag: bytes, texts: Sequence[str], label: str) -> list[bytes]:
+    try:
+        raws = [pybase64.b64decode(t, validate=True) for t in texts]
+    except (ValueError, TypeError):  # again, one by one, to name the culprit
+        raws = [_b64decode(t, f"{label} {i}") for i, t in enumerate(texts)]
     mac.update(tag + _LEN.pack(len(raws)))
     for raw in raws:
         _absorb(mac, raw)
@@ -508,6 +511,8 @@ def _decode_map(
 ) -> dict[str, bytes]:
     raws: dict[str, bytes] = {}
     mac.update(tag + _LEN.pack(len(texts)))
+    if not texts:
+        return raws
     for name in sorted(texts):
         raw = _b64decode(texts[name], f"{label} {name!r}")
         _frame(mac, b"=", name)
@@ -563,8 +568,12 @@ def _payload_mac(req: FunctionRequest, key: bytes) -> tuple[Any, _Raws | None]:
         return mac, None
     args = _decode_seq(mac, b"a", req.args, "argument")
     kwargs = _decode_map(mac, b"k", req.kwargs, "argument")
-    cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
-    ckwargs = _decode_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+    if req.constructor_args or req.constructor_kwargs:
+        cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
+        ckwargs = _decode_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+    else:  # the same bytes as the two calls above absorb for none
+        mac.update(_NO_CONSTRUCTOR)
+        cargs, ckwargs = [], {}
     return mac, (args, kwargs, cargs, ckwargs)
 
 
