@@ -333,3 +333,18 @@ def test_a_forked_child_encodes_large_payloads_after_its_parent_did() -> None:
             child.kill()
             child.join()
     assert child.exitcode == 0
+
+
+def test_invalid_base64_names_which_argument() -> None:
+    req = sign(1, 2, k=3)
+    second = msgspec.structs.replace(req, args=[req.args[0], "!!"])
+    with pytest.raises(SerializationError, match=r"^argument 1 is not valid base64"):
+        decode_request(second, KEY)
+    keyword = msgspec.structs.replace(req, kwargs={"k": 7})
+    with pytest.raises(SerializationError, match=r"^argument 'k' is of type int"):
+        decode_request(keyword, KEY)
+    constructor = msgspec.structs.replace(req, constructor_args=["??"])
+    with pytest.raises(
+        SerializationError, match=r"^constructor argument 0 is not valid base64"
+    ):
+        decode_request(constructor, KEY)
