@@ -687,7 +687,12 @@ def _signature_version(signature: str) -> int | None:
         return None
     head, tagged, _ = signature.partition(":")
     if tagged:
-        return int(head[1:]) if head[:1] == "v" and head[1:].isdigit() else None
+        number = head[1:]
+        return (
+            int(number)
+            if head[:1] == "v" and number.isdigit() and len(number) < 6
+            else None
+        )
     if len(signature) == 64:  # an HMAC-SHA256 in hex
         try:
             bytes.fromhex(signature)

@@ -264,6 +264,7 @@ def test_a_result_signed_by_the_old_scheme_is_refused_naming_the_version(
         ),
         ("v2:" + "é" * 64, r"its signature is not one of ours"),
         ("sha256=" + "ab" * 32, r"its signature is not one of ours"),
+        ("v" + "9" * 5000 + ":" + "ab" * 32, r"its signature is not one of ours"),
     ],
 )
 def test_other_versions_and_malformed_signatures_are_refused_clearly(
