@@ -5,7 +5,7 @@ FlashRuntimeError                   base of everything this package raises
 ├── RemoteExecutionError            the remote function raised; typed as the remote error too
 ├── SerializationError              cloudpickle/base64 failed, or a payload cannot travel
 │   ├── PayloadTooLargeError        the encoded payload is over the message's limit
-│   ├── PayloadSignatureError       a payload is unsigned or its HMAC does not match
+│   ├── PayloadSignatureError       a payload is unsigned or its MAC does not match
 │   └── ResultTypeUnavailableError  the call succeeded remotely; its result's type cannot load here
 ├── GraphQLError                    the RunPod control plane answered with errors
 │   ├── GraphQLMutationError
@@ -84,9 +84,11 @@ class PayloadTooLargeError(SerializationError):
 
 
 class PayloadSignatureError(SerializationError):
-    """A payload arrived unsigned, or its HMAC-SHA256 does not match the endpoint's key.
+    """A payload arrived unsigned, altered, or signed with another signature scheme.
 
-    Raised before anything is unpickled.
+    Altered: its MAC does not match the endpoint's key. Another scheme: signed by a
+    flash-actors that signs differently (the message names both versions). Raised before
+    anything is unpickled.
     """
 
 

@@ -38,10 +38,11 @@ class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=T
     ``args``/``kwargs``/``constructor_*`` are base64 cloudpickle strings, or plain JSON values
     when ``serialization_format`` is ``"json"`` (typed ``Any``, so both formats decode here;
     `flash_actors.serialization` checks that cloudpickle payloads are strings). ``signature``
-    is the HMAC-SHA256 (hex) over every other field (code, modules, ``dependencies``,
-    ``system_dependencies``, options) and the payloads, computed by
-    `flash_actors.serialization.RequestSigner`; workers refuse a request without a valid one,
-    and nothing is installed for a request before its signature is checked.
+    is the keyed BLAKE3 MAC (``"v2:"`` and 64 hex digits: the scheme's version, then the MAC)
+    over every other field (code, modules, ``dependencies``, ``system_dependencies``,
+    options) and the payloads, computed by `flash_actors.serialization.RequestSigner`;
+    workers refuse a request without a valid one, and nothing is installed for a request
+    before its signature is checked.
     """
 
     function_name: str | None = None

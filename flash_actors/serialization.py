@@ -1,13 +1,20 @@
-"""The only module that pickles: base64 cloudpickle payloads, signed with HMAC-SHA256.
+"""The only module that pickles: base64 cloudpickle payloads, signed with keyed BLAKE3.
 
 Arguments travel as Flash sends them (PROTOCOL.md section 3): each one a base64 string of its
 cloudpickle. cloudpickle runs code when it loads, and a request's ``function_code`` is executed
-by the worker, so every request carries ``signature``: an HMAC-SHA256 under the endpoint's key
-over every field that decides what runs (the code, the modules, the ``dependencies`` and
-``system_dependencies`` to install, the options) and the raw pickles. `decode_request` checks it
-before unpickling anything and raises `PayloadSignatureError` for a request that is unsigned or
-was changed on the way; `verify_request` checks it alone (before installing a request's
-dependencies). Results are signed the same way by the worker and checked by the caller.
+by the worker, so every request carries ``signature``: a keyed BLAKE3 MAC under the endpoint's
+key over every field that decides what runs (the code, the modules, the ``dependencies`` and
+``system_dependencies`` to install, the options) and the raw pickles (not their base64 text).
+`decode_request` checks it before unpickling anything and raises `PayloadSignatureError` for a
+request that is unsigned or was changed on the way; `verify_request` checks it alone (before
+installing a request's dependencies). Results are signed the same way by the worker and
+checked by the caller.
+
+One signature scheme is spoken, named by a version in every signature: ``"v2:"`` and 64 hex
+digits (keyed BLAKE3, 256-bit keys), the version also being the first thing the MAC absorbs.
+A signature of another scheme is refused with a message naming both versions (the 64 bare hex
+digits of HMAC-SHA256, version 1, come from a flash-actors older than this scheme), never
+mistaken for a forgery or accepted.
 
 Flash's other format, ``serialization_format: "json"``, carries plain JSON values instead of
 pickles and answers with ``json_result``: nothing on that path is pickled or unpickled. The
@@ -15,17 +22,18 @@ signature covers those values too (each one as its canonical JSON: keys sorted),
 request is signed the same way whatever its format. `sign_request` signs a request that
 arrives unsigned from a holder of the API key (the local daemon does it for its workers).
 
-Keys: each endpoint has its own, derived from a master secret with `endpoint_key`. The master
-secret comes from ``FLASH_SECRET`` (hex) when set, otherwise it is random per process; the
-local provider hands each worker its endpoint's key, never the master secret.
+Keys: each endpoint has its own, derived from a master secret with `endpoint_key` (BLAKE3's
+key derivation mode). The master secret comes from ``FLASH_SECRET`` (hex) when set,
+otherwise it is random per process; the local provider hands each worker its endpoint's key,
+never the master secret.
 
 Copies are kept to a minimum: an argument is pickled once, hashed in place and base64-encoded
-once (pybase64, GB/s), and decoding validates the base64 in the same pass that decodes it.
+once (pybase64, GB/s; a large one is encoded on a helper thread while this one hashes it, both
+with the GIL released), and decoding validates the base64 in the same pass that decodes it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import math
@@ -40,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 import cloudpickle
 import msgspec
 import pybase64
+from blake3 import blake3
 
 from flash_actors._memory import tune_allocator
 from flash_actors.errors import (
@@ -50,11 +59,12 @@ from flash_actors.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from flash_actors.messages import FunctionRequest
 
 __all__ = [
+    "SIGNATURE_VERSION",
     "DecodedRequest",
     "RequestSigner",
     "decode_request",
@@ -78,6 +88,15 @@ tune_allocator()
 
 _LEN = struct.Struct(">Q")
 _PROTOCOL = 5
+
+SIGNATURE_VERSION = 2
+"""The signature scheme this module speaks: keyed BLAKE3 (see the module docstring)."""
+_SCHEMES = {1: "HMAC-SHA256", 2: "keyed BLAKE3"}
+_TAG = f"v{SIGNATURE_VERSION}:"
+_SIGNATURE_LEN = len(_TAG) + 64
+_KEY_SIZE = 32
+_KDF_CONTEXT = "flash-actors 2026-12-02 endpoint MAC key (signature scheme v2)"
+"""BLAKE3 ``derive_key`` context: a fixed, application-unique string, as BLAKE3 asks."""
 
 _master_secret: bytes | None = None
 _endpoint_keys: dict[str, bytes] = {}
@@ -123,10 +142,12 @@ def endpoint_key(endpoint: str) -> bytes:
 
 
 def derive_key(secret: bytes, endpoint: str) -> bytes:
-    """The MAC key of endpoint ``endpoint`` under master secret ``secret``."""
-    return hmac.digest(
-        secret, b"flash-actors/endpoint\x00" + endpoint.encode(), "sha256"
-    )
+    """The 32-byte MAC key of endpoint ``endpoint`` under master secret ``secret``.
+
+    BLAKE3 in key derivation mode over the secret (length-prefixed) and the endpoint's name.
+    """
+    material = _LEN.pack(len(secret)) + secret + endpoint.encode()
+    return blake3(material, derive_key_context=_KDF_CONTEXT).digest()
 
 
 def secret_key(secret: str, endpoint: str, *, named: str = "FLASH_SECRET") -> bytes:
@@ -236,19 +257,6 @@ def _frame(mac: Any, tag: bytes, data: bytes | str | None) -> None:
     mac.update(raw)
 
 
-_TREE_CHUNK = 1 << 20
-"""Payloads of two chunks or more are hashed chunk by chunk (SHA-256 of each 1 MiB), in
-parallel threads (hashlib releases the GIL), and the MAC covers the chunk digests: the same
-HMAC-SHA256 guarantee, with the dominant cost spread over the cores. The chunking is fixed,
-so signer and verifier agree whatever their core counts."""
-
-_hash_pool: ThreadPoolExecutor | None = None
-
-
-def _chunk_digest(chunk: memoryview) -> bytes:
-    return hashlib.sha256(chunk).digest()
-
-
 class _NoMac:
     """The MAC of an unsigned request (a provider whose endpoints do not check signatures)."""
 
@@ -260,34 +268,65 @@ class _NoMac:
     def copy(self) -> _NoMac:
         return self
 
-    def hexdigest(self) -> None:
-        """No signature."""
-
 
 _NO_MAC = _NoMac()
 
 
-def _absorb(mac: Any, raw: bytes) -> None:
-    """Feed one length-prefixed payload to the MAC (as chunk digests when it is large)."""
-    global _hash_pool
-    if mac is _NO_MAC:
-        return
-    size = len(raw)
-    if size < 2 * _TREE_CHUNK:
-        mac.update(_LEN.pack(size) + raw if size < 4096 else _LEN.pack(size))
-        if size >= 4096:
-            mac.update(raw)
-        return
-    mac.update(_LEN.pack(size))
-    if _hash_pool is None:
-        _hash_pool = ThreadPoolExecutor(
-            max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="flash-hash"
+def _new_mac(key: bytes, domain: bytes) -> Any:
+    """A keyed BLAKE3 hasher that has absorbed the scheme's version and ``domain``.
+
+    Raises:
+        SerializationError: ``key`` is not 32 bytes.
+    """
+    if len(key) != _KEY_SIZE:
+        msg = (
+            f"a signing key is {_KEY_SIZE} bytes (endpoint_key and derive_key make one), "
+            f"not {len(key)}"
         )
-    view = memoryview(raw)
-    chunks = [view[i : i + _TREE_CHUNK] for i in range(0, size, _TREE_CHUNK)]
-    mac.update(b"T")
-    for digest in _hash_pool.map(_chunk_digest, chunks):
-        mac.update(digest)
+        raise SerializationError(msg)
+    return blake3(_TAG.encode() + domain + b"\x00", key=key)
+
+
+def _signature(mac: Any) -> str | None:
+    """The signature text of a finished MAC: the scheme's tag and 64 hex digits."""
+    return None if mac is _NO_MAC else _TAG + mac.hexdigest()
+
+
+def _absorb(mac: Any, raw: bytes) -> None:
+    """Feed one length-prefixed payload to the MAC."""
+    size = len(raw)
+    if size < 4096:
+        mac.update(_LEN.pack(size) + raw)
+    else:
+        mac.update(_LEN.pack(size))
+        mac.update(raw)
+
+
+_PARALLEL_MIN = 1 << 20
+"""From this size up, a payload is base64-encoded on a helper thread while this thread hashes
+it: both release the GIL, so with a free core the encode costs the longer of the two."""
+
+_helper: ThreadPoolExecutor | None = None
+_helper_pid = 0
+
+
+def _helper_pool() -> ThreadPoolExecutor:
+    """This process's helper thread (a forked child starts its own: threads do not fork)."""
+    global _helper, _helper_pid
+    if _helper is None or _helper_pid != os.getpid():
+        _helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flash-b64")
+        _helper_pid = os.getpid()
+    return _helper
+
+
+def _absorb_encode(mac: Any, raw: bytes) -> str:
+    """Feed one payload to the MAC (`_absorb`) and return its base64 text."""
+    if mac is _NO_MAC or len(raw) < _PARALLEL_MIN:
+        _absorb(mac, raw)
+        return _b64encode(raw)
+    text = _helper_pool().submit(_b64encode, raw)
+    _absorb(mac, raw)
+    return text.result()
 
 
 class RequestSigner:
@@ -297,7 +336,7 @@ class RequestSigner:
     pickles, hashes and encodes its arguments.
 
     Args:
-        key: the endpoint's HMAC key (`endpoint_key`); ``None`` builds unsigned requests, for
+        key: the endpoint's MAC key (`endpoint_key`); ``None`` builds unsigned requests, for
             providers whose workers do not check signatures (stock Flash workers on RunPod).
         template: the request's static fields; its ``args``/``kwargs`` are ignored.
     """
@@ -313,7 +352,7 @@ class RequestSigner:
             )
             raise SerializationError(msg)
         self.template = template
-        mac: Any = _NO_MAC if key is None else hmac.new(key, digestmod=hashlib.sha256)
+        mac: Any = _NO_MAC if key is None else _new_mac(key, b"request")
         _static_fields(mac, template)
         self._prefix = mac
         # The common call (default method, no instance, new instance) hashed once too.
@@ -362,7 +401,7 @@ class RequestSigner:
             "constructor_kwargs": enc_ckwargs,
             "instance_id": instance_id,
             "create_new_instance": create_new_instance,
-            "signature": mac.hexdigest(),
+            "signature": _signature(mac),
         }
         if method_name is not None:
             fields["method_name"] = method_name
@@ -422,8 +461,7 @@ def _encode_seq(
     mac.update(tag + _LEN.pack(len(values)))
     for i, value in enumerate(values):
         raw = dumps(value, what=_arg_name(names, i))
-        _absorb(mac, raw)
-        out.append(_b64encode(raw))
+        out.append(_absorb_encode(mac, raw))
     return out
 
 
@@ -435,8 +473,7 @@ def _encode_map(mac: Any, tag: bytes, values: Mapping[str, Any]) -> dict[str, st
     for name in sorted(values):
         raw = dumps(values[name], what=f"argument {name!r}")
         _frame(mac, b"=", name)
-        _absorb(mac, raw)
-        out[name] = _b64encode(raw)
+        out[name] = _absorb_encode(mac, raw)
     return out
 
 
@@ -458,8 +495,11 @@ class DecodedRequest:
         self.constructor_kwargs = constructor_kwargs
 
 
-def _decode_seq(mac: Any, tag: bytes, texts: Iterable[str], label: str) -> list[bytes]:
-    raws = [_b64decode(t, f"{label} {i}") for i, t in enumerate(texts)]
+def _decode_seq(mac: Any, tag: bytes, texts: Sequence[str], label: str) -> list[bytes]:
+    try:
+        raws = [pybase64.b64decode(t, validate=True) for t in texts]
+    except (ValueError, TypeError):  # again, one by one, to name the culprit
+        raws = [_b64decode(t, f"{label} {i}") for i, t in enumerate(texts)]
     mac.update(tag + _LEN.pack(len(raws)))
     for raw in raws:
         _absorb(mac, raw)
@@ -471,6 +511,8 @@ def _decode_map(
 ) -> dict[str, bytes]:
     raws: dict[str, bytes] = {}
     mac.update(tag + _LEN.pack(len(texts)))
+    if not texts:
+        return raws
     for name in sorted(texts):
         raw = _b64decode(texts[name], f"{label} {name!r}")
         _frame(mac, b"=", name)
@@ -526,8 +568,12 @@ def _payload_mac(req: FunctionRequest, key: bytes) -> tuple[Any, _Raws | None]:
         return mac, None
     args = _decode_seq(mac, b"a", req.args, "argument")
     kwargs = _decode_map(mac, b"k", req.kwargs, "argument")
-    cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
-    ckwargs = _decode_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+    if req.constructor_args or req.constructor_kwargs:
+        cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
+        ckwargs = _decode_map(mac, b"d", req.constructor_kwargs, "constructor argument")
+    else:  # the same bytes as the two calls above absorb for none
+        mac.update(_NO_CONSTRUCTOR)
+        cargs, ckwargs = [], {}
     return mac, (args, kwargs, cargs, ckwargs)
 
 
@@ -543,7 +589,7 @@ def sign_request(req: FunctionRequest, key: bytes) -> FunctionRequest:
             message names the argument.
     """
     mac, _ = _payload_mac(req, key)
-    return msgspec.structs.replace(req, signature=mac.hexdigest())
+    return msgspec.structs.replace(req, signature=_signature(mac))
 
 
 def verify_request(req: FunctionRequest, key: bytes) -> None:
@@ -571,18 +617,20 @@ def decode_request(
             nothing has been unpickled.
         SerializationError: a payload is not valid base64 or cannot be unpickled.
     """
+    name = req.function_name or req.class_name
     if not req.signature:
         msg = (
-            f"refusing unsigned request for {req.function_name or req.class_name!r}: "
-            "payloads must carry an HMAC-SHA256 signature under the endpoint's key"
+            f"refusing unsigned request for {name!r}: payloads must carry a "
+            f"signature (scheme v{SIGNATURE_VERSION}, {_SCHEMES[SIGNATURE_VERSION]}) "
+            "under the endpoint's key"
         )
         raise PayloadSignatureError(msg)
+    _check_scheme(req.signature, f"request for {name!r}")
     mac, raws = _payload_mac(req, key)
-    if not hmac.compare_digest(mac.hexdigest(), req.signature):
+    if not hmac.compare_digest(_signature(mac) or "", req.signature):
         msg = (
-            f"refusing request for {req.function_name or req.class_name!r}: its signature "
-            "does not match (the payload was changed, or it was signed with another "
-            "endpoint's key)"
+            f"refusing request for {name!r}: its signature does not match (the payload "
+            "was changed, or it was signed with another endpoint's key)"
         )
         raise PayloadSignatureError(msg)
     if not unpickle:
@@ -621,7 +669,7 @@ def _static_prefix(key: bytes, req: FunctionRequest) -> Any:
     )
     mac = _prefixes.get(cache_key)
     if mac is None:
-        mac = hmac.new(key, digestmod=hashlib.sha256)
+        mac = _new_mac(key, b"request")
         _static_fields(mac, req)
         if len(_prefixes) >= _PREFIXES_MAX:
             _prefixes.clear()
@@ -629,24 +677,91 @@ def _static_prefix(key: bytes, req: FunctionRequest) -> Any:
     return mac
 
 
+def _signature_version(signature: str) -> int | None:
+    """The scheme version a signature names; ``None`` when it is no signature of ours.
+
+    ``"v<N>:..."`` names version N; 64 bare hex digits are version 1 (HMAC-SHA256, which
+    carried no tag).
+    """
+    if not signature.isascii():
+        return None
+    head, tagged, _ = signature.partition(":")
+    if tagged:
+        number = head[1:]
+        return (
+            int(number)
+            if head[:1] == "v" and number.isdigit() and len(number) < 6
+            else None
+        )
+    if len(signature) == 64:  # an HMAC-SHA256 in hex
+        try:
+            bytes.fromhex(signature)
+        except ValueError:
+            return None
+        return 1
+    return None
+
+
+def _check_scheme(signature: str, what: str) -> None:
+    """Refuse a signature of another scheme than ours, naming both.
+
+    Raises:
+        PayloadSignatureError: ``signature`` is of another scheme, or of none we know.
+    """
+    if (
+        len(signature) == _SIGNATURE_LEN
+        and signature.startswith(_TAG)
+        and signature.isascii()
+    ):
+        return  # ours (its hex digits are checked by the comparison that follows)
+    version = _signature_version(signature)
+    ours = f"v{SIGNATURE_VERSION} ({_SCHEMES[SIGNATURE_VERSION]})"
+    if version is None or version == SIGNATURE_VERSION:
+        msg = (
+            f"refusing {what}: its signature is not one of ours (expected signature "
+            f"scheme {ours}: {_TAG!r} and 64 hex digits)"
+        )
+    elif version < SIGNATURE_VERSION:
+        msg = (
+            f"refusing {what}: it is signed with signature scheme v{version} "
+            f"({_SCHEMES.get(version, 'retired')}) by an older flash-actors, and this one "
+            f"speaks only {ours}; run the same flash-actors version on the caller and the "
+            "workers"
+        )
+    else:
+        msg = (
+            f"refusing {what}: it is signed with signature scheme v{version}, newer than "
+            f"this flash-actors knows (it speaks {ours}); run the same flash-actors "
+            "version on the caller and the workers"
+        )
+    raise PayloadSignatureError(msg)
+
+
 _result_prefixes: dict[bytes, Any] = {}
 
 
-def _result_mac(key: bytes, raw: bytes) -> str:
+def _result_mac(key: bytes) -> Any:
+    """A fresh result MAC under ``key`` (its start computed once per key)."""
     prefix = _result_prefixes.get(key)
     if prefix is None:
         if len(_result_prefixes) >= _PREFIXES_MAX:
             _result_prefixes.clear()
-        prefix = _result_prefixes[key] = hmac.new(key, b"R", digestmod=hashlib.sha256)
-    mac = prefix.copy()
-    _absorb(mac, raw)
-    return mac.hexdigest()
+        prefix = _result_prefixes[key] = _new_mac(key, b"result")
+    return prefix.copy()
 
 
 def encode_result(value: Any, key: bytes) -> tuple[str, str]:
     """Pickle and sign a function's return value: ``(base64 text, signature)``."""
     raw = dumps(value, what="the return value")
-    return _b64encode(raw), _result_mac(key, raw)
+    mac = _result_mac(key)
+    text = _absorb_encode(mac, raw)
+    return text, _TAG + str(mac.hexdigest())
+
+
+def _result_signature(key: bytes, raw: bytes) -> str:
+    mac = _result_mac(key)
+    _absorb(mac, raw)
+    return _TAG + str(mac.hexdigest())
 
 
 def decode_result(
@@ -664,9 +779,11 @@ def decode_result(
             (the call itself succeeded).
         SerializationError: the result cannot be unpickled for another reason.
     """
+    if key is not None and signature:
+        _check_scheme(signature, "a result")
     raw = _b64decode(text, "the result")
     if key is not None and (
-        not signature or not hmac.compare_digest(_result_mac(key, raw), signature)
+        not signature or not hmac.compare_digest(_result_signature(key, raw), signature)
     ):
         msg = (
             "refusing a result whose signature is missing or does not match "

@@ -191,7 +191,7 @@ async def test_worker_refuses_missing_token_and_unsigned_payloads(
         await read_env([])
         worker = next(iter(provider.pools["local-env"].workers.values()))
         template = read_env.function_request_template
-        forged = msgspec.structs.replace(template, args=[], signature="00" * 32)
+        forged = msgspec.structs.replace(template, args=[], signature="v2:" + "00" * 32)
         body = msgspec.json.encode({"jobs": [{"id": "j1", "request": forged}]})
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{worker.port}"

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import collections
-import hashlib
-import hmac
 
 import cloudpickle
 import pybase64
 import pytest
+from blake3 import blake3
 
 from flash_actors.errors import SerializationError
 from flash_actors.messages import FunctionRequest
@@ -65,9 +64,12 @@ def test_signature_of_a_plain_call_matches_the_general_path() -> None:
     assert decode_request(fast, KEY).kwargs == {"k": 3.0}
 
 
-def test_result_signature_is_hmac_sha256_over_the_framed_pickle() -> None:
-    text, signature = encode_result({"x": 1}, KEY)
+@pytest.mark.parametrize(
+    "size", [10, 3 * 1024 * 1024]
+)  # the large one: base64 in parallel
+def test_result_signature_is_keyed_blake3_over_the_framed_pickle(size: int) -> None:
+    text, signature = encode_result((bytes(range(256)) * (size // 256 + 1))[:size], KEY)
     raw = pybase64.b64decode(text)
-    mac = hmac.new(KEY, b"R" + len(raw).to_bytes(8, "big") + raw, hashlib.sha256)
-    assert signature == mac.hexdigest()
-    assert decode_result(text, signature, KEY) == {"x": 1}
+    mac = blake3(b"v2:result\x00" + len(raw).to_bytes(8, "big") + raw, key=KEY)
+    assert signature == "v2:" + mac.hexdigest()
+    assert len(decode_result(text, signature, KEY)) == size

@@ -7,8 +7,6 @@ dependency is a local folder whose build backend writes a marker file when pip l
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from flash_actors.providers.local import LocalProvider
 from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.serialization import (
     RequestSigner,
+    derive_key,
     endpoint_key,
     master_secret,
     set_master_secret,
@@ -223,11 +222,7 @@ def test_the_daemon_installs_nothing_unsigned_and_refusals_are_final(
     d = Daemon(tmp_path / ".flash")
     try:
         assert d.record is not None
-        key = hmac.digest(
-            bytes.fromhex(d.record.secret),
-            b"flash-actors/endpoint\x00" + name.encode(),
-            hashlib.sha256,
-        )
+        key = derive_key(bytes.fromhex(d.record.secret), name)
         with d.client() as client:
             config = wire_encoder.encode(config_of(CpuLiveServerless(name=name)))
             answer = client.put(f"/flash/v1/endpoints/{name}", content=config)
@@ -267,7 +262,7 @@ def test_the_daemon_installs_nothing_unsigned_and_refusals_are_final(
             assert not (tmp_path / "envs").exists()  # no environment was even made
             # 4. item 12: a job its worker refuses fails once, with the refusal
             # (signed wrongly, with no dependencies: it reaches a worker)
-            body = run(template(signature="0" * 64))
+            body = run(template(signature="v2:" + "0" * 64))
             assert body["status"] == "FAILED"
             assert body["error"].startswith("worker sign-e2e-")
             assert (
@@ -303,9 +298,7 @@ async def test_a_refused_call_is_not_retried(
         try:
             # The workers keep the old endpoint key; the caller now signs with a new one.
             set_master_secret(bytes(32))
-            assert endpoint_key("sign-rotated") != hmac.digest(
-                old, b"flash-actors/endpoint\x00sign-rotated", "sha256"
-            )
+            assert endpoint_key("sign-rotated") != derive_key(old, "sign-rotated")
             job = await rotated()
         finally:
             set_master_secret(old)

@@ -14,8 +14,6 @@ executor tests run the worker's executor in this process.
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import os
 import subprocess
@@ -33,6 +31,7 @@ from flash_actors.messages import FunctionRequest, FunctionResponse, wire_encode
 from flash_actors.providers.local.daemon.catalog import config_of
 from flash_actors.serialization import (
     RequestSigner,
+    derive_key,
     encode_value,
     sign_request,
     verify_request,
@@ -94,9 +93,7 @@ def key_of(daemon: Daemon) -> bytes:
     """The endpoint's key, derived from the daemon's secret as the daemon does."""
     assert daemon.record is not None
     secret = bytes.fromhex(daemon.record.secret)
-    return hmac.digest(
-        secret, b"flash-actors/endpoint\x00" + NAME.encode(), hashlib.sha256
-    )
+    return derive_key(secret, NAME)
 
 
 def tampered(daemon: Daemon) -> dict[str, Any]:

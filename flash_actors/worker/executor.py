@@ -166,7 +166,7 @@ class Executor:
     """Executes requests for one endpoint.
 
     Args:
-        key: the endpoint's HMAC key; requests must be signed with it.
+        key: the endpoint's MAC key; requests must be signed with it.
         deployed: functions and classes of deployed code, by name, for requests that carry
             no source (``function_code`` absent).
     """

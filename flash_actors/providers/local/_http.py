@@ -29,6 +29,7 @@ __all__ = ["Connection", "LoopbackTransport", "Response"]
 _MAX_HEADER = 64 * 1024
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]+")
 _FRAME = struct.Struct(">I")
+_SEND_SLICE = 1 << 20
 
 
 class _Reader:
@@ -165,7 +166,13 @@ class Connection:
         try:
             await stream.send(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
-                await stream.send(body)
+                # In slices: a transport that cannot send all at once copies the rest into
+                # its buffer (asyncio's, twice on 3.11); a slice's rest is small. anyio's
+                # streams take any buffer; only their annotation says bytes.
+                with memoryview(body) as view:
+                    for start in range(0, len(body), _SEND_SLICE):
+                        piece = view[start : start + _SEND_SLICE]
+                        await stream.send(piece)  # type: ignore[arg-type]
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             await self.aclose()
             msg = f"the worker on 127.0.0.1:{self.port} closed the connection: {exc}"
