@@ -94,7 +94,7 @@ def test_up_status_down_leave_nothing_running(tmp_path: Path) -> None:
         assert read_record(d.state_dir) is None
         after = flash("local", "--state-dir", str(d.state_dir), "status", cwd=tmp_path)
         assert after.returncode == 1
-        assert "not running" in after.stdout
+        assert "not running" in after.stderr
     finally:
         d.stop()
 
