@@ -87,6 +87,8 @@ class EndpointActor(Actor[Routed]):
         provider: where its workers run.
     """
 
+    inline = True  # calls run in their caller's task; the backend bounds the work
+
     def __init__(self, resource: ServerlessResource, provider: Provider) -> None:
         self.resource = resource
         self.provider = provider

@@ -357,6 +357,8 @@ class _Caller:
                 and route.runtime() is runtime
                 and not route.endpoint.is_stopped
             ):
+                if route.endpoint.inline_ready:  # handled in this task (Actor.inline)
+                    return await route.endpoint.call(call)
                 reply = route.endpoint.new_reply()
                 try:
                     await route.endpoint.forward(Envelope(call, reply))
