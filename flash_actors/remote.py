@@ -55,7 +55,7 @@ from flash_actors.messages import Call, FunctionRequest
 from flash_actors.policies import CallPolicy, check_payload
 from flash_actors.registry import REGISTRY, resource_from_config
 from flash_actors.resources import LoadBalancerResource, ServerlessResource
-from flash_actors.runtime import get_runtime, set_nested_runner
+from flash_actors.runtime import current_runtime, get_runtime, set_nested_runner
 from flash_actors.serialization import (
     DecodedRequest,
     RequestSigner,
@@ -340,7 +340,7 @@ class _Caller:
             chain = deployed_chain(
                 self._deployed, self._endpoint
             )  # A -> B -> A: refused
-        runtime = await get_runtime()
+        runtime = current_runtime() or await get_runtime()  # no await once one runs
         request = self.signer(runtime.signing_key(self._endpoint)).sign(
             args, kwargs, arg_names=arg_names, **extra
         )

@@ -32,7 +32,7 @@ from flash_actors.actors.mailbox import Envelope, Mailbox, Reply
 from flash_actors.errors import ActorStoppedError, AskTimeoutError, MailboxFullError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from anyio.abc import TaskGroup
 
@@ -202,12 +202,13 @@ class ActorRef(Generic[M]):
         msg = f"actor {self._cell.name!r} did not answer within {timeout} s"
         raise AskTimeoutError(msg)
 
-    async def call(self, message: M) -> Any:
+    def call(self, message: M) -> Coroutine[Any, Any, Any]:
         """`ask` without a deadline, run in the caller's task where the actor allows it.
 
         An `Actor.inline` actor that is serving handles the message in this task (see the
         module docstring); otherwise, or while it starts, restarts or stops, this is `ask`.
-        Cancelling the caller cancels the handling, as it withdraws an ``ask``.
+        Cancelling the caller cancels the handling, as it withdraws an ``ask``. (A plain
+        function returning the coroutine to await: one frame less per call in flight.)
 
         Raises:
             ActorStoppedError: the actor stopped or crashed before answering.
@@ -216,8 +217,8 @@ class ActorRef(Generic[M]):
         cell = self._cell
         actor = cell.serving
         if actor is None or cell.stop_requested:
-            return await self.ask(message)
-        return await cell.run_inline(actor, message)
+            return self.ask(message)
+        return cell.run_inline(actor, message)
 
     def new_reply(self) -> Reply:
         """A fresh answer slot for an envelope to this actor (see `forward`)."""
