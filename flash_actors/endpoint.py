@@ -33,7 +33,7 @@ from flash_actors.policies import check_payload, expired_error, timeout_error
 from flash_actors.serialization import decode_result
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from anyio.streams.memory import MemoryObjectSendStream
 
@@ -118,10 +118,14 @@ class EndpointActor(Actor[Routed]):
         if self.backend is not None:
             await self.backend.aclose()
 
-    async def receive(self, message: Routed) -> Any:
-        """Run one call under its policies; see the module docstring for what comes back."""
+    def receive(self, message: Routed) -> Coroutine[Any, Any, Any]:
+        """Run one call under its policies; see the module docstring for what comes back.
+
+        A plain function returning the coroutine that runs the call (one frame less per
+        call in flight); a payload over the limit raises here, before anything runs.
+        """
         if isinstance(message, PayloadCall):
-            return await self._run_payload(message)
+            return self._run_payload(message)
         check_payload(
             message.request,
             message.policy.payload_limit,
@@ -129,10 +133,10 @@ class EndpointActor(Actor[Routed]):
             arg_names=message.arg_names,
         )
         if message.stream_to is not None:
-            return await self._run_stream(message)
+            return self._run_stream(message)
         if message.policy.delivery == "load_balancer":
-            return await self._run_direct(message)
-        return await self._run_job(message)
+            return self._run_direct(message)
+        return self._run_job(message)
 
     async def _run_stream(self, call: Call) -> None:
         """``f.stream(...)``: forward each chunk, decoded, to the caller's stream.
@@ -193,7 +197,10 @@ class EndpointActor(Actor[Routed]):
         started = time.monotonic()
         delay_ms = int((started - queued) * 1000)
         try:
-            response = await self._attempts(call, job_id)
+            try:  # the first attempt here: one frame less per call in flight
+                response = await self._execute(call, job_id)
+            except DeliveryError as exc:
+                response = await self._retry(call, job_id, exc)
         except FlashRuntimeError as exc:
             status = (
                 JobStatus.TIMED_OUT
@@ -272,26 +279,34 @@ class EndpointActor(Actor[Routed]):
             ExecutionTimeoutError: an attempt ran past the execution timeout (not retried).
             DeliveryError: the last attempt could not be delivered.
         """
-        assert self.backend is not None  # noqa: S101 (set in on_start)
+        try:
+            return await self._execute(call, job_id)
+        except DeliveryError as exc:
+            return await self._retry(call, job_id, exc)
+
+    async def _retry(
+        self, call: Call, job_id: str, failed: DeliveryError
+    ) -> FunctionResponse:
+        """The attempts after a first one that failed with ``failed`` (see `_attempts`)."""
         policy = call.policy
         attempts = policy.retry.attempts
-        for attempt in range(1, attempts + 1):
+        error = failed
+        for attempt in range(1, attempts):  # ``attempt`` attempts have failed
+            delay = policy.retry.delay(attempt)
+            log.warning(
+                "job.retry",
+                job_id=job_id,
+                endpoint=call.endpoint,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+                error=str(error),
+            )
+            await anyio.sleep(delay)
             try:
                 return await self._execute(call, job_id)
             except DeliveryError as exc:
-                if attempt == attempts:
-                    raise
-                delay = policy.retry.delay(attempt)
-                log.warning(
-                    "job.retry",
-                    job_id=job_id,
-                    endpoint=call.endpoint,
-                    attempt=attempt,
-                    delay_s=round(delay, 3),
-                    error=str(exc),
-                )
-                await anyio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+                error = exc
+        raise error
 
     def _execute(
         self,

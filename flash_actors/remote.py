@@ -631,7 +631,11 @@ class RemoteFunction(Generic[P, R_co]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]:
         """Start a call; await the result (see the module docstring for what it is)."""
-        return self._call(args, kwargs)
+        if (
+            self._in_process or "_call" in self.__dict__
+        ):  # local, or stubs to bind first
+            return self._call(args, kwargs)
+        return self._caller.remote(args, kwargs, self._arg_names)  # one frame less
 
     def stream(self, *args: P.args, **kwargs: P.kwargs) -> ChunkStream:
         """Consume a generator (or async generator) function's chunks while it runs.

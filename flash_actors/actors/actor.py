@@ -358,8 +358,10 @@ class ActorCell(Generic[M]):
         if (
             scope.cancelled_caught
         ):  # cancelled by a stop or a crash, which set the error
-            raise reply._error or ActorStoppedError(  # noqa: SLF001 (our own record)
-                f"actor {self.name!r} stopped before answering"
+            # A fresh error per call: the stop's one is shared by every call it cancels.
+            cause = reply._error  # noqa: SLF001 (our own record)
+            raise ActorStoppedError(
+                str(cause) if cause else f"actor {self.name!r} stopped before answering"
             )
         if isinstance(result, Forward):
             msg = f"actor {self.name!r} is inline: its receive cannot return Forward"

@@ -6,9 +6,9 @@ requests wait in the listen backlog). Jobs wait in the pool's FIFO queue. A work
 most ``max_concurrency`` jobs at once (the endpoint's setting, default 1, as on RunPod), so
 an endpoint runs ``workersMax x max_concurrency`` jobs in parallel. The dispatcher sends a
 worker the jobs it can start now; only when every worker is busy and no more can be started
-does it hand workers a few more to start next (one HTTP request carries up to ``batch_size``
-jobs, and the worker streams each result back as it finishes: that is where fan-out
-throughput comes from). A worker that frees up while jobs wait in another's batch takes them
+does it hand workers a few more to start next (up to ``batch_size`` each, in the same HTTP
+request as the jobs that worker starts now; the worker streams each result back as it
+finishes: that is where fan-out throughput comes from). A worker that frees up while jobs wait in another's batch takes them
 back (``/withdraw``), so no job waits on a busy worker while another is idle.
 
 The pool keeps ``workersMin`` workers warm, starts more up to ``workersMax`` while jobs wait,
@@ -132,16 +132,17 @@ class _Job:
         "chunks",
         "deadline",
         "delivered",
-        "done",
         "error",
+        "finished",
         "id",
         "request",
         "response",
         "running",
-        "scope",
         "state",
         "ticket",
         "timeout",
+        "waiting",
+        "wake",
         "withdrawing",
         "worker",
     )
@@ -156,7 +157,8 @@ class _Job:
         self.id = job_id
         self.request = request
         self.chunks = chunks
-        self.done = event_class()
+        self.finished = False  # answered, failed or given up: see `finish`
+        self.wake = event_class()  # set by `finish`, or when a deadline has passed
         self.response: FunctionResponse | None = None
         self.error: BaseException | None = None
         self.state = "IN_QUEUE"  # then SENT (waiting on a worker), IN_PROGRESS, DONE
@@ -169,7 +171,7 @@ class _Job:
         # timeout from the start (``deadline`` moves when the job starts; see `start`).
         self.timeout: float | None = None
         self.deadline = math.inf
-        self.scope: anyio.CancelScope | None = None  # while its caller waits
+        self.waiting = False  # its caller waits on ``wake``
         self.ticket: list[_Job | None] | None = None  # its entries in the deadline heap
 
     def start(self, now: float) -> None:
@@ -181,12 +183,13 @@ class _Job:
     def finish(
         self, response: FunctionResponse | None, error: BaseException | None
     ) -> None:
-        if self.done.is_set():
+        if self.finished:
             return
         self.response = response
         self.error = error
         self.state = "DONE"
-        self.done.set()
+        self.finished = True
+        self.wake.set()
 
 
 class Worker:
@@ -746,20 +749,21 @@ class WorkerPool:
                 ttl = policy.ttl_s
                 job.deadline = math.inf if ttl is None else self._clock() + ttl
             # One wait: `_start_job` moves the deadline from the TTL to the execution
-            # timeout, and `_watch_deadlines` cancels the wait once it has passed. A
+            # timeout, and `_watch_deadlines` wakes the caller once it has passed. A
             # deadline moved after it fired is waited for again.
             job.ticket = ticket
-            while not job.done.is_set():
+            while not job.finished:
                 self._watch_deadline(ticket, job.deadline)
-                with self._scope_class() as scope:
-                    job.scope = scope
-                    await job.done.wait()
-                job.scope = None
-                if job.done.is_set() or self._clock() >= job.deadline:
+                job.waiting = True
+                await job.wake.wait()
+                job.waiting = False
+                if self._clock() >= job.deadline:
                     break
+                if job.wake.is_set():  # woken for a deadline that moved meanwhile
+                    job.wake = self._event_class()
             if job.state in ("IN_QUEUE", "SENT"):
                 raise expired_error(call, job_id)  # removed below
-            if not job.done.is_set() and job.worker is not None:
+            if not job.finished and job.worker is not None:
                 log.warning(
                     "job.timeout",
                     endpoint=self.resource.name,
@@ -769,9 +773,9 @@ class WorkerPool:
                 job.finish(None, timeout_error(call, job_id))
                 await self._stop_job(job)
         except BaseException:
-            job.scope = None
+            job.waiting = False
             ticket[0] = job.ticket = None
-            queued, sent = job.state == "IN_QUEUE", not job.done.is_set()
+            queued, sent = job.state == "IN_QUEUE", not job.finished
             # Finished first: a job its worker gives back meanwhile (withdrawn, or the
             # worker recycled) is not requeued, so a cancelled job never starts elsewhere.
             job.finish(None, None)
@@ -800,11 +804,11 @@ class WorkerPool:
     def _start_job(self, job: _Job, now: float) -> None:
         """``job`` runs on its worker now: its caller waits until its execution timeout."""
         job.start(now)
-        if job.ticket is not None and job.scope is not None:
+        if job.ticket is not None and job.waiting:
             self._watch_deadline(job.ticket, job.deadline)
 
     async def _watch_deadlines(self) -> None:
-        """Cancel the waits of callers whose job's deadline has passed (see `execute`).
+        """Wake the callers whose job's deadline has passed (see `execute`).
 
         One task and one heap for every job (a timer per job cost ~10 us of the caller's
         time each, most of it in the event loop's timer heap).
@@ -815,12 +819,8 @@ class WorkerPool:
             while heap and heap[0][0] <= now:
                 deadline, _, ticket = heapq.heappop(heap)
                 job = ticket[0]
-                if (
-                    job is not None
-                    and job.deadline == deadline
-                    and job.scope is not None
-                ):
-                    job.scope.cancel()
+                if job is not None and job.deadline == deadline and job.waiting:
+                    job.wake.set()
             if len(heap) > 2 * self._waiting + 1024:  # mostly answered jobs' entries
                 heap[:] = [entry for entry in heap if entry[2][0] is not None]
                 heapq.heapify(heap)
@@ -1048,7 +1048,7 @@ class WorkerPool:
                 job.finish(
                     None, DeliveryError("the endpoint was stopped before the job ran")
                 )
-            elif not job.done.is_set():
+            elif not job.finished:
                 job.state = "IN_QUEUE"
                 self.queue.appendleft(job)
         self._wake.set()
@@ -1129,7 +1129,7 @@ class WorkerPool:
                             PayloadSignatureError if signature else SerializationError
                         )
                         job.finish(None, kind(refused))
-                    elif _stopped_by_worker(done.response) and not job.done.is_set():
+                    elif _stopped_by_worker(done.response) and not job.finished:
                         # Its caller did not cancel it (that finishes the job first): the
                         # worker stopped it on its way out (recycled for another job's sake,
                         # or SIGTERM). The worker died mid-job: retried, not "cancelled".
