@@ -131,7 +131,11 @@ def main() -> int:
             continue
         extra = ""
         if "peak_rss_mb" in row:
-            extra = f"  peak RSS {row['peak_rss_mb']:.0f} MB, {row['bytes_per_call_in_flight']:.0f} B/call"
+            extra = (
+                f"  peak RSS {row['peak_rss_mb']:.0f} MB, "
+                f"{row['bytes_per_call_in_flight'] / 1024:.1f} KB per call in flight "
+                "(target 4 KB)"
+            )
         print(f"{name:<22}{row['calls_per_s']:>10.0f} calls/s{extra}")
     if rows.get("Ray tasks"):
         ray = rows["Ray tasks"]["calls_per_s"]

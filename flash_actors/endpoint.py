@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from flash_actors._clock import loop_clock
 from flash_actors._logging import get_logger
 from flash_actors.actors import Actor
 from flash_actors.errors import (
@@ -32,6 +33,8 @@ from flash_actors.policies import check_payload, expired_error, timeout_error
 from flash_actors.serialization import decode_result
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Coroutine
+
     from anyio.streams.memory import MemoryObjectSendStream
 
     from flash_actors.providers.base import EndpointBackend, Provider
@@ -87,6 +90,8 @@ class EndpointActor(Actor[Routed]):
         provider: where its workers run.
     """
 
+    inline = True  # calls run in their caller's task; the backend bounds the work
+
     def __init__(self, resource: ServerlessResource, provider: Provider) -> None:
         self.resource = resource
         self.provider = provider
@@ -95,9 +100,14 @@ class EndpointActor(Actor[Routed]):
         self._slots: anyio.Semaphore | None = None
         self._ttl = True  # the backend leaves the TTL to us
         self._timeout = True  # the backend leaves the execution timeout to us
+        # The backend's scope class and the loop's clock, looked up once (see _execute).
+        self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
+        self._clock: Callable[[], float] = anyio.current_time
 
     async def on_start(self) -> None:
         """Provision the endpoint on the provider."""
+        self._scope_class = type(anyio.CancelScope())
+        self._clock = loop_clock()
         self.backend = await self.provider.open_endpoint(self.resource, self.key)
         self._slots = anyio.Semaphore(max(1, self.backend.capacity))
         self._ttl = "ttl" not in self.backend.enforces
@@ -108,10 +118,14 @@ class EndpointActor(Actor[Routed]):
         if self.backend is not None:
             await self.backend.aclose()
 
-    async def receive(self, message: Routed) -> Any:
-        """Run one call under its policies; see the module docstring for what comes back."""
+    def receive(self, message: Routed) -> Coroutine[Any, Any, Any]:
+        """Run one call under its policies; see the module docstring for what comes back.
+
+        A plain function returning the coroutine that runs the call (one frame less per
+        call in flight); a payload over the limit raises here, before anything runs.
+        """
         if isinstance(message, PayloadCall):
-            return await self._run_payload(message)
+            return self._run_payload(message)
         check_payload(
             message.request,
             message.policy.payload_limit,
@@ -119,10 +133,10 @@ class EndpointActor(Actor[Routed]):
             arg_names=message.arg_names,
         )
         if message.stream_to is not None:
-            return await self._run_stream(message)
+            return self._run_stream(message)
         if message.policy.delivery == "load_balancer":
-            return await self._run_direct(message)
-        return await self._run_job(message)
+            return self._run_direct(message)
+        return self._run_job(message)
 
     async def _run_stream(self, call: Call) -> None:
         """``f.stream(...)``: forward each chunk, decoded, to the caller's stream.
@@ -183,7 +197,10 @@ class EndpointActor(Actor[Routed]):
         started = time.monotonic()
         delay_ms = int((started - queued) * 1000)
         try:
-            response = await self._attempts(call, job_id)
+            try:  # the first attempt here: one frame less per call in flight
+                response = await self._execute(call, job_id)
+            except DeliveryError as exc:
+                response = await self._retry(call, job_id, exc)
         except FlashRuntimeError as exc:
             status = (
                 JobStatus.TIMED_OUT
@@ -262,38 +279,60 @@ class EndpointActor(Actor[Routed]):
             ExecutionTimeoutError: an attempt ran past the execution timeout (not retried).
             DeliveryError: the last attempt could not be delivered.
         """
-        assert self.backend is not None  # noqa: S101 (set in on_start)
+        try:
+            return await self._execute(call, job_id)
+        except DeliveryError as exc:
+            return await self._retry(call, job_id, exc)
+
+    async def _retry(
+        self, call: Call, job_id: str, failed: DeliveryError
+    ) -> FunctionResponse:
+        """The attempts after a first one that failed with ``failed`` (see `_attempts`)."""
         policy = call.policy
         attempts = policy.retry.attempts
-        for attempt in range(1, attempts + 1):
+        error = failed
+        for attempt in range(1, attempts):  # ``attempt`` attempts have failed
+            delay = policy.retry.delay(attempt)
+            log.warning(
+                "job.retry",
+                job_id=job_id,
+                endpoint=call.endpoint,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+                error=str(error),
+            )
+            await anyio.sleep(delay)
             try:
                 return await self._execute(call, job_id)
             except DeliveryError as exc:
-                if attempt == attempts:
-                    raise
-                delay = policy.retry.delay(attempt)
-                log.warning(
-                    "job.retry",
-                    job_id=job_id,
-                    endpoint=call.endpoint,
-                    attempt=attempt,
-                    delay_s=round(delay, 3),
-                    error=str(exc),
-                )
-                await anyio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
+                error = exc
+        raise error
 
-    async def _execute(
+    def _execute(
         self,
         call: Call,
         job_id: str,
         chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
-    ) -> FunctionResponse:
-        """One attempt on the backend, under the execution timeout when it leaves that to us."""
+    ) -> Awaitable[FunctionResponse]:
+        """One attempt on the backend, under the execution timeout when it leaves that to us.
+
+        Without a timeout to apply, the backend's own awaitable (one frame less per call).
+        """
         assert self.backend is not None  # noqa: S101 (set in on_start)
         timeout = call.policy.execution_timeout_s
         if not self._timeout or timeout is None:
-            return await self.backend.execute(call, job_id=job_id, chunks=chunks)
-        with anyio.move_on_after(timeout):
+            return self.backend.execute(call, job_id=job_id, chunks=chunks)
+        return self._execute_timed(call, job_id, timeout, chunks)
+
+    async def _execute_timed(
+        self,
+        call: Call,
+        job_id: str,
+        seconds: float,
+        chunks: MemoryObjectSendStream[FunctionResponse] | None,
+    ) -> FunctionResponse:
+        assert self.backend is not None  # noqa: S101 (set in on_start)
+        # ``anyio.move_on_after``, without its two backend lookups per call
+        with self._scope_class(deadline=self._clock() + seconds):
             return await self.backend.execute(call, job_id=job_id, chunks=chunks)
         raise timeout_error(call, job_id)

@@ -55,7 +55,7 @@ from flash_actors.messages import Call, FunctionRequest
 from flash_actors.policies import CallPolicy, check_payload
 from flash_actors.registry import REGISTRY, resource_from_config
 from flash_actors.resources import LoadBalancerResource, ServerlessResource
-from flash_actors.runtime import get_runtime, set_nested_runner
+from flash_actors.runtime import current_runtime, get_runtime, set_nested_runner
 from flash_actors.serialization import (
     DecodedRequest,
     RequestSigner,
@@ -340,7 +340,7 @@ class _Caller:
             chain = deployed_chain(
                 self._deployed, self._endpoint
             )  # A -> B -> A: refused
-        runtime = await get_runtime()
+        runtime = current_runtime() or await get_runtime()  # no await once one runs
         request = self.signer(runtime.signing_key(self._endpoint)).sign(
             args, kwargs, arg_names=arg_names, **extra
         )
@@ -357,6 +357,8 @@ class _Caller:
                 and route.runtime() is runtime
                 and not route.endpoint.is_stopped
             ):
+                if route.endpoint.inline_ready:  # handled in this task (Actor.inline)
+                    return await route.endpoint.call(call)
                 reply = route.endpoint.new_reply()
                 try:
                     await route.endpoint.forward(Envelope(call, reply))
@@ -629,7 +631,11 @@ class RemoteFunction(Generic[P, R_co]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]:
         """Start a call; await the result (see the module docstring for what it is)."""
-        return self._call(args, kwargs)
+        if (
+            self._in_process or "_call" in self.__dict__
+        ):  # local, or stubs to bind first
+            return self._call(args, kwargs)
+        return self._caller.remote(args, kwargs, self._arg_names)  # one frame less
 
     def stream(self, *args: P.args, **kwargs: P.kwargs) -> ChunkStream:
         """Consume a generator (or async generator) function's chunks while it runs.

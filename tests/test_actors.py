@@ -287,3 +287,105 @@ async def test_graceful_stop_handles_queued_messages_first() -> None:
         await ref.wait_stopped()
         with pytest.raises(ActorStoppedError):
             ref.tell_nowait(1)
+
+
+class InlineGate(Gate):
+    inline = True
+
+
+async def test_inline_actor_runs_calls_in_the_callers_task() -> None:
+    gate = anyio.Event()
+    seen: list[Any] = []
+    async with ActorSystem() as system:
+        ref = system.spawn(
+            lambda: InlineGate(gate, seen, []), name="inline", max_concurrency=4
+        )
+        gate.set()
+        assert await ref.ask("first") == "first"  # by the mailbox: the actor is started
+        assert ref.inline_ready
+        handler_tasks = ref.statistics().in_flight
+
+        async def call(message: str) -> Any:
+            return await ref.call(message), anyio.get_current_task().id
+
+        value, task_id = await call("second")
+        assert value == "second"
+        assert task_id == anyio.get_current_task().id
+        assert handler_tasks == ref.statistics().in_flight == 0
+
+
+async def test_inline_calls_need_a_concurrent_actor() -> None:
+    async with ActorSystem() as system:
+        ref = system.spawn(lambda: InlineGate(anyio.Event(), [], []), name="single")
+        await anyio.wait_all_tasks_blocked()
+        assert not ref.inline_ready  # one message at a time: never beside the handler
+
+
+async def test_graceful_stop_waits_for_inline_calls() -> None:
+    gate = anyio.Event()
+    results: list[Any] = []
+    stopped_first: list[bool] = []
+    async with anyio.create_task_group() as tg:
+        async with ActorSystem() as system:
+            ref = system.spawn(
+                lambda: InlineGate(gate, [], []), name="inline", max_concurrency=4
+            )
+            await anyio.wait_all_tasks_blocked()
+
+            async def call() -> None:
+                results.append(await ref.call("in flight"))
+                stopped_first.append(ref.is_stopped)
+
+            tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            assert ref.statistics().in_flight == 1
+            ref.stop()
+            await anyio.wait_all_tasks_blocked()
+            assert not ref.is_stopped  # the call in flight holds the stop
+            gate.set()
+    assert results == ["in flight"]
+    assert stopped_first == [False]
+
+
+async def test_leaving_system_with_exception_fails_inline_calls() -> None:
+    cancelled: list[Any] = []
+    outcome: list[BaseException] = []
+
+    class Boom(Exception):
+        pass
+
+    async with anyio.create_task_group() as callers:
+        with pytest.raises(Boom):
+            async with ActorSystem() as system:
+                ref = system.spawn(
+                    lambda: InlineGate(anyio.Event(), [], cancelled),
+                    name="inline",
+                    max_concurrency=4,
+                )
+                await anyio.wait_all_tasks_blocked()
+                assert ref.inline_ready
+
+                async def call() -> None:
+                    try:
+                        await ref.call("never")
+                    except ActorStoppedError as exc:
+                        outcome.append(exc)
+
+                callers.start_soon(call)
+                await anyio.wait_all_tasks_blocked()
+                raise Boom
+    assert cancelled == ["never"]
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ActorStoppedError)
+
+
+async def test_inline_call_after_stop_is_refused() -> None:
+    async with ActorSystem() as system:
+        ref = system.spawn(
+            lambda: InlineGate(anyio.Event(), [], []), name="inline", max_concurrency=4
+        )
+        await anyio.wait_all_tasks_blocked()
+        ref.stop()
+        assert not ref.inline_ready
+        with pytest.raises(ActorStoppedError):
+            await ref.call("late")

@@ -8,13 +8,20 @@ that many at a time; the mailbox then fills and pushes back on senders.
 
 Cancelling an ``ask`` (a cancel scope, a timeout) withdraws the request: the actor skips it if
 it has not started, or cancels the handler that runs it.
+
+An actor whose messages need no task of their own (``Actor.inline``, concurrent actors only)
+may run them in the sender's task instead: `ActorRef.call` hands the message straight to the
+running instance's `Actor.receive`, skipping the mailbox, the hand-off to a handler task and
+the wake-up of the sender (measured: most of an in-process call's cost). Such calls are still
+the actor's: a stop waits for them (graceful) or cancels them with `ActorStoppedError`, as it
+does its handlers' messages.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -25,7 +32,7 @@ from flash_actors.actors.mailbox import Envelope, Mailbox, Reply
 from flash_actors.errors import ActorStoppedError, AskTimeoutError, MailboxFullError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from anyio.abc import TaskGroup
 
@@ -38,9 +45,17 @@ log = get_logger(__name__)
 
 
 class Actor(Generic[M]):
-    """Base class of actors. Instances are made by the supervisor, once per (re)start."""
+    """Base class of actors. Instances are made by the supervisor, once per (re)start.
+
+    Attributes:
+        inline: `ActorRef.call` may run `receive` in the caller's task, concurrently with
+            the actor's other messages (honoured only with ``max_concurrency`` above 1, and
+            not bounded by it: such an actor bounds its own work). ``receive`` must then
+            never return `Forward`.
+    """
 
     ref: ActorRef[M]
+    inline: ClassVar[bool] = False
 
     async def on_start(self) -> None:
         """Run before the first message; an exception here is a crash (restart policy)."""
@@ -128,6 +143,12 @@ class ActorRef(Generic[M]):
         """True once the actor has stopped for good."""
         return self._cell.stopped.is_set()
 
+    @property
+    def inline_ready(self) -> bool:
+        """True while `call` runs in the caller's task (see `Actor.inline`)."""
+        cell = self._cell
+        return cell.serving is not None and not cell.stop_requested
+
     def __repr__(self) -> str:
         return f"<ActorRef {self._cell.name!r}>"
 
@@ -181,6 +202,24 @@ class ActorRef(Generic[M]):
         msg = f"actor {self._cell.name!r} did not answer within {timeout} s"
         raise AskTimeoutError(msg)
 
+    def call(self, message: M) -> Coroutine[Any, Any, Any]:
+        """`ask` without a deadline, run in the caller's task where the actor allows it.
+
+        An `Actor.inline` actor that is serving handles the message in this task (see the
+        module docstring); otherwise, or while it starts, restarts or stops, this is `ask`.
+        Cancelling the caller cancels the handling, as it withdraws an ``ask``. (A plain
+        function returning the coroutine to await: one frame less per call in flight.)
+
+        Raises:
+            ActorStoppedError: the actor stopped or crashed before answering.
+            Exception: whatever the handler raised.
+        """
+        cell = self._cell
+        actor = cell.serving
+        if actor is None or cell.stop_requested:
+            return self.ask(message)
+        return cell.run_inline(actor, message)
+
     def new_reply(self) -> Reply:
         """A fresh answer slot for an envelope to this actor (see `forward`)."""
         return Reply(self._cell.event_class)
@@ -208,6 +247,23 @@ class ActorRef(Generic[M]):
     def statistics(self) -> ActorStatistics:
         """A snapshot of the actor."""
         return self._cell.statistics()
+
+
+class _InlineReply(Reply):
+    """The in-flight record of an inline call: the error a stop answers it with, its scope."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:  # no event: the caller waits on the handling itself
+        self._error = None
+        self.done = False
+        self.cancelled = False
+        self.scope = None
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._error = error
 
 
 class ActorCell(Generic[M]):
@@ -242,13 +298,18 @@ class ActorCell(Generic[M]):
         # ``anyio.CancelScope()`` ask sniffio for the running backend on every call.
         self.event_class: type[anyio.Event] = type(self.stopped)
         self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
-        self._stop_requested = False
+        self.stop_requested = False
+        # The instance that handles inline calls (`ActorRef.call`) while it serves, and
+        # how many such calls run.
+        self.serving: Actor[M] | None = None
+        self._inline = 0
+        self._inline_idle: anyio.Event | None = None
 
     def request_stop(self) -> None:
         """Stop once the messages already queued are handled (see `ActorRef.stop`)."""
-        if self._stop_requested or self.mailbox.closed:
+        if self.stop_requested or self.mailbox.closed:
             return
-        self._stop_requested = True
+        self.stop_requested = True
         try:
             self.mailbox.put_nowait(Envelope(_STOP, None))
         except MailboxFullError:
@@ -257,7 +318,7 @@ class ActorCell(Generic[M]):
             self.mailbox.closed = True
 
     def _drained_after_stop(self) -> bool:
-        if not self._stop_requested:
+        if not self.stop_requested:
             return False
         stats = self.mailbox.statistics()
         return stats.queued == 0 and stats.waiting_senders == 0
@@ -273,6 +334,46 @@ class ActorCell(Generic[M]):
             restarts=self.restarts,
             running=self.running,
         )
+
+    async def run_inline(self, actor: Actor[M], message: M) -> Any:
+        """Handle ``message`` with the serving ``actor`` in the caller's task (`ActorRef.call`).
+
+        Raises:
+            ActorStoppedError: the actor stopped or crashed meanwhile (it cancels the call).
+            Exception: whatever the handler raised.
+        """
+        reply = _InlineReply()
+        self.in_flight.add(reply)
+        self._inline += 1
+        try:
+            with self._scope_class() as scope:
+                reply.scope = scope
+                result = await actor.receive(message)
+        finally:
+            self.in_flight.discard(reply)
+            self._inline -= 1
+            if not self._inline and self._inline_idle is not None:
+                self._inline_idle.set()
+                self._inline_idle = None
+        if (
+            scope.cancelled_caught
+        ):  # cancelled by a stop or a crash, which set the error
+            # A fresh error per call: the stop's one is shared by every call it cancels.
+            cause = reply._error  # noqa: SLF001 (our own record)
+            raise ActorStoppedError(
+                str(cause) if cause else f"actor {self.name!r} stopped before answering"
+            )
+        if isinstance(result, Forward):
+            msg = f"actor {self.name!r} is inline: its receive cannot return Forward"
+            raise TypeError(msg)
+        return result
+
+    async def _inline_drained(self) -> None:
+        """Wait until no inline call runs."""
+        while self._inline:
+            if self._inline_idle is None:
+                self._inline_idle = self.event_class()
+            await self._inline_idle.wait()
 
     async def run(self) -> None:
         """Supervise the actor until it stops for good; then fail whatever still waits."""
@@ -382,13 +483,24 @@ class ActorCell(Generic[M]):
         # from the mailbox: a new task starts only when none is idle (a task spawn per
         # message measured 51 us here against 16 us to wake a waiting handler).
         handlers = _Handlers()
-        async with anyio.create_task_group() as tg:
-            handlers.total = 1
-            tg.start_soon(self._handler_loop, actor, handlers, tg)
-            await handlers.stopping.wait()
-            while handlers.busy:  # a graceful stop lets the calls in flight finish
-                await handlers.wait_idle()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                handlers.total = 1
+                tg.start_soon(self._handler_loop, actor, handlers, tg)
+                if actor.inline:
+                    self.serving = actor
+                await handlers.stopping.wait()
+                self.serving = None
+                while handlers.busy:  # a graceful stop lets the calls in flight finish
+                    await handlers.wait_idle()
+                await self._inline_drained()
+                tg.cancel_scope.cancel()
+        finally:
+            self.serving = None
+            if self._inline:  # cancelled or crashed: inline calls stop with it
+                self._fail_in_flight(
+                    ActorStoppedError(f"actor {self.name!r} stopped before answering")
+                )
         if handlers.crash is not None:
             raise handlers.crash
 

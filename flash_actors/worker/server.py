@@ -103,9 +103,9 @@ class _Running:
 
     __slots__ = ("blocking", "scope", "started", "task", "withdrawn")
 
-    def __init__(self) -> None:
+    def __init__(self, scope_class: type[anyio.CancelScope]) -> None:
         self.blocking = Blocking()
-        self.scope = anyio.CancelScope()
+        self.scope = scope_class()
         self.started = False
         self.withdrawn = False
         self.task: asyncio.Task[FunctionResponse | None] | None = None
@@ -210,6 +210,9 @@ class WorkerApp:
         )  # deployed mode's (flash_actors.deployed)
         self.running: dict[str, _Running] = {}
         self._slots: asyncio.Semaphore | None = None  # sized by the first batch
+        # asyncio's cancel scope class, looked up once (``anyio.CancelScope()`` asks
+        # sniffio for the backend each time)
+        self._scope_class: type[anyio.CancelScope] | None = None
         self.worker_id = os.environ.get("FLASH_WORKER_ID") or None
 
     def _authorized(self, request: web.Request) -> bool:
@@ -277,8 +280,10 @@ class WorkerApp:
         # The jobs are known here before the client sees the answer's headers, so that a
         # /withdraw or /cancel sent after that finds them. They wait for the headers.
         await write_lock.acquire()
+        if self._scope_class is None:
+            self._scope_class = type(anyio.CancelScope())
         for job in batch.jobs:
-            entry = _Running()
+            entry = _Running(self._scope_class)
             entries.append(entry)
             self.running[job.id] = entry
             task = asyncio.ensure_future(self._run_job(job, entry, batch, queue, write))

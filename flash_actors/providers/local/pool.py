@@ -6,9 +6,9 @@ requests wait in the listen backlog). Jobs wait in the pool's FIFO queue. A work
 most ``max_concurrency`` jobs at once (the endpoint's setting, default 1, as on RunPod), so
 an endpoint runs ``workersMax x max_concurrency`` jobs in parallel. The dispatcher sends a
 worker the jobs it can start now; only when every worker is busy and no more can be started
-does it hand workers a few more to start next (one HTTP request carries up to ``batch_size``
-jobs, and the worker streams each result back as it finishes: that is where fan-out
-throughput comes from). A worker that frees up while jobs wait in another's batch takes them
+does it hand workers a few more to start next (up to ``batch_size`` each, in the same HTTP
+request as the jobs that worker starts now; the worker streams each result back as it
+finishes: that is where fan-out throughput comes from). A worker that frees up while jobs wait in another's batch takes them
 back (``/withdraw``), so no job waits on a busy worker while another is idle.
 
 The pool keeps ``workersMin`` workers warm, starts more up to ``workersMax`` while jobs wait,
@@ -30,7 +30,9 @@ answers ends it. Nothing that goes wrong in one pool reaches the task group it r
 from __future__ import annotations
 
 import contextlib
-import functools
+import heapq
+import itertools
+import math
 import os
 import secrets
 import socket
@@ -44,6 +46,7 @@ import anyio
 import anyio.to_thread
 import msgspec
 
+from flash_actors._clock import loop_clock
 from flash_actors._logging import get_logger
 from flash_actors._private import open_private, private_dir, write_private
 from flash_actors._progress import progress
@@ -67,7 +70,7 @@ from flash_actors.worker.installer import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
     from pathlib import Path
 
     from anyio.abc import TaskGroup
@@ -127,15 +130,19 @@ MSGPACK = "application/msgpack"  # see flash_actors.worker.server
 class _Job:
     __slots__ = (
         "chunks",
+        "deadline",
         "delivered",
-        "done",
         "error",
+        "finished",
         "id",
         "request",
         "response",
         "running",
-        "started",
         "state",
+        "ticket",
+        "timeout",
+        "waiting",
+        "wake",
         "withdrawing",
         "worker",
     )
@@ -150,8 +157,8 @@ class _Job:
         self.id = job_id
         self.request = request
         self.chunks = chunks
-        self.done = event_class()
-        self.started: anyio.Event | None = None  # made only if the job has to wait
+        self.finished = False  # answered, failed or given up: see `finish`
+        self.wake = event_class()  # set by `finish`, or when a deadline has passed
         self.response: FunctionResponse | None = None
         self.error: BaseException | None = None
         self.state = "IN_QUEUE"  # then SENT (waiting on a worker), IN_PROGRESS, DONE
@@ -160,25 +167,29 @@ class _Job:
         self.running = False  # started on its worker, no answer yet
         self.delivered = False  # its worker has it (a withdrawal can find it)
         self.withdrawing = False
+        # The caller's one wait: until the TTL while queued, then until the execution
+        # timeout from the start (``deadline`` moves when the job starts; see `start`).
+        self.timeout: float | None = None
+        self.deadline = math.inf
+        self.waiting = False  # its caller waits on ``wake``
+        self.ticket: list[_Job | None] | None = None  # its entries in the deadline heap
 
-    def start(self) -> None:
-        """It runs on its worker now."""
+    def start(self, now: float) -> None:
+        """It runs on its worker now (``now``: the event loop's clock)."""
         if self.state == "SENT":
             self.state = "IN_PROGRESS"
-        if self.started is not None:
-            self.started.set()
+        self.deadline = math.inf if self.timeout is None else now + self.timeout
 
     def finish(
         self, response: FunctionResponse | None, error: BaseException | None
     ) -> None:
-        if self.done.is_set():
+        if self.finished:
             return
         self.response = response
         self.error = error
         self.state = "DONE"
-        self.done.set()
-        if self.started is not None:
-            self.started.set()
+        self.finished = True
+        self.wake.set()
 
 
 class Worker:
@@ -290,6 +301,14 @@ class WorkerPool:
         # The backend's classes, looked up once (``anyio.Event()`` asks sniffio every time).
         self._event_class: type[anyio.Event] = anyio.Event
         self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
+        self._clock: Callable[[], float] = anyio.current_time
+        # The callers' deadlines (TTL, then execution timeout), watched by one task
+        # (`_watch_deadlines`) instead of a timer per job: (deadline, seq, ticket).
+        self._deadlines: list[tuple[float, int, list[_Job | None]]] = []
+        self._deadline_seq = itertools.count()
+        self._next_deadline = math.inf
+        self._deadline_wake = anyio.Event()
+        self._waiting = 0  # callers waiting on their jobs
         self._tg: TaskGroup | None = None
         self._closed = False
         self.serving = False  # True once `run` has started
@@ -317,6 +336,9 @@ class WorkerPool:
         """Run the dispatcher and the reaper until cancelled; stop every worker on the way out."""
         self._event_class = type(anyio.Event())
         self._scope_class = type(anyio.CancelScope())
+        self._clock = loop_clock()
+        self._deadline_wake = self._event_class()
+        self._next_deadline = math.inf
         self._closed = False  # run again by the provider after a crash
         try:
             async with anyio.create_task_group() as tg:
@@ -324,6 +346,7 @@ class WorkerPool:
                 for _ in range(self.resource.workersMin):
                     self._start_worker()
                 tg.start_soon(self._reaper)
+                tg.start_soon(self._watch_deadlines)
                 task_status.started()
                 self.serving = True
                 self.failure = None
@@ -346,8 +369,6 @@ class WorkerPool:
         """Fail every queued job with ``error`` (their callers wake up and raise it)."""
         for job in self.queue:
             job.finish(None, error)
-            if job.started is not None:
-                job.started.set()
         self.queue.clear()
 
     def _close_worker_log(self, worker_id: str) -> None:
@@ -710,20 +731,39 @@ class WorkerPool:
             raise blocked
         if self.gpus is not None:
             self.gpus.check()  # no local GPU can serve the endpoint: say so
-        await self._provision(call.request)
-        job = _Job(job_id, call.request, chunks, self._event_class)
+        request = call.request
+        if request.dependencies or request.system_dependencies:
+            await self._provision(request)
+        job = _Job(job_id, request, chunks, self._event_class)
+        policy = call.policy
+        job.timeout = policy.execution_timeout_s
         self.queue.append(job)
-        self._dispatch()  # a free slot takes it now, without a pass through the dispatcher
+        if len(self.queue) == 1:
+            self._dispatch()  # a free slot takes it now, without the dispatcher's pass
+        else:  # jobs wait already: one dispatcher pass for all that queue meanwhile
+            self._wake.set()
+        ticket: list[_Job | None] = [job]
+        self._waiting += 1
         try:
             if job.state in ("IN_QUEUE", "SENT"):
-                job.started = self._event_class()
-                with self._after(call.policy.ttl_s):
-                    await job.started.wait()
+                ttl = policy.ttl_s
+                job.deadline = math.inf if ttl is None else self._clock() + ttl
+            # One wait: `_start_job` moves the deadline from the TTL to the execution
+            # timeout, and `_watch_deadlines` wakes the caller once it has passed. A
+            # deadline moved after it fired is waited for again.
+            job.ticket = ticket
+            while not job.finished:
+                self._watch_deadline(ticket, job.deadline)
+                job.waiting = True
+                await job.wake.wait()
+                job.waiting = False
+                if self._clock() >= job.deadline:
+                    break
+                if job.wake.is_set():  # woken for a deadline that moved meanwhile
+                    job.wake = self._event_class()
             if job.state in ("IN_QUEUE", "SENT"):
                 raise expired_error(call, job_id)  # removed below
-            with self._after(call.policy.execution_timeout_s):
-                await job.done.wait()
-            if not job.done.is_set() and job.worker is not None:
+            if not job.finished and job.worker is not None:
                 log.warning(
                     "job.timeout",
                     endpoint=self.resource.name,
@@ -733,7 +773,9 @@ class WorkerPool:
                 job.finish(None, timeout_error(call, job_id))
                 await self._stop_job(job)
         except BaseException:
-            queued, sent = job.state == "IN_QUEUE", not job.done.is_set()
+            job.waiting = False
+            ticket[0] = job.ticket = None
+            queued, sent = job.state == "IN_QUEUE", not job.finished
             # Finished first: a job its worker gives back meanwhile (withdrawn, or the
             # worker recycled) is not requeued, so a cancelled job never starts elsewhere.
             job.finish(None, None)
@@ -742,16 +784,50 @@ class WorkerPool:
             elif sent:
                 await self._stop_job(job)
             raise
+        finally:
+            self._waiting -= 1
+        ticket[0] = job.ticket = None
         if job.error is not None:
             raise job.error
         assert job.response is not None  # noqa: S101
         return job.response
 
-    def _after(self, seconds: float | None) -> anyio.CancelScope:
-        """``anyio.move_on_after(seconds)``, made without a backend lookup when unbounded."""
-        if seconds is None:
-            return self._scope_class()
-        return self._scope_class(deadline=anyio.current_time() + seconds)
+    def _watch_deadline(self, ticket: list[_Job | None], deadline: float) -> None:
+        """Have `_watch_deadlines` cancel the wait of ``ticket``'s job at ``deadline``."""
+        if deadline == math.inf:
+            return
+        heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), ticket))
+        if deadline < self._next_deadline:
+            self._next_deadline = deadline
+            self._deadline_wake.set()
+
+    def _start_job(self, job: _Job, now: float) -> None:
+        """``job`` runs on its worker now: its caller waits until its execution timeout."""
+        job.start(now)
+        if job.ticket is not None and job.waiting:
+            self._watch_deadline(job.ticket, job.deadline)
+
+    async def _watch_deadlines(self) -> None:
+        """Wake the callers whose job's deadline has passed (see `execute`).
+
+        One task and one heap for every job (a timer per job cost ~10 us of the caller's
+        time each, most of it in the event loop's timer heap).
+        """
+        heap = self._deadlines
+        while True:
+            now = self._clock()
+            while heap and heap[0][0] <= now:
+                deadline, _, ticket = heapq.heappop(heap)
+                job = ticket[0]
+                if job is not None and job.deadline == deadline and job.waiting:
+                    job.wake.set()
+            if len(heap) > 2 * self._waiting + 1024:  # mostly answered jobs' entries
+                heap[:] = [entry for entry in heap if entry[2][0] is not None]
+                heapq.heapify(heap)
+            self._next_deadline = heap[0][0] if heap else math.inf
+            self._deadline_wake = self._event_class()
+            with self._scope_class(deadline=self._next_deadline):
+                await self._deadline_wake.wait()
 
     async def _provision(self, request: FunctionRequest) -> None:
         """Install the request's dependencies before it queues (once per set).
@@ -834,12 +910,22 @@ class WorkerPool:
         """Hand queued jobs to workers (see the module docstring for the rule)."""
         self._start_min()
         ready = [w for w in self.workers.values() if w.ready and w.alive]
+        outgoing: dict[Worker, list[tuple[list[_Job], bool]]] = {}
+        try:
+            self._assign(ready, outgoing)
+        finally:
+            self._send_all(outgoing)
+
+    def _assign(
+        self, ready: list[Worker], outgoing: dict[Worker, list[tuple[list[_Job], bool]]]
+    ) -> None:
+        """Take jobs off the queue for ``ready`` workers into ``outgoing``."""
         # 1. Jobs a worker can start now, to the worker with the most free slots.
         while self.queue:
             worker = max(ready, key=lambda w: w.free, default=None)
             if worker is None or worker.free <= 0:
                 break
-            self._send(worker, min(self.batch_size, worker.free), ahead=False)
+            self._take(worker, min(self.batch_size, worker.free), outgoing, ahead=False)
         if not self.queue:
             self._rebalance(ready)
             return
@@ -859,6 +945,7 @@ class WorkerPool:
             return
         # 3. Every worker busy, none can start: hand each a few jobs to start next, topped
         # up once half of them have started (fewer, fuller requests), shared out evenly.
+        # They travel in the same request as the jobs that worker starts now, if any.
         low = max(1, self.batch_size // 2)
         while self.queue:
             ahead = [w for w in ready if w.free + self.batch_size >= low]
@@ -867,14 +954,24 @@ class WorkerPool:
             share = -(-len(self.queue) // len(ahead))
             for worker in sorted(ahead, key=lambda w: -w.free):
                 if self.queue:
-                    self._send(
-                        worker, min(share, worker.free + self.batch_size), ahead=True
+                    self._take(
+                        worker,
+                        min(share, worker.free + self.batch_size),
+                        outgoing,
+                        ahead=True,
                     )
 
-    def _send(self, worker: Worker, count: int, *, ahead: bool) -> None:
-        """Send up to ``count`` queued jobs to ``worker`` in one request."""
-        assert self._tg is not None  # noqa: S101
+    def _take(
+        self,
+        worker: Worker,
+        count: int,
+        outgoing: dict[Worker, list[tuple[list[_Job], bool]]],
+        *,
+        ahead: bool,
+    ) -> None:
+        """Take up to ``count`` queued jobs for ``worker`` (sent by `_send_all`)."""
         batch: list[_Job] = []
+        now = self._clock()
         while self.queue and len(batch) < count:
             if self.queue[0].chunks is not None and batch:
                 break  # a stream travels alone: its reader must not hold up others
@@ -889,14 +986,27 @@ class WorkerPool:
                 job.state = "IN_PROGRESS"
                 job.running = True
                 worker.running += 1
-                job.start()
+                self._start_job(job, now)
             batch.append(job)
             if job.chunks is not None:
                 break
         if batch:
-            self._tg.start_soon(
-                functools.partial(self._send_batch, ahead=ahead), worker, batch
-            )
+            outgoing.setdefault(worker, []).append((batch, ahead))
+
+    def _send_all(self, outgoing: dict[Worker, list[tuple[list[_Job], bool]]]) -> None:
+        """One request per worker for the jobs `_assign` took (a stream's goes alone)."""
+        assert self._tg is not None  # noqa: S101
+        for worker, batches in outgoing.items():
+            jobs: list[_Job] = []
+            ahead: list[bool] = []
+            for batch, handed_ahead in batches:
+                alone = batch[0].chunks is not None
+                if jobs and (alone or jobs[0].chunks is not None):
+                    self._tg.start_soon(self._send_batch, worker, jobs, ahead)
+                    jobs, ahead = [], []
+                jobs += batch
+                ahead += [handed_ahead] * len(batch)
+            self._tg.start_soon(self._send_batch, worker, jobs, ahead)
 
     def _rebalance(self, ready: list[Worker]) -> None:
         """Let workers with free slots take back jobs waiting in other workers' batches."""
@@ -938,7 +1048,7 @@ class WorkerPool:
                 job.finish(
                     None, DeliveryError("the endpoint was stopped before the job ran")
                 )
-            elif not job.done.is_set():
+            elif not job.finished:
                 job.state = "IN_QUEUE"
                 self.queue.appendleft(job)
         self._wake.set()
@@ -951,8 +1061,9 @@ class WorkerPool:
             worker.running -= 1
 
     async def _send_batch(
-        self, worker: Worker, batch: list[_Job], *, ahead: bool
+        self, worker: Worker, batch: list[_Job], ahead: list[bool]
     ) -> None:
+        """Send ``batch`` in one request; ``ahead``: each job waits there for a slot."""
         pending = {job.id: job for job in batch}
         conn = worker.connection()
         reusable = False
@@ -961,9 +1072,9 @@ class WorkerPool:
                 "id": job.id,
                 "request": job.request,
                 "stream": job.chunks is not None,
-                "ahead": ahead,
+                "ahead": waits,
             }
-            for job in batch
+            for job, waits in zip(batch, ahead, strict=True)
         ]
         body = _packer.encode({"jobs": jobs, "concurrency": worker.slots})
         try:
@@ -976,7 +1087,7 @@ class WorkerPool:
                 raise DeliveryError(msg)
             for job in pending.values():
                 job.delivered = True
-            if ahead:
+            if True in ahead:
                 self._wake.set()  # an idle worker may take some of these back
             async with aclosing(response.frames()) as frames:
                 async for frame in frames:
@@ -1001,7 +1112,7 @@ class WorkerPool:
                         if starting is not None and not starting.running:
                             starting.running = True
                             worker.running += 1
-                            starting.start()
+                            self._start_job(starting, self._clock())
                         continue
                     answered = pending.pop(done.id, None)
                     if answered is None:
@@ -1018,7 +1129,7 @@ class WorkerPool:
                             PayloadSignatureError if signature else SerializationError
                         )
                         job.finish(None, kind(refused))
-                    elif _stopped_by_worker(done.response) and not job.done.is_set():
+                    elif _stopped_by_worker(done.response) and not job.finished:
                         # Its caller did not cancel it (that finishes the job first): the
                         # worker stopped it on its way out (recycled for another job's sake,
                         # or SIGTERM). The worker died mid-job: retried, not "cancelled".
@@ -1128,15 +1239,15 @@ class LocalBackend:
         self.pool = pool
         self._scope = scope
 
-    async def execute(
+    def execute(
         self,
         call: Call,
         *,
         job_id: str,
         chunks: MemoryObjectSendStream[FunctionResponse] | None = None,
-    ) -> FunctionResponse:
-        """Run the job on one of the pool's workers."""
-        return await self.pool.execute(call, job_id, chunks)
+    ) -> Coroutine[Any, Any, FunctionResponse]:
+        """Run the job on one of the pool's workers (the pool's coroutine: no frame here)."""
+        return self.pool.execute(call, job_id, chunks)
 
     async def aclose(self) -> None:
         """Stop the pool and its workers."""

@@ -78,8 +78,9 @@ class LocalProvider:
 
     Args:
         state_dir: where logs (and later the daemon's records) go; default ``.flash``.
-        batch_size: most jobs sent to a worker in one request (how many jobs a worker runs at
-            once is the endpoint's ``max_concurrency``).
+        batch_size: most jobs handed to a busy worker to start next, in one request (how
+            many jobs a worker runs at once is the endpoint's ``max_concurrency``). 32: a
+            request per 8 jobs cost the caller and the workers more than the jobs did.
         registry: where load-balancer routes are found (default: the process-wide one).
         fast_start: fork workers from a pre-started template process (milliseconds each)
             instead of starting fresh interpreters (~0.4 s each).
@@ -94,7 +95,7 @@ class LocalProvider:
         self,
         *,
         state_dir: Path | str = ".flash",
-        batch_size: int = 8,
+        batch_size: int = 32,
         registry: Registry | None = None,
         fast_start: bool = True,
         start_backoff_max_s: float | None = None,
