@@ -117,6 +117,10 @@ def apply_downloads(accelerate: bool) -> None:  # noqa: FBT001 (the request's fl
     that reads it once (huggingface_hub, when first imported) keeps what it read first.
     """
     wanted = _accelerated() if accelerate else {}
+    if _base.keys() <= wanted.keys() and all(
+        os.environ.get(name) == value for name, value in wanted.items()
+    ):
+        return  # as the last job left it: no putenv per job
     for name, value in wanted.items():
         if name not in _base:
             _base[name] = os.environ.get(name)

@@ -321,6 +321,24 @@ def test_fast_transfers_are_enabled_only_when_importable_and_not_set_by_the_user
     assert os.environ["HF_XET_HIGH_PERFORMANCE"] == "0"
 
 
+def test_each_job_finds_the_download_settings_even_if_the_last_job_changed_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setenv("FLASH_DOWNLOAD_ENV", json.dumps({"HF_HOME": "/vol/.hf-cache"}))
+    monkeypatch.setattr(flash_volumes, "_base", {})
+    apply_downloads(True)
+    apply_downloads(True)  # unchanged: nothing to write
+    assert os.environ["HF_HOME"] == "/vol/.hf-cache"
+    os.environ["HF_HOME"] = "/elsewhere"  # a job's code moved it
+    apply_downloads(True)
+    assert os.environ["HF_HOME"] == "/vol/.hf-cache"
+    apply_downloads(False)
+    assert "HF_HOME" not in os.environ
+    apply_downloads(False)
+    assert "HF_HOME" not in os.environ
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 
