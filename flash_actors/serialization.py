@@ -387,13 +387,18 @@ class RequestSigner:
             _frame(mac, b"i", instance_id)
             mac.update(b"n" if create_new_instance else b"o")
         enc_args = _encode_seq(mac, b"a", args, arg_names)
-        enc_kwargs = _encode_map(mac, b"k", kwargs)
+        enc_kwargs: dict[str, str] = {}
+        enc_cargs: list[str] = []
+        enc_ckwargs: dict[str, str] = {}
         if constructor_args or constructor_kwargs:
+            enc_kwargs = _encode_map(mac, b"k", kwargs)
             enc_cargs = _encode_seq(mac, b"c", constructor_args, ())
             enc_ckwargs = _encode_map(mac, b"d", constructor_kwargs or {})
-        else:
+        elif kwargs:
+            enc_kwargs = _encode_map(mac, b"k", kwargs)
             mac.update(_NO_CONSTRUCTOR)
-            enc_cargs, enc_ckwargs = [], {}
+        else:  # the bytes `_encode_map` and `_encode_seq` absorb for none, in one update
+            mac.update(_NO_KWARGS_NO_CONSTRUCTOR)
         fields: dict[str, Any] = {
             "args": enc_args,
             "kwargs": enc_kwargs,
@@ -446,6 +451,8 @@ def _frame_list(mac: Any, tag: bytes, items: list[str] | None) -> None:
 
 _NO_CONSTRUCTOR = b"c" + _LEN.pack(0) + b"d" + _LEN.pack(0)
 """What the MAC absorbs for a call without constructor arguments (see `_encode_seq`)."""
+_NO_KWARGS_NO_CONSTRUCTOR = b"k" + _LEN.pack(0) + _NO_CONSTRUCTOR
+"""... and without keyword arguments either."""
 
 
 def _arg_name(names: Sequence[str], i: int) -> Callable[[], str]:
@@ -500,9 +507,19 @@ def _decode_seq(mac: Any, tag: bytes, texts: Sequence[str], label: str) -> list[
         raws = [pybase64.b64decode(t, validate=True) for t in texts]
     except (ValueError, TypeError):  # again, one by one, to name the culprit
         raws = [_b64decode(t, f"{label} {i}") for i, t in enumerate(texts)]
-    mac.update(tag + _LEN.pack(len(raws)))
+    # the same bytes as `_absorb` per payload, small ones fed to the MAC in one update
+    parts = [tag + _LEN.pack(len(raws))]
     for raw in raws:
-        _absorb(mac, raw)
+        size = len(raw)
+        if size < 4096:
+            parts += (_LEN.pack(size), raw)
+        else:
+            parts.append(_LEN.pack(size))
+            mac.update(b"".join(parts))
+            mac.update(raw)
+            parts = []
+    if parts:
+        mac.update(b"".join(parts))
     return raws
 
 
@@ -557,9 +574,9 @@ def _payload_mac(req: FunctionRequest, key: bytes) -> tuple[Any, _Raws | None]:
         SerializationError: a payload is not valid base64 (or, in json format, not JSON).
     """
     mac = _static_prefix(key, req).copy()
-    _frame(mac, b"m", req.method_name)
-    _frame(mac, b"i", req.instance_id)
-    mac.update(b"n" if req.create_new_instance else b"o")
+    if req.instance_id is not None:  # else the prefix holds these too
+        _frame(mac, b"i", req.instance_id)
+        mac.update(b"n" if req.create_new_instance else b"o")
     if req.serialization_format == "json":
         _json_seq(mac, b"a", req.args, "argument")
         _json_map(mac, b"k", req.kwargs, "argument")
@@ -567,6 +584,9 @@ def _payload_mac(req: FunctionRequest, key: bytes) -> tuple[Any, _Raws | None]:
         _json_map(mac, b"d", req.constructor_kwargs, "constructor argument")
         return mac, None
     args = _decode_seq(mac, b"a", req.args, "argument")
+    if not (req.kwargs or req.constructor_args or req.constructor_kwargs):
+        mac.update(_NO_KWARGS_NO_CONSTRUCTOR)  # the calls below for none, in one update
+        return mac, (args, {}, [], {})
     kwargs = _decode_map(mac, b"k", req.kwargs, "argument")
     if req.constructor_args or req.constructor_kwargs:
         cargs = _decode_seq(mac, b"c", req.constructor_args, "constructor argument")
@@ -653,7 +673,11 @@ _PREFIXES_MAX = 256
 
 
 def _static_prefix(key: bytes, req: FunctionRequest) -> Any:
-    """The MAC over a request's static fields, computed once per key and code (bounded)."""
+    """The MAC over a request's static fields and method, computed once per key and code.
+
+    Without an ``instance_id`` (the common call) it also holds the instance fields. The
+    cache is bounded.
+    """
     cache_key = (
         key,
         req.function_name,
@@ -666,11 +690,17 @@ def _static_prefix(key: bytes, req: FunctionRequest) -> Any:
         None if req.dependencies is None else tuple(req.dependencies),
         None if req.system_dependencies is None else tuple(req.system_dependencies),
         req.accelerate_downloads,
+        req.method_name,
+        None if req.instance_id is not None else req.create_new_instance,
     )
     mac = _prefixes.get(cache_key)
     if mac is None:
         mac = _new_mac(key, b"request")
         _static_fields(mac, req)
+        _frame(mac, b"m", req.method_name)
+        if req.instance_id is None:
+            _frame(mac, b"i", None)
+            mac.update(b"n" if req.create_new_instance else b"o")
         if len(_prefixes) >= _PREFIXES_MAX:
             _prefixes.clear()
         _prefixes[cache_key] = mac

@@ -18,6 +18,7 @@ from flash_actors.serialization import (
     dumps,
     encode_result,
     loads,
+    sign_request,
 )
 
 KEY = b"k" * 32
@@ -73,3 +74,49 @@ def test_result_signature_is_keyed_blake3_over_the_framed_pickle(size: int) -> N
     mac = blake3(b"v2:result\x00" + len(raw).to_bytes(8, "big") + raw, key=KEY)
     assert signature == "v2:" + mac.hexdigest()
     assert len(decode_result(text, signature, KEY)) == size
+
+
+def _b64(raw: bytes) -> str:
+    return pybase64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (
+            FunctionRequest(
+                function_name="f", function_code="def f(x): ...", args=[_b64(b"hello")]
+            ),
+            "v2:d3ea687e07e21bedb934684d86de64eb95f3e99fd3efdd4a4664470aa4759a4f",
+        ),
+        (
+            FunctionRequest(
+                function_name="f",
+                function_code="def f(x): ...",
+                args=[_b64(b"a" * 5000)],
+                kwargs={"k": _b64(b"v")},
+                constructor_args=[_b64(b"c")],
+            ),
+            "v2:549abb65bed13ebbe87e46d551725eea0efaa1edf332446efd8bb5e4bd095019",
+        ),
+        (
+            FunctionRequest(
+                class_name="C",
+                class_code="class C: ...",
+                execution_type="class",
+                method_name="go",
+                instance_id="i1",
+                create_new_instance=False,
+            ),
+            "v2:905493379ea072dfd283ab3a5b893e5b541c678e4ef356582caf97794bd362ca",
+        ),
+    ],
+)
+def test_request_signatures_are_pinned(
+    request_: FunctionRequest, expected: str
+) -> None:
+    # The MAC's byte stream is the wire format: the fast paths (cached prefixes, merged
+    # updates) must feed exactly the bytes scheme v2 defines, whatever the call's shape.
+    key = bytes(range(32))
+    assert sign_request(request_, key).signature == expected
+    decode_request(sign_request(request_, key), key, unpickle=False)
