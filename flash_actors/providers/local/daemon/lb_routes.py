@@ -14,8 +14,9 @@ check as every other route first.
   bodies not decompressed). A request body over `PROXY_BODY_LIMIT` is a 413 (from its
   ``Content-Length``, or once that much has been read), one that stalls for the daemon's
   idle timeout a 408. When the client goes away the upstream request is closed, which
-  cancels the route's function in the app. 503 while its app starts (or names why and its
-  log when it cannot start), 502 when the app went away in the middle of the request.
+  cancels the route's function in the app. 503 while its app starts (naming why and its log
+  when it cannot start) and when its app refuses the connection (it died and is started
+  again), 502 when the app went away in the middle of the request.
 - ``POST /execute`` on a live load-balancer endpoint is Flash's live load-balancer route: a
   ``FunctionRequest`` in (signed by the daemon when a stock client sent it unsigned, as for
   queued jobs), its ``FunctionResponse`` out, straight from one of the endpoint's workers:
@@ -255,6 +256,11 @@ class _Proxy:
                 if request.transport is not None:
                     request.transport.close()
                 return answer
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                # nothing was sent: its app died and the daemon has not seen it yet (it is
+                # started again), as a caller retrying a 503 expects
+                msg = f"endpoint {ep.name!r} is starting its app; retry shortly"
+                raise GatewayError(503, msg) from exc
             app = ep.app
             where = f" (log: {app.log_path})" if app is not None else ""
             msg = f"endpoint {ep.name!r}: its app did not answer ({exc}){where}"
