@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import socket
 import subprocess
@@ -183,11 +184,15 @@ def test_port_taken_moves_to_the_next_free_one(tmp_path: Path) -> None:
         with DevServer(
             folder, "--no-reload", "--host", "127.0.0.1", "--port", str(port)
         ) as server:
-            server.wait_up(port + 1)
-            assert (
-                f"flash: port {port} is in use on 127.0.0.1; serving on port {port + 1} instead"
-                in server.output()
-            )
+            # the next free one: port + 1 unless a test running beside this one took it
+            pattern = rf"flash: port {port} is in use on 127.0.0.1; serving on port (\d+) instead"
+            deadline = time.monotonic() + 30
+            while (moved := re.search(pattern, server.output())) is None:
+                assert time.monotonic() < deadline, server.output()
+                assert server.proc.poll() is None, server.output()
+                time.sleep(0.05)
+            assert int(moved[1]) > port
+            server.wait_up(int(moved[1]))
 
 
 def test_errors_are_one_line_with_exit_code_1(tmp_path: Path) -> None:
