@@ -56,6 +56,7 @@ __all__ = [
     "Target",
     "add_common",
     "confirm",
+    "confirm_deletion",
     "connect",
     "fail",
     "print_json",
@@ -308,6 +309,19 @@ def confirm(question: str, *, expect: str | None = None) -> bool:
     if expect is not None:
         return answer == expect
     return answer.lower() in {"y", "yes"}
+
+
+def confirm_deletion(question: str, name: str, what: str) -> None:
+    """Ask twice (yes, then ``what``'s name typed back) before a deletion.
+
+    Raises:
+        CommandError: not confirmed (the hint names ``--yes``).
+    """
+    if not confirm(question) or not confirm(
+        f"This cannot be undone. Type the {what}'s name ({name}) to confirm:",
+        expect=name,
+    ):
+        raise CommandError("not deleted: not confirmed", "--yes deletes without asking")
 
 
 # -- the target -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from flash_actors_cli._target import (
     CommandError,
     add_common,
-    confirm,
+    confirm_deletion,
     connect,
     print_json,
     print_table,
@@ -178,13 +178,7 @@ async def _delete_app(args: argparse.Namespace) -> int:
                 f"Delete app {app['name']!r} on {target.where}: its {len(envs)} "
                 f"environment(s), {len(builds)} build(s) and {len(ids)} endpoint(s)?"
             )
-            if not confirm(question) or not confirm(
-                f"This cannot be undone. Type the app's name ({app['name']}) to confirm:",
-                expect=app["name"],
-            ):
-                raise CommandError(
-                    "not deleted: not confirmed", "--yes deletes without asking"
-                )
+            confirm_deletion(question, app["name"], "app")
         with step(f"deleting app {app['name']}"):
             removed = await remove_endpoints(target, ids)
             await target.apps.delete_app(app["id"])

@@ -21,6 +21,7 @@ from flash_actors_cli._target import (
     add_common,
     app_name,
     confirm,
+    confirm_deletion,
     connect,
     print_json,
     print_table,
@@ -243,14 +244,7 @@ async def delete_environment(args: argparse.Namespace) -> int:
                 f"Delete environment {env['name']!r} of app {app['name']!r} on "
                 f"{target.where}, and its {len(ids)} endpoint(s)?"
             )
-            if not confirm(question) or not confirm(
-                f"This cannot be undone. Type the environment's name ({env['name']}) "
-                "to confirm:",
-                expect=env["name"],
-            ):
-                raise CommandError(
-                    "not deleted: not confirmed", "--yes deletes without asking"
-                )
+            confirm_deletion(question, env["name"], "environment")
         with step(f"deleting environment {env['name']}"):
             removed = await remove_endpoints(target, ids)
             await target.apps.delete_environment(env["id"])

@@ -229,6 +229,7 @@ class RunPodResolver:
         from flash_actors.errors import GraphQLError
         from flash_actors.providers.runpod.flash_apps import FlashApps
         from flash_actors.providers.runpod.graphql import ControlPlane
+        from flash_actors.providers.runpod.provisioning import without_flashboot_suffix
 
         control = ControlPlane(
             self.transport, self.settings.api_base_url, self.settings.api_key
@@ -249,7 +250,7 @@ class RunPodResolver:
                 problem = _reason(exc)
             else:
                 return {
-                    _resource_of(str(e["name"])): str(e["id"])
+                    without_flashboot_suffix(str(e["name"])): str(e["id"])
                     for e in environment.get("endpoints") or []
                     if isinstance(e, dict) and e.get("name") and e.get("id")
                 }
@@ -292,13 +293,6 @@ class RunPodResolver:
     async def aclose(self) -> None:
         """Close the HTTPS connections."""
         await self.transport.aclose()
-
-
-def _resource_of(endpoint_name: str) -> str:
-    """The resource an environment's endpoint serves: its name less FlashBoot's ``-fb``."""
-    while endpoint_name.endswith("-fb"):
-        endpoint_name = endpoint_name[:-3]
-    return endpoint_name
 
 
 def _reason(exc: BaseException) -> str:

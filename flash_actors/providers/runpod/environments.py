@@ -35,6 +35,7 @@ from flash_actors.providers.runpod.provisioning import (
     endpoint_input,
     remove_endpoint,
     update_endpoint,
+    without_flashboot_suffix,
 )
 from flash_actors.registry import resource_from_config
 
@@ -104,10 +105,7 @@ def resource_of(endpoint: Mapping[str, Any]) -> str:
     for pair in pairs if isinstance(pairs, list) else []:
         if isinstance(pair, dict) and pair.get("key") == RESOURCE_ENV:
             return str(pair.get("value") or "")
-    name = str(endpoint.get("name") or "")
-    while name.endswith("-fb"):
-        name = name[:-3]
-    return name
+    return without_flashboot_suffix(str(endpoint.get("name") or ""))
 
 
 @dataclass

@@ -61,6 +61,7 @@ __all__ = [
     "remove_endpoint",
     "same_config",
     "update_endpoint",
+    "without_flashboot_suffix",
 ]
 
 log = get_logger(__name__)
@@ -107,6 +108,13 @@ _PLATFORM_ENV = frozenset({"PORT", "PORT_HEALTH"})
 """Env keys RunPod adds to a load balancer's template itself; never a difference."""
 
 
+def without_flashboot_suffix(name: str) -> str:
+    """``name`` less any trailing ``-fb`` (the FlashBoot suffix older Flash versions added)."""
+    while name.endswith("-fb"):
+        name = name[:-3]
+    return name
+
+
 def live_name(name: str, *, flashboot: bool = True) -> str:
     """The RunPod name of our endpoint ``name``: ``live-<name>``, as 1.21 names it.
 
@@ -116,10 +124,7 @@ def live_name(name: str, *, flashboot: bool = True) -> str:
     while name.startswith(LIVE_PREFIX):
         name = name[len(LIVE_PREFIX) :]
     name = f"{LIVE_PREFIX}{name}"
-    if flashboot:
-        while name.endswith("-fb"):
-            name = name[:-3]
-    return name
+    return without_flashboot_suffix(name) if flashboot else name
 
 
 def _md5(text: str) -> str:
@@ -256,8 +261,8 @@ def endpoint_input(
         name = live_name(resource.name, flashboot=resource.flashboot)
     else:
         name = resource.name
-        while resource.flashboot and name.endswith("-fb"):
-            name = name[:-3]
+        if resource.flashboot:
+            name = without_flashboot_suffix(name)
     gpu_count: int | None
     gpu_ids: str | None
     cuda: str | None

@@ -104,10 +104,9 @@ def resource_name(endpoint_name: str, env: list[dict[str, str]]) -> str:
     for pair in env:
         if pair.get("key") == RESOURCE_ENV and pair.get("value"):
             return pair["value"]
-    name = endpoint_name
-    while name.endswith("-fb"):
-        name = name[:-3]
-    return name
+    from flash_actors.providers.runpod.provisioning import without_flashboot_suffix
+
+    return without_flashboot_suffix(endpoint_name)
 
 
 DEPLOY_ENV = frozenset(
