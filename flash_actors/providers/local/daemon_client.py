@@ -7,6 +7,9 @@ daemon's capabilities declared (long-polled status, caller-chosen job ids, strea
 id is the caller's, so a retried delivery attaches to the job the daemon already has instead
 of running it twice. Leaving the caller's scope cancels the job on the daemon. Requests are
 signed with keys derived from the daemon's secret (from its record): its workers accept them.
+While the provider is entered (``async with``: the runtime does it), small jobs travel
+batched, each endpoint's through one `JobFeed` (many jobs per request, many results per long
+poll); outside it, and for large jobs and streams, each job waits on a request of its own.
 
 A call rides out a restart of the daemon (``flash local down``/``up``, or a killed daemon
 started again): while the daemon cannot be reached, the call retries, resubmitting under its
@@ -47,13 +50,14 @@ from flash_actors.providers.local.daemon.record import (
 )
 from flash_actors.providers.runpod.backend import QueueBackend
 from flash_actors.providers.runpod.dataplane import FLASH_LOCAL, DataPlane, error_text
+from flash_actors.providers.runpod.feed import JobFeed
 from flash_actors.serialization import master_secret, secret_key
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
     from types import TracebackType
 
-    from anyio.abc import Process
+    from anyio.abc import Process, TaskGroup
 
     from flash_actors.providers.runpod.transport import Response
     from flash_actors.resources import ServerlessResource
@@ -181,8 +185,13 @@ class GatewayProvider:
             key_name="FLASH_LOCAL_API_KEY",
             service=self.describe(),
         )
+        self._feeds: dict[str, JobFeed] = {}
+        self._tg: TaskGroup | None = None
 
     async def __aenter__(self) -> GatewayProvider:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
         return self
 
     async def __aexit__(
@@ -191,7 +200,31 @@ class GatewayProvider:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None:  # the feeds stop: calls still waiting on them fail
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self._feeds.clear()
+            await self.aclose()
+
+    @property
+    def feeds(self) -> Mapping[str, JobFeed]:
+        """The batched-job feed of each endpoint opened while entered, by endpoint name."""
+        return self._feeds
+
+    async def _feed(self, endpoint: str) -> JobFeed | None:
+        """The endpoint's batched-job feed, started on first use (None when not entered)."""
+        if self._tg is None:
+            return None
+        feed = self._feeds.get(endpoint)
+        if feed is None or not feed.running:
+            feed = self._feeds[endpoint] = JobFeed(
+                self.plane, endpoint, persist=self.reconnecting
+            )
+            await self._tg.start(feed.run)
+        return feed
 
     async def request(
         self, method: str, path: str, body: bytes = b""
@@ -333,6 +366,7 @@ class GatewayProvider:
             resource.name,
             persist=self.reconnecting,
             job_policy=self.job_policy,
+            feed=await self._feed(resource.name),
         )
 
     async def aclose(self) -> None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from flash_actors.messages import Call
     from flash_actors.providers.runpod.dataplane import DataPlane, Envelope
+    from flash_actors.providers.runpod.feed import JobFeed
 
 __all__ = ["QueueBackend", "job_output", "keep_trying", "response_of"]
 
@@ -83,6 +84,8 @@ class QueueBackend:
             (``persist(key, attempt)``); default `keep_trying` for 30 s.
         job_policy: adds server-specific fields to each job's ``policy``.
         capacity: jobs let through to the server at once (it queues the rest).
+        feed: where small jobs go, batched, while it runs (a server declaring ``batch``);
+            without it each job waits on a request of its own.
     """
 
     enforces = ENFORCES_ALL
@@ -96,8 +99,10 @@ class QueueBackend:
         | None = None,
         job_policy: Callable[[dict[str, int]], dict[str, int]] | None = None,
         capacity: int = 4096,
+        feed: JobFeed | None = None,
     ) -> None:
         self.plane = plane
+        self.feed = feed
         self.endpoint_id = endpoint_id
         self.capacity = capacity
         self._persist = persist or (
@@ -110,15 +115,15 @@ class QueueBackend:
     ) -> Envelope:
         plane, endpoint = self.plane, self.endpoint_id
         if plane.capabilities.job_ids:
+            body = plane.job_body(payload, policy=policy, job_id=job_id)
+            feed = self.feed
+            if feed is not None and feed.running and len(body) <= feed.max_job_bytes:
+                return await feed.submit_and_wait(job_id, body)  # it cancels its own
             known.append(job_id)
 
             async def attempt() -> Envelope:
-                envelope = await plane.run(
-                    endpoint,
-                    payload,
-                    policy=policy,
-                    job_id=job_id,
-                    sync_wait_ms=LONG_WAIT_MS,
+                envelope = await plane.run_body(
+                    endpoint, body, with_id=True, sync_wait_ms=LONG_WAIT_MS
                 )
                 return await plane.wait(endpoint, envelope)
 

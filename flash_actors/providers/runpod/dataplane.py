@@ -13,6 +13,8 @@ offers is a declared `Capabilities`, never an assumption:
   `DeliveryUncertainError`, which nobody retries, so no job runs twice.
 - ``stream_flag``: ``"stream": true`` in ``/run`` makes the server keep a generator's chunks
   for ``/stream/{id}``.
+- ``batch``: ``/runbatch`` takes many jobs (with ids) at once and ``/feed/{feed}`` long-polls
+  their results, many per answer (`flash_actors.providers.runpod.feed`).
 
 HTTP answers map onto the error tree: 401/403 -> `ConfigurationError` naming the key's
 variable; 429 and 503 -> `NotDeliveredError` (nothing was created); other 5xx ->
@@ -61,12 +63,13 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     long_poll: bool = False
     job_ids: bool = False
     stream_flag: bool = False
+    batch: bool = False
 
 
 RUNPOD = Capabilities()
 """RunPod Serverless: the documented API only."""
 
-FLASH_LOCAL = Capabilities(long_poll=True, job_ids=True, stream_flag=True)
+FLASH_LOCAL = Capabilities(long_poll=True, job_ids=True, stream_flag=True, batch=True)
 """The ``flash local`` daemon."""
 
 
@@ -239,8 +242,25 @@ class DataPlane:
 
         ``job_id`` and ``stream`` are sent only where the server declares them.
         """
+        body = self.job_body(
+            payload, policy=policy, job_id=job_id, webhook=webhook, stream=stream
+        )
+        return await self.run_body(
+            endpoint_id, body, with_id=job_id is not None, sync_wait_ms=sync_wait_ms
+        )
+
+    def job_body(
+        self,
+        payload: Any,
+        *,
+        policy: dict[str, int] | None = None,
+        job_id: str | None = None,
+        webhook: str | None = None,
+        stream: bool = False,
+    ) -> bytes:
+        """A job as ``/run`` takes it; ``job_id`` and ``stream`` only where the server has them."""
         caps = self.capabilities
-        body = wire_encoder.encode(
+        return wire_encoder.encode(
             _JobBody(
                 input=payload,
                 policy=policy or {},
@@ -249,9 +269,23 @@ class DataPlane:
                 stream=stream and caps.stream_flag,
             )
         )
+
+    async def run_body(
+        self,
+        endpoint_id: str,
+        body: bytes,
+        *,
+        with_id: bool,
+        sync_wait_ms: int | None = None,
+    ) -> Envelope:
+        """`run` with the job already encoded (`job_body`); ``with_id``: it carries its id."""
         path = "/run" if sync_wait_ms is None else f"/runsync?wait={sync_wait_ms}"
         data = await self.call(
-            "POST", endpoint_id, path, body, submit=job_id is None or not caps.job_ids
+            "POST",
+            endpoint_id,
+            path,
+            body,
+            submit=not (with_id and self.capabilities.job_ids),
         )
         return _envelope.decode(data)
 

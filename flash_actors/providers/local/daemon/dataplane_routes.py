@@ -3,9 +3,12 @@
 ``run``, ``runsync``, ``status/{id}``, ``stream/{id}``, ``cancel/{id}``, ``retry/{id}``,
 ``purge-queue``, ``health``, ``metrics``. ``status`` also takes ``?wait=ms`` (wait for the job
 to end), ``run`` an ``id`` and ``stream`` field and the policy an ``abandonAfter``: extensions
-our own client uses, ignored by stock clients. With ``runpod_only`` (``flash local up
---runpod-only``) they are not offered: ``id`` and ``stream`` are ignored and ``?wait`` on
-``status`` too, and ``abandonAfter`` is an unknown policy field, as on RunPod.
+our own client uses, ignored by stock clients. So are ``runbatch`` (many jobs in one request,
+each under its caller-chosen id, each accepted or refused on its own) and ``feed/{feed}``
+(their results, many per long poll: `flash_actors.providers.local.daemon.feeds`). With
+``runpod_only`` (``flash local up --runpod-only``) none of this is offered: ``id`` and
+``stream`` are ignored and ``?wait`` on ``status`` too, ``abandonAfter`` is an unknown policy
+field, and ``runbatch`` and ``feed`` do not exist, as on RunPod.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import msgspec
 from flash_actors.providers.local.daemon.bodies import (
     RUN_LIMIT,
     RUNSYNC_LIMIT,
+    SMALL_LIMIT,
     decode,
     json_response,
     wait_ms,
@@ -50,6 +54,28 @@ class _RunBody(msgspec.Struct):
 
 _run_decoder = msgspec.json.Decoder(_RunBody)
 
+MAX_BATCH_JOBS = 1_000
+"""The most jobs one ``runbatch`` request may carry."""
+
+
+class _BatchJob(msgspec.Struct):
+    id: str
+    input: msgspec.Raw
+    policy: dict[str, Any] | None = None
+
+
+class _BatchBody(msgspec.Struct):
+    feed: str
+    jobs: list[_BatchJob]
+
+
+class _AckBody(msgspec.Struct):
+    ack: list[str] = []
+
+
+_batch_decoder = msgspec.json.Decoder(_BatchBody)
+_ack_decoder = msgspec.json.Decoder(_AckBody)
+
 
 def add_dataplane_routes(
     app: web.Application,
@@ -66,7 +92,12 @@ def add_dataplane_routes(
     runpod-flash's ``X-Flash-App``, ``X-Flash-Environment`` and ``X-Flash-Endpoint`` headers
     runs Flash's deployed-mode input on that endpoint.
     """
-    catalog, book, plane = gateway.catalog, gateway.book, gateway.plane
+    catalog, book, plane, feeds = (
+        gateway.catalog,
+        gateway.book,
+        gateway.plane,
+        gateway.feeds,
+    )
     known_policy = _RUNPOD_POLICY_FIELDS if runpod_only else _POLICY_FIELDS
 
     async def send_envelope(request: web.Request, job: Job) -> web.StreamResponse:
@@ -116,22 +147,31 @@ def add_dataplane_routes(
         async with bodies.large(request, limit, route):
             body = await bodies.read(request, limit, route)
             parsed = decode(_run_decoder, body, "request")
-            raw_input = memoryview(parsed.input)  # the body's bytes, not a copy
-            if len(raw_input) <= 4 and bytes(raw_input) in {b"null", b""}:
-                raise GatewayError(400, "invalid request: input is required")
-            options: dict[str, Any] = dict(parsed.policy or {})
-            unknown = set(options) - set(known_policy)
-            if unknown:
-                msg = (
-                    f"unknown policy field(s) {sorted(unknown)}; known: "
-                    f"{', '.join(known_policy)}"
-                )
-                raise GatewayError(400, msg)
+            options = options_of(parsed.policy)
             options["webhook"] = parsed.webhook
             options["stream"] = parsed.stream and not runpod_only
             return plane.submit(
-                ep, raw_input, options, None if runpod_only else parsed.id
+                ep, input_of(parsed.input), options, None if runpod_only else parsed.id
             )
+
+    def input_of(raw: msgspec.Raw) -> memoryview:
+        """A job's input: the body's bytes, not a copy; a missing input is a 400."""
+        raw_input = memoryview(raw)
+        if len(raw_input) <= 4 and bytes(raw_input) in {b"null", b""}:
+            raise GatewayError(400, "invalid request: input is required")
+        return raw_input
+
+    def options_of(policy: dict[str, Any] | None) -> dict[str, Any]:
+        """A job's options from its policy; an unknown policy field is a 400."""
+        options: dict[str, Any] = dict(policy or {})
+        unknown = set(options) - set(known_policy)
+        if unknown:
+            msg = (
+                f"unknown policy field(s) {sorted(unknown)}; known: "
+                f"{', '.join(known_policy)}"
+            )
+            raise GatewayError(400, msg)
+        return options
 
     async def run(request: web.Request) -> web.Response:
         job = await submit(request, RUN_LIMIT)
@@ -189,7 +229,61 @@ def add_dataplane_routes(
             {"workers": ep.worker_counts(), "readyWorkers": ready, "jobs": ep.counts()}
         )
 
+    async def runbatch(request: web.Request) -> web.Response:
+        """Many jobs at once, each under its own id: each is accepted or refused alone."""
+        ep = endpoint(request)
+        async with bodies.large(request, RUN_LIMIT, "runbatch"):
+            body = await bodies.read(request, RUN_LIMIT, "runbatch")
+            parsed = decode(_batch_decoder, body, "request")
+            if len(parsed.jobs) > MAX_BATCH_JOBS:
+                msg = (
+                    f"a runbatch request carries at most {MAX_BATCH_JOBS} jobs, "
+                    f"got {len(parsed.jobs)}"
+                )
+                raise GatewayError(400, msg)
+            feed = feeds.open(ep.name, parsed.feed)
+            answers: list[dict[str, Any]] = []
+            for item in parsed.jobs:
+                try:
+                    job = plane.submit(
+                        ep, input_of(item.input), options_of(item.policy), item.id
+                    )
+                except GatewayError as exc:
+                    answers.append(
+                        {"id": item.id, "error": exc.message, "code": exc.status}
+                    )
+                    continue
+                feeds.watch(feed, job)
+                answers.append({"id": job.id, "status": job.status})
+        return json_response({"jobs": answers})
+
+    async def feed(request: web.Request) -> web.Response:
+        """The ended jobs of a feed, once the acknowledged ones are dropped (long-polled)."""
+        ep = endpoint(request)
+        wait = wait_ms(request, 30_000, 0, 300_000)
+        body = await bodies.read(request, SMALL_LIMIT, "feed")
+        ack = decode(_ack_decoder, body, "request").ack if body else []
+        known = feeds.find(ep.name, request.match_info["feed"])
+        if known is None:
+            return json_response({"known": False, "jobs": []})
+        jobs = await feeds.take(known, ack, wait)
+        # Outputs of up to 20 MB each: as many as fit one large answer, at least one.
+        size, count = 0, 0
+        for job in jobs:
+            output = book.output_size(job)
+            if count and size + output > RUNSYNC_LIMIT:
+                break
+            size += output
+            count += 1
+        async with bodies.budget.hold(2 * size):
+            return json_response(
+                {"known": True, "jobs": [book.envelope(job) for job in jobs[:count]]}
+            )
+
     v2 = "/v2/{endpoint}"
+    if not runpod_only:
+        app.router.add_post(f"{v2}/runbatch", runbatch)
+        app.router.add_post(f"{v2}/feed/{{feed}}", feed)
     app.router.add_post(f"{v2}/run", run)
     app.router.add_post(f"{v2}/runsync", runsync)
     for method in ("GET", "POST"):

@@ -3,6 +3,7 @@
 - `catalog`: the registered endpoints and the checks on their configs;
 - `jobs`: every job and every change of its state (committed to the `JobStore` first);
 - `dataplane`: what clients ask (run, runsync, status, stream, health);
+- `feeds`: many jobs' results per long poll, for our own client's batched jobs;
 - `worker_protocol`: what stock ``runpod`` workers of handler endpoints ask;
 - `dispatch`: Flash endpoints' jobs handed to the local provider's worker pools;
 - deployed load balancers' app processes (`balancers`), one per such endpoint;
@@ -29,6 +30,7 @@ from flash_actors.providers.local.daemon.balancers import BalancerApp
 from flash_actors.providers.local.daemon.catalog import Catalog, Endpoint
 from flash_actors.providers.local.daemon.dataplane import DataPlane
 from flash_actors.providers.local.daemon.dispatch import FlashDispatch
+from flash_actors.providers.local.daemon.feeds import Feeds
 from flash_actors.providers.local.daemon.janitor import Janitor
 from flash_actors.providers.local.daemon.jobs import Job, JobBook
 from flash_actors.providers.local.daemon.webhooks import Webhooks
@@ -82,7 +84,8 @@ class Gateway:
         self.closing = anyio.Event()
         self.catalog = Catalog(served_dir or Path.cwd())
         self.webhooks = Webhooks(store)
-        self.book = JobBook(store, self.catalog.endpoints, on_end=self.webhooks.send)
+        self.feeds = Feeds(self.closing)
+        self.book = JobBook(store, self.catalog.endpoints, on_end=self._ended)
         self.plane = DataPlane(self.book, self.closing, max_queue=max_queue)
         self.protocol = WorkerProtocol(self.book, self.closing, take_wait_s=take_wait_s)
         self.dispatch = FlashDispatch(provider, self.book)
@@ -152,10 +155,16 @@ class Gateway:
                 tg.cancel_scope.cancel()
 
     def close(self) -> None:
-        """The daemon stops: long polls (runsync, status and stream waits) answer now."""
+        """The daemon stops: long polls (runsync, status, stream, feed waits) answer now."""
         self.closing.set()
         for job in self.jobs.values():
             job.notify()
+        self.feeds.close()
+
+    def _ended(self, job: Job) -> None:
+        """A job has ended: its webhook, and its feed."""
+        self.webhooks.send(job)
+        self.feeds.ended(job)
 
     def _start_endpoint(self, endpoint: Endpoint) -> None:
         assert self._tg is not None  # noqa: S101 (run() set it)
