@@ -386,6 +386,7 @@ def test_daemon_cancel_stops_a_running_sync_job_and_health_tells_the_truth(
 
 THREE = CpuLiveServerless(name="par-three", workersMin=3, workersMax=3)
 PAIR = CpuLiveServerless(name="par-pair", workersMin=1, workersMax=1, max_concurrency=2)
+ONE = CpuLiveServerless(name="par-one", workersMin=1, workersMax=1)
 
 
 @remote(THREE)
@@ -510,6 +511,50 @@ async def test_a_freed_worker_takes_back_jobs_waiting_behind_a_busy_one(
     assert len(records) == 6
     # Jobs left behind the 3 s ones would show ~2.9 s; slack for a loaded machine.
     assert _idle_while_waiting(records, since) < 1.5
+
+
+@remote(ONE)
+def hold_one(seconds: float) -> tuple[int, float, float]:
+    import os
+    import time
+
+    start = time.time()
+    time.sleep(seconds)
+    return os.getpid(), start, time.time()
+
+
+async def test_jobs_that_come_one_at_a_time_go_to_a_busy_worker_a_batch_at_a_time(
+    tmp_path: Path,
+) -> None:
+    """A busy worker with a job waiting there gets no single jobs (one request each) until
+    half a batch has gathered, or its waiting jobs have started; none is lost or late."""
+    provider = LocalProvider(state_dir=tmp_path / ".flash")
+    async with runtime(provider=provider):
+        await hold_one(0)
+        pool = provider.pools["par-one"]
+        records: list[Record] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_gather_into, records, hold_one, [1.5])  # runs
+            with anyio.fail_after(10):
+                while pool.statistics()["busy_slots"] < 1:
+                    await anyio.sleep(0.01)
+            tg.start_soon(_gather_into, records, hold_one, [0.0])  # waits on the worker
+            with anyio.fail_after(10):
+                while pool.statistics()["waiting_on_workers"] < 1:
+                    await anyio.sleep(0.01)
+            for _ in range(3):  # one at a time: they stay queued here
+                tg.start_soon(_gather_into, records, hold_one, [0.0])
+                await anyio.sleep(0.05)
+            stats = pool.statistics()
+            assert (stats["queued"], stats["waiting_on_workers"]) == (3, 1), stats
+    assert len(records) == 5
+    assert pool.statistics()["queued"] == 0
+
+
+async def _gather_into(
+    records: list[Record], function: Any, durations: list[float]
+) -> None:
+    records.extend(await _gather(function, durations))
 
 
 async def _extend(records: list[Record], durations: list[float]) -> None:

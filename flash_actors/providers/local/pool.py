@@ -7,8 +7,9 @@ most ``max_concurrency`` jobs at once (the endpoint's setting, default 1, as on 
 an endpoint runs ``workersMax x max_concurrency`` jobs in parallel. The dispatcher sends a
 worker the jobs it can start now; only when every worker is busy and no more can be started
 does it hand workers a few more to start next (up to ``batch_size`` each, in the same HTTP
-request as the jobs that worker starts now; the worker streams each result back as it
-finishes: that is where fan-out throughput comes from). A worker that frees up while jobs wait in another's batch takes them
+request as the jobs that worker starts now, and at least half a batch at a time to a worker
+that still has jobs waiting there; the worker streams each result back as it finishes: that
+is where fan-out throughput comes from). A worker that frees up while jobs wait in another's batch takes them
 back (``/withdraw``), so no job waits on a busy worker while another is idle.
 
 The pool keeps ``workersMin`` workers warm, starts more up to ``workersMax`` while jobs wait,
@@ -945,10 +946,19 @@ class WorkerPool:
             return
         # 3. Every worker busy, none can start: hand each a few jobs to start next, topped
         # up once half of them have started (fewer, fuller requests), shared out evenly.
-        # They travel in the same request as the jobs that worker starts now, if any.
+        # They travel in the same request as the jobs that worker starts now, if any. A
+        # worker that still has jobs waiting there is topped up only with half a batch or
+        # more: jobs that come one at a time (through the daemon, one per finished job)
+        # would otherwise go one per request, which costs the worker more than the job.
         low = max(1, self.batch_size // 2)
         while self.queue:
-            ahead = [w for w in ready if w.free + self.batch_size >= low]
+            enough = len(self.queue) >= low
+            ahead = [
+                w
+                for w in ready
+                if w.free + self.batch_size >= low
+                and (enough or len(w.jobs) <= w.running)
+            ]
             if not ahead:
                 break
             share = -(-len(self.queue) // len(ahead))

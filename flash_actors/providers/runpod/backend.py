@@ -46,6 +46,7 @@ __all__ = ["QueueBackend", "job_output", "keep_trying", "response_of"]
 
 _T = TypeVar("_T")
 CANCEL_WITHIN_S = 10.0
+FEED_CAPACITY = 16_384
 
 
 async def keep_trying(
@@ -104,7 +105,8 @@ class QueueBackend:
         self.plane = plane
         self.feed = feed
         self.endpoint_id = endpoint_id
-        self.capacity = capacity
+        # Batched jobs cost the server a few bytes each while they wait: let more through.
+        self.capacity = capacity if feed is None else max(capacity, FEED_CAPACITY)
         self._persist = persist or (
             lambda key, attempt: keep_trying(30.0, key, attempt)
         )
