@@ -208,3 +208,60 @@ async def test_gathered_calls_travel_batched_and_each_runs_once(
         assert counts["completed"] == 300
     finally:
         d.stop()
+
+
+SLOW = CpuLiveServerless(name="feed-cancel", workersMax=1)
+
+
+@remote(resource_config=SLOW)
+async def mark_after(seconds: float, path: str) -> str:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    with open(path, "w") as out:
+        out.write("ran")
+    return path
+
+
+@pytest.mark.anyio
+@pytest.mark.timeout(120)
+async def test_a_cancelled_batched_call_never_runs(tmp_path: Path) -> None:
+    d = Daemon(tmp_path / ".flash")
+    try:
+        assert d.record is not None
+        first, second = tmp_path / "first", tmp_path / "second"
+        provider = GatewayProvider(d.record)
+        async with runtime(provider=provider):
+            await mark_after(0, str(tmp_path / "warm"))
+            feed = provider.feeds["feed-cancel"]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(mark_after, 2.0, str(first))
+                await _sent(feed, 2)  # the first is on its way: the second waits for it
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(_cancel_when_sent, feed, scope)
+                    await mark_after(0, str(second))
+                assert scope.cancel_called
+        assert first.exists()
+        await anyio.sleep(0.5)
+        assert not second.exists()
+        with d.client() as client:
+            counts = client.get("/v2/feed-cancel/health").json()["jobs"]
+        assert (
+            counts["completed"] == 2
+        )  # the warm-up and the first; the second CANCELLED
+        assert counts["inQueue"] == counts["inProgress"] == counts["failed"] == 0
+    finally:
+        d.stop()
+
+
+async def _sent(feed: JobFeed, count: int) -> None:
+    with anyio.fail_after(30):
+        while feed.jobs_sent < count:
+            await anyio.sleep(0.01)
+
+
+async def _cancel_when_sent(feed: JobFeed, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` once the feed has sent its third job (the one ``scope`` waits on)."""
+    await _sent(feed, 3)
+    await anyio.sleep(0.2)
+    scope.cancel()
