@@ -51,6 +51,7 @@ from flash_actors._clock import loop_clock
 from flash_actors._logging import get_logger
 from flash_actors._private import open_private, private_dir, write_private
 from flash_actors._progress import progress
+from flash_actors._wake import Wake, wake_class
 from flash_actors.errors import (
     DeliveryError,
     PayloadSignatureError,
@@ -153,13 +154,13 @@ class _Job:
         job_id: str,
         request: FunctionRequest,
         chunks: MemoryObjectSendStream[FunctionResponse] | None,
-        event_class: type[anyio.Event],
+        wake_class: type[Wake],
     ) -> None:
         self.id = job_id
         self.request = request
         self.chunks = chunks
         self.finished = False  # answered, failed or given up: see `finish`
-        self.wake = event_class()  # set by `finish`, or when a deadline has passed
+        self.wake = wake_class()  # set by `finish`, or when a deadline has passed
         self.response: FunctionResponse | None = None
         self.error: BaseException | None = None
         self.state = "IN_QUEUE"  # then SENT (waiting on a worker), IN_PROGRESS, DONE
@@ -301,6 +302,7 @@ class WorkerPool:
         self._wake = anyio.Event()
         # The backend's classes, looked up once (``anyio.Event()`` asks sniffio every time).
         self._event_class: type[anyio.Event] = anyio.Event
+        self._wake_class: type[Wake] = anyio.Event  # a job's (one waiter: its caller)
         self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
         self._clock: Callable[[], float] = anyio.current_time
         # The callers' deadlines (TTL, then execution timeout), watched by one task
@@ -336,6 +338,7 @@ class WorkerPool:
     ) -> None:
         """Run the dispatcher and the reaper until cancelled; stop every worker on the way out."""
         self._event_class = type(anyio.Event())
+        self._wake_class = wake_class()
         self._scope_class = type(anyio.CancelScope())
         self._clock = loop_clock()
         self._deadline_wake = self._event_class()
@@ -735,7 +738,7 @@ class WorkerPool:
         request = call.request
         if request.dependencies or request.system_dependencies:
             await self._provision(request)
-        job = _Job(job_id, request, chunks, self._event_class)
+        job = _Job(job_id, request, chunks, self._wake_class)
         policy = call.policy
         job.timeout = policy.execution_timeout_s
         self.queue.append(job)
@@ -761,7 +764,7 @@ class WorkerPool:
                 if self._clock() >= job.deadline:
                     break
                 if job.wake.is_set():  # woken for a deadline that moved meanwhile
-                    job.wake = self._event_class()
+                    job.wake = self._wake_class()
             if job.state in ("IN_QUEUE", "SENT"):
                 raise expired_error(call, job_id)  # removed below
             if not job.finished and job.worker is not None:
