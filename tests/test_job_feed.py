@@ -100,16 +100,32 @@ def test_runbatch_takes_each_job_alone_and_the_feed_loses_none(
         )
         assert acked.json() == {"known": True, "jobs": []}
 
-        # sent again under its id: attached to the job the daemon has, not run again
+        # sent again under its id: attached to the job the daemon has, not run again;
+        # it has ended, so its envelope comes in the answer (and not on the feed)
         answer = client.post(
             "/v2/count/runbatch",
             json={"feed": "feed-0001", "jobs": [{"id": "a1", "input": job}]},
         )
-        assert answer.json() == {"jobs": [{"id": "a1", "status": "COMPLETED"}]}
-        assert set(_poll(client, "feed-0001", {"a1"})) == {"a1"}
-        assert sorted(log.read_text().split()) == ["a1", "a5"]
+        (again_a1,) = answer.json()["jobs"]
+        assert (again_a1["id"], again_a1["status"]) == ("a1", "COMPLETED")
+        assert again_a1["output"] == {"id": "a1"}
+        empty = client.post("/v2/count/feed/feed-0001?wait=0", json={"ack": []})
+        assert empty.json() == {"known": True, "jobs": []}
+
+        # ?wait: the answer waits for the first to end and carries it (one request)
+        answer = client.post(
+            "/v2/count/runbatch?wait=30000",
+            json={"feed": "feed-0001", "jobs": [{"id": "w1", "input": job}]},
+        )
+        (w1,) = answer.json()["jobs"]
+        assert (w1["id"], w1["status"], w1["output"]) == (
+            "w1",
+            "COMPLETED",
+            {"id": "w1"},
+        )
+        assert sorted(log.read_text().split()) == ["a1", "a5", "w1"]
         counts = client.get("/v2/count/health").json()["jobs"]
-        assert counts["completed"] == 2
+        assert counts["completed"] == 3
 
 
 def test_feed_requests_are_checked(daemon: Daemon) -> None:

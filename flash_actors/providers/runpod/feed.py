@@ -41,6 +41,8 @@ from flash_actors.providers.runpod.dataplane import Envelope
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from anyio.abc import TaskGroup
+
     from flash_actors.providers.runpod.dataplane import DataPlane
 
 __all__ = ["MAX_BATCH_JOBS", "MAX_JOB_BYTES", "JobFeed"]
@@ -49,14 +51,19 @@ MAX_JOB_BYTES = 64 * 1024
 """Larger jobs travel alone (``/runsync``): a batch stays small enough to send at once."""
 MAX_BATCH_JOBS = 256
 MAX_BATCH_BYTES = 4 * 1024 * 1024
+SMALL_BATCH = 16
+"""A batch this small (calls one at a time, or a few) waits in ``runbatch`` for its first
+result, `SMALL_WAIT_MS` at most: a lone call then costs one request, as ``runsync``."""
+SMALL_WAIT_MS = 50
+MAX_WAITING_BATCHES = 8
+"""Small batches waiting so at once; beyond, batches are sent without waiting."""
 FEED_WAIT_MS = 30_000
 CANCEL_WITHIN_S = 10.0
 
 
-class _Accepted(msgspec.Struct):
-    id: str
-    status: str = ""
-    error: str | None = None
+class _Accepted(Envelope):
+    """A ``runbatch`` answer's entry: refused (``code``), queued, or ended (its envelope)."""
+
     code: int = 0
 
 
@@ -140,6 +147,7 @@ class JobFeed:
         self._entries: dict[str, _Entry] = {}
         self._outbox: deque[_Entry] = deque()
         self._submitted = 0
+        self._waiting_batches = 0
         self.running = False
         self.jobs_sent = 0
         """Jobs sent through this feed (each once per ``runbatch`` that carried it)."""
@@ -157,7 +165,7 @@ class JobFeed:
         self.running = True
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._send_forever)
+                tg.start_soon(self._send_forever, tg)
                 tg.start_soon(self._poll_forever)
                 task_status.started()
         finally:
@@ -230,7 +238,7 @@ class JobFeed:
 
     # -- sending ------------------------------------------------------------------------------
 
-    async def _send_forever(self) -> None:
+    async def _send_forever(self, tg: TaskGroup) -> None:
         while True:
             while not self._outbox:
                 self._send_wake = self._event()
@@ -248,13 +256,28 @@ class JobFeed:
             sent = self._event()
             for entry in batch:
                 entry.sent = sent
-            try:
-                await self._send(batch)
-            finally:
-                sent.set()
+            if (
+                len(batch) <= SMALL_BATCH
+                and self._waiting_batches < MAX_WAITING_BATCHES
+            ):
+                # It waits for its first result: the next batch must not wait behind it.
+                self._waiting_batches += 1
+                tg.start_soon(self._send_and_set, batch, sent, SMALL_WAIT_MS)
+            else:
+                await self._send_and_set(batch, sent, 0)
 
-    async def _send(self, batch: list[_Entry]) -> None:
-        """One ``/runbatch``: each job accepted (then polled for) or failed alone."""
+    async def _send_and_set(
+        self, batch: list[_Entry], sent: anyio.Event, wait_ms: int
+    ) -> None:
+        try:
+            await self._send(batch, wait_ms)
+        finally:
+            sent.set()
+            if wait_ms:
+                self._waiting_batches -= 1
+
+    async def _send(self, batch: list[_Entry], wait_ms: int) -> None:
+        """One ``/runbatch``: each job accepted (then polled for), ended, or failed alone."""
         body = b"".join(
             (
                 b'{"feed":"',
@@ -265,12 +288,13 @@ class JobFeed:
             )
         )
         plane, endpoint = self.plane, self.endpoint_id
+        path = f"/runbatch?wait={wait_ms}" if wait_ms else "/runbatch"
         self.batches_sent += 1
         self.jobs_sent += len(batch)
         try:
             data = await self._persist(
                 self._send_key,
-                lambda: plane.call("POST", endpoint, "/runbatch", body),
+                functools.partial(plane.call, "POST", endpoint, path, body),
             )
             answers = {a.id: a for a in _batch_answer.decode(data).jobs}
         except (FlashRuntimeError, msgspec.DecodeError) as exc:
@@ -292,8 +316,10 @@ class JobFeed:
             if answer is None:
                 msg = f"{plane.service} left job {entry.id} out of its runbatch answer"
                 self._end(entry, error=FlashRuntimeError(msg))
-            elif answer.error is not None:
+            elif answer.code:
                 self._end(entry, error=self._refused(entry.id, answer))
+            elif answer.terminal:
+                self._end(entry, envelope=answer)
             else:
                 entry.state = "submitted"
                 self._submitted += 1
@@ -316,16 +342,9 @@ class JobFeed:
         path = f"/feed/{self.feed_id}"
         ack: list[str] = []
         while True:
-            if not self._submitted:
-                if ack:  # let the server drop what it handed out
-                    with contextlib.suppress(FlashRuntimeError):
-                        await plane.call(
-                            "POST",
-                            endpoint,
-                            f"{path}?wait=0",
-                            _ack_encoder.encode(_Ack(ack)),
-                        )
-                    ack = []
+            if (
+                not self._submitted
+            ):  # (what it handed out last is acknowledged next time)
                 while not self._submitted:
                     self._poll_wake = self._event()
                     await self._poll_wake.wait()

@@ -26,6 +26,7 @@ from flash_actors.providers.local.daemon.bodies import (
     wait_ms,
 )
 from flash_actors.providers.local.daemon.errors import GatewayError
+from flash_actors.providers.local.daemon.jobs import Job
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from flash_actors.providers.local.daemon.bodies import Bodies
     from flash_actors.providers.local.daemon.catalog import Endpoint
     from flash_actors.providers.local.daemon.gateway import Gateway
-    from flash_actors.providers.local.daemon.jobs import Job
 
 __all__ = ["add_dataplane_routes"]
 
@@ -230,8 +230,14 @@ def add_dataplane_routes(
         )
 
     async def runbatch(request: web.Request) -> web.Response:
-        """Many jobs at once, each under its own id: each is accepted or refused alone."""
+        """Many jobs at once, each under its own id: each is accepted or refused alone.
+
+        With ``?wait=ms``, the answer waits (that long at most) until one of them has ended,
+        and carries the envelope of each that has: a lone call costs one request, as with
+        ``runsync``. The others' results come on the feed.
+        """
         ep = endpoint(request)
+        wait = wait_ms(request, 0, 0, 60_000)
         async with bodies.large(request, RUN_LIMIT, "runbatch"):
             body = await bodies.read(request, RUN_LIMIT, "runbatch")
             parsed = decode(_batch_decoder, body, "request")
@@ -242,7 +248,8 @@ def add_dataplane_routes(
                 )
                 raise GatewayError(400, msg)
             feed = feeds.open(ep.name, parsed.feed)
-            answers: list[dict[str, Any]] = []
+            answers: list[dict[str, Any] | Job] = []
+            accepted: list[Job] = []
             for item in parsed.jobs:
                 try:
                     job = plane.submit(
@@ -254,8 +261,24 @@ def add_dataplane_routes(
                     )
                     continue
                 feeds.watch(feed, job)
-                answers.append({"id": job.id, "status": job.status})
-        return json_response({"jobs": answers})
+                answers.append(job)
+                accepted.append(job)
+        if wait and accepted:
+            await feed.wait_any(accepted, wait, gateway.closing)
+        out: list[dict[str, Any]] = []
+        size = 0
+        for answer in answers:
+            if not isinstance(answer, Job):
+                out.append(answer)
+            elif answer.terminal and (
+                size + (output := book.output_size(answer)) <= SMALL_LIMIT
+            ):  # larger outputs: on the feed, whose answers hold the memory budget
+                size += output
+                out.append(book.envelope(answer))
+                feed.hand_out(answer)
+            else:
+                out.append({"id": answer.id, "status": answer.status})
+        return json_response({"jobs": out})
 
     async def feed(request: web.Request) -> web.Response:
         """The ended jobs of a feed, once the acknowledged ones are dropped (long-polled)."""

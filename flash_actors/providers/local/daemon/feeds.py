@@ -59,11 +59,24 @@ class Feed:
         """``job`` has ended: hand it out with the next answer."""
         self.watched.discard(job.id)
         self.ended[job.id] = job
-        self.changed.set()
+        self.wake()
 
     def wake(self) -> None:
-        """Answer the poll waiting on this feed now."""
+        """Wake everyone waiting on this feed (they look again)."""
         self.changed.set()
+        self.changed = anyio.Event()
+
+    async def wait_any(
+        self, jobs: list[Job], wait_s: float, closing: anyio.Event
+    ) -> None:
+        """Until one of ``jobs`` has ended, the daemon closes, or ``wait_s`` passes."""
+        with anyio.move_on_after(wait_s):
+            while not closing.is_set() and not any(job.terminal for job in jobs):
+                await self.changed.wait()
+
+    def hand_out(self, job: Job) -> None:
+        """``job``'s result went out another way (a ``runbatch`` answer): not on the feed."""
+        self.ended.pop(job.id, None)
 
 
 class Feeds:
@@ -130,7 +143,6 @@ class Feeds:
             feed.ended.pop(job_id, None)
         with anyio.move_on_after(wait_s):
             while not feed.ended and not self.closing.is_set():
-                feed.changed = anyio.Event()
                 await feed.changed.wait()
         if len(feed.ended) < LINGER_UNTIL and len(feed.watched) >= LINGER_FROM:
             # A fan-out: more will end in a moment; one answer for them all is cheaper.
