@@ -6,7 +6,9 @@ outbox, one task sends what has gathered as one ``POST /runbatch`` (each job und
 caller's id, each accepted or refused on its own), and one task long-polls ``POST
 /feed/{feed}``, whose answers carry every ended job of the feed and whose next request
 acknowledges them. A fan-out of thousands of calls costs a few requests per hundred jobs
-instead of one per job, on each side.
+instead of one per job, on each side. A small batch (`SMALL_BATCH`: calls made one at a
+time) is sent in a task of its own with ``?wait=``: its answer comes once a job of it has
+ended and carries that job's envelope, so a lone call costs one request, as ``runsync``.
 
 The guarantees are those of one ``/runsync`` per call:
 - A job is sent under its caller-chosen id, so sending a batch again (the daemon was
