@@ -18,7 +18,7 @@ from flash_actors.messages import wire_encoder
 from flash_actors.providers.local.daemon.catalog import Endpoint, config_of
 from flash_actors.providers.local.daemon.dataplane import DataPlane
 from flash_actors.providers.local.daemon.jobs import HOLD_LIMIT, JobBook
-from flash_actors.providers.local.daemon.store import JobRecord, JobStore
+from flash_actors.providers.local.daemon.store import TERMINAL, JobRecord, JobStore
 from tests._daemon import ECHO
 
 if TYPE_CHECKING:
@@ -156,6 +156,27 @@ def test_insert_many_gives_stored_seqs_in_order(store: JobStore) -> None:
         range(stored["first"] + 1, stored["first"] + 6)
     )
     assert store.input("j3") == b'{"i": 3}'
+
+
+def test_expired_jobs_are_found_through_the_index(store: JobStore) -> None:
+    now = time.time()
+    for job_id, status, age in [
+        ("old", "COMPLETED", 100.0),
+        ("young", "FAILED", 1.0),
+        ("queued", "IN_QUEUE", 0.0),
+    ]:
+        record = _record(job_id)
+        store.insert(record, b"{}")
+        record.status = status
+        record.finished = now - age if status != "IN_QUEUE" else None
+        store.update(record)
+    assert store.expired(50, now) == ["old"]
+    plan = store.db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM jobs "
+        "WHERE status IN (?, ?, ?, ?) AND finished < ?",  # as `expired` asks
+        (*sorted(TERMINAL), now),
+    ).fetchall()
+    assert "USING INDEX jobs_status_finished (status=? AND finished<?)" in str(plan)
 
 
 # -- inputs and outputs kept on jobs -------------------------------------------------------

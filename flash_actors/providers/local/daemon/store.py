@@ -45,6 +45,9 @@ __all__ = ["KEEP", "TERMINAL", "JobRecord", "JobStore"]
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 
+# (status, finished): the janitor's `JobStore.expired` reads only the expired jobs' entries,
+# not every finished job's row (tens of ms per sweep with 20,000 jobs kept; jobs_status,
+# the index of older versions, could not do it).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS endpoints (name TEXT PRIMARY KEY, config TEXT NOT NULL);
@@ -62,7 +65,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     retries INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_status_finished ON jobs (status, finished);
+DROP INDEX IF EXISTS jobs_status;
 """
 
 
