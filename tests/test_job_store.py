@@ -82,6 +82,14 @@ async def test_the_flusher_commits_a_change_nobody_waits_for(store: JobStore) ->
         tg.cancel_scope.cancel()
 
 
+async def test_a_stopped_flusher_commits_what_is_pending(store: JobStore) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(store.run_flusher)
+        store.insert(_record("a"), b"{}")
+        tg.cancel_scope.cancel()  # before it could commit on its own
+    assert _seen(store.path) == {"a": "IN_QUEUE"}
+
+
 async def test_without_a_flusher_waiting_commits_at_once(store: JobStore) -> None:
     store.insert(_record("a"), b"{}")
     await store.wait_committed()

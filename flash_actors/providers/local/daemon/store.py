@@ -254,7 +254,7 @@ class JobStore:
         One turn: the writes made by every task that runs in it join the same commit, and
         nothing written waits longer than that (a few milliseconds under load) to be
         committed. A failed commit is logged, its waiting answers fail with it, and it is
-        tried again a moment later.
+        tried again a moment later. Cancelled, it commits what is pending before it returns.
         """
         self._wake = wake = anyio.Event()
         task_status.started()
@@ -271,6 +271,11 @@ class JobStore:
                     await anyio.sleep(0.1)
         finally:
             self._wake = None
+            try:  # what is pending, and whoever still waits for it
+                if self.is_open:
+                    self.commit()
+            except sqlite3.Error:  # the cancellation goes on
+                log.exception("store.commit_failed", path=str(self.path))
 
     # -- meta and endpoints ---------------------------------------------------------------
 
