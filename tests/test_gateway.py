@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -312,6 +313,7 @@ def test_store_requeues_jobs_left_running(tmp_path: Path) -> None:
         record.status = status
         record.finished = time.time() if status == "COMPLETED" else None
         store.update(record, output=b'{"ok": 1}' if status == "COMPLETED" else None)
+    store.commit()  # as the daemon does before it reports them
     store.db.close()  # as if the process died: no checkpoint, no close()
     reopened = JobStore(tmp_path / "g.sqlite3")
     recovered = reopened.open()
@@ -323,6 +325,34 @@ def test_store_requeues_jobs_left_running(tmp_path: Path) -> None:
     assert reopened.input("j2") == b"{}"
     assert [job.id for job in reopened.jobs()] == ["j0", "j1", "j2"]  # order kept
     reopened.close()
+
+
+def _stored(state_dir: Path, job_id: str) -> tuple[str, Any]:
+    """A job's status and output in the daemon's file, read as a restarted daemon would."""
+    other = sqlite3.connect(state_dir / "gateway.sqlite3")
+    try:
+        status, output = other.execute(
+            "SELECT status, output FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+    finally:
+        other.close()
+    return status, None if output is None else json.loads(output)
+
+
+def test_what_an_answer_reports_is_already_in_the_file(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        done = client.post("/v2/echo/runsync", json={"input": {"x": 1}}).json()
+        assert done["status"] == "COMPLETED"
+        assert _stored(daemon.state_dir, done["id"]) == ("COMPLETED", done["output"])
+        running = run_job(client, "echo", {"op": "sleep", "seconds": 5})
+        assert _stored(daemon.state_dir, running)[0] in {"IN_QUEUE", "IN_PROGRESS"}
+        assert wait_for(client, "echo", running, {"IN_PROGRESS"})["status"] == (
+            "IN_PROGRESS"
+        )
+        assert _stored(daemon.state_dir, running)[0] in {"IN_PROGRESS", "COMPLETED"}
+        cancelled = client.post(f"/v2/echo/cancel/{running}").json()
+        assert cancelled["status"] == "CANCELLED"
+        assert _stored(daemon.state_dir, running)[0] == "CANCELLED"
 
 
 # -- Flash scripts and the daemon -------------------------------------------------------------

@@ -375,6 +375,7 @@ async def test_jobs_left_running_by_a_dead_daemon_are_logged_as_requeued(
         created=time.time(),
     )
     store.insert(record, b"{}")
+    store.commit()  # as the daemon does before it reports the job
     store.db.close()  # as if the daemon died: no checkpoint, no close()
     reopened = JobStore(tmp_path / "gateway.sqlite3")
     handler = _Lines()

@@ -18,7 +18,6 @@ import anyio
 
 from flash_actors.errors import FlashRuntimeError
 from flash_actors.providers.local.daemon.errors import GatewayError
-from flash_actors.providers.local.daemon.jobs import Job
 from flash_actors.providers.local.daemon.store import JobRecord
 from flash_actors.providers.local.daemon.webhooks import check_webhook
 from flash_actors.providers.local.signing import (
@@ -28,7 +27,7 @@ from flash_actors.providers.local.signing import (
 
 if TYPE_CHECKING:
     from flash_actors.providers.local.daemon.catalog import Endpoint
-    from flash_actors.providers.local.daemon.jobs import JobBook
+    from flash_actors.providers.local.daemon.jobs import Job, JobBook
 
 __all__ = ["MAX_POLICY_MS", "DataPlane"]
 
@@ -71,7 +70,7 @@ class DataPlane:
         options: dict[str, Any],
         job_id: str | None = None,
     ) -> Job:
-        """Queue a job (committed before this returns). An existing ``job_id`` is returned as is.
+        """Queue a job (committed before it is reported); an existing ``job_id`` is returned.
 
         Raises:
             GatewayError: 400 for a bad policy or input, or a load balancer's app (it takes
@@ -130,11 +129,7 @@ class DataPlane:
             options=json.dumps(clean),
             created=time.time(),
         )
-        self.book.store.insert(record, raw_input)
-        job = Job(record, clean)
-        self.book.add(endpoint, job)
-        endpoint.push(job)
-        return job
+        return self.book.enqueue(endpoint, record, clean, raw_input)
 
     async def wait(self, job: Job, seconds: float) -> None:
         """Until the job ends or ``seconds`` pass."""

@@ -101,11 +101,16 @@ def add_dataplane_routes(
     known_policy = _RUNPOD_POLICY_FIELDS if runpod_only else _POLICY_FIELDS
 
     async def send_envelope(request: web.Request, job: Job) -> web.StreamResponse:
-        """The job's envelope, its output read from the store under the budget."""
+        """The job's envelope, its output read from the store under the budget.
+
+        Streamed here, so it waits itself for the commit of what it reports (the other
+        answers wait in `make_app`'s middleware).
+        """
         async with bodies.budget.hold(
             2 * book.output_size(job)
         ):  # the output, then its answer
             response = json_response(book.envelope(job))
+            await book.store.wait_committed()
             await response.prepare(request)
             await response.write_eof()
         return response

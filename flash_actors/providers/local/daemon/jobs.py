@@ -3,9 +3,15 @@
 A job moves IN_QUEUE -> IN_PROGRESS -> COMPLETED, FAILED, CANCELLED or TIMED_OUT; `requeue`
 puts a running job back (front of its queue) when its worker went away, `retry` queues a
 failed one again under the same id, `purge` cancels what is still queued. Every change is
-written to the `JobStore` before it is reported, then wakes whoever waits on the job
-(runsync, long-polled status and stream, job-stop). All of it runs on the daemon's one
-event loop, so there are no locks.
+written to the `JobStore` (committed before it is reported, see its group commit), then
+wakes whoever waits on the job (runsync, long-polled status and stream, job-stop). All of
+it runs on the daemon's one event loop, so there are no locks.
+
+A job's input and output live in the store. A small one (`HOLD_LIMIT`) is also kept on the
+`Job` while it is about to be needed, so the common path reads nothing back: the input from
+submission until the job is handed to a worker, the output from the job's end until its
+first answer (runsync, status) is built. All jobs together keep at most `HOLD_BUDGET`
+bytes; past it, they are read from the store as any large one, to the same answer.
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from flash_actors.providers.local.daemon.errors import GatewayError
 from flash_actors.providers.local.daemon.store import TERMINAL, JobRecord, JobStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     from flash_actors.providers.local.daemon.catalog import Endpoint
 
 __all__ = [
     "DEFAULT_EXECUTION_TIMEOUT_MS",
     "DEFAULT_TTL_MS",
+    "HOLD_BUDGET",
+    "HOLD_LIMIT",
     "MAX_ATTEMPTS",
     "RESULT_LIMIT",
     "Job",
@@ -52,6 +60,10 @@ standing in for RunPod, re-runs it inside one delivery, with the attempts a queu
 RESULT_LIMIT = 20 * 1024 * 1024
 """The largest result a job may have (its output as JSON): RunPod's ``/runsync`` limit, so
 whatever a job returns can also be handed back in one ``/runsync`` answer."""
+HOLD_LIMIT = 64 * 1024
+"""The largest input or output a `Job` keeps in memory (larger ones are read back)."""
+HOLD_BUDGET = 64 * 1024 * 1024
+"""The most bytes of inputs and outputs that all jobs keep in memory together."""
 
 
 def result_too_large(size: int) -> str:
@@ -65,10 +77,16 @@ def result_too_large(size: int) -> str:
 
 @dataclass(eq=False)
 class Job:
-    """A job: its stored record plus what only lives while the daemon runs."""
+    """A job: its stored record plus what only lives while the daemon runs.
+
+    ``held_input`` and ``held_output`` are copies of the stored input and output that
+    `JobBook` keeps for a moment (see the module docstring); None when not kept.
+    """
 
     record: JobRecord
     options: dict[str, Any]
+    held_input: bytes | None = None
+    held_output: bytes | None = None
     worker: str | None = None
     progress: bytes | None = None
     chunks: list[bytes] = field(default_factory=list)
@@ -132,8 +150,12 @@ class Job:
 
 
 def stored_envelope(store: JobStore, job: Job) -> dict[str, Any]:
-    """The job's ``/status`` answer, its output read from ``store``."""
-    output = store.output(job.id) if job.status == "COMPLETED" else None
+    """The job's ``/status`` answer, its output the one kept on it or read from ``store``."""
+    output = None
+    if job.status == "COMPLETED":
+        output = job.held_output
+        if output is None:
+            output = store.output(job.id)
     return job.envelope(output)
 
 
@@ -145,6 +167,7 @@ class JobBook:
         endpoints: the registered endpoints by name (shared with the `Catalog`): a job
             queued again goes to the endpoint registered under its name now.
         on_end: called with each job that has just ended (the webhooks).
+        hold_budget: the most bytes of inputs and outputs kept on jobs (`HOLD_BUDGET`).
     """
 
     def __init__(
@@ -153,10 +176,14 @@ class JobBook:
         endpoints: dict[str, Endpoint],
         *,
         on_end: Callable[[Job], None] | None = None,
+        hold_budget: int = HOLD_BUDGET,
     ) -> None:
         self.store = store
         self.endpoints = endpoints
         self.on_end = on_end
+        self.hold_budget = hold_budget
+        self.held = 0
+        """Bytes of inputs and outputs kept on jobs now (at most ``hold_budget``)."""
         self.jobs: dict[str, Job] = {}
 
     def add(self, endpoint: Endpoint, job: Job) -> None:
@@ -164,27 +191,97 @@ class JobBook:
         self.jobs[job.id] = job
         endpoint.jobs[job.id] = job
 
+    def enqueue(
+        self,
+        endpoint: Endpoint,
+        record: JobRecord,
+        options: dict[str, Any],
+        payload: bytes | memoryview,
+    ) -> Job:
+        """Store a new job with its input (``options`` checked), know it and queue it."""
+        self.store.insert(record, payload)
+        return self._queued(endpoint, record, options, payload)
+
+    def enqueue_many(
+        self,
+        endpoint: Endpoint,
+        new: Sequence[tuple[JobRecord, dict[str, Any], bytes | memoryview]],
+    ) -> list[Job]:
+        """`enqueue` for many jobs (their ids new), stored in one statement, queued in order."""
+        self.store.insert_many([(record, payload) for record, _, payload in new])
+        return [
+            self._queued(endpoint, record, options, payload)
+            for record, options, payload in new
+        ]
+
+    def _queued(
+        self,
+        endpoint: Endpoint,
+        record: JobRecord,
+        options: dict[str, Any],
+        payload: bytes | memoryview,
+    ) -> Job:
+        job = Job(record, options, held_input=self._hold(payload))
+        self.add(endpoint, job)
+        endpoint.push(job)
+        return job
+
     def forget(self, job_ids: Iterable[str]) -> None:
         """Drop jobs whose records are gone from the store."""
         for job_id in job_ids:
             gone = self.jobs.pop(job_id, None)
-            owner = self.endpoints.get(gone.record.endpoint) if gone else None
+            if gone is None:
+                continue
+            self._drop_held(gone)
+            owner = self.endpoints.get(gone.record.endpoint)
             if owner is not None:
                 owner.jobs.pop(job_id, None)
 
-    # -- reading a job's stored data -----------------------------------------------------------
+    # -- a job's input and output ---------------------------------------------------------
+
+    def _hold(self, data: bytes | memoryview) -> bytes | None:
+        """A copy of ``data`` to keep on a job, or None if it is too large or over budget."""
+        size = data.nbytes if isinstance(data, memoryview) else len(data)
+        if size > HOLD_LIMIT or self.held + size > self.hold_budget:
+            return None
+        self.held += size
+        return bytes(data)  # a bytes object as it is; a view of a request body copied
+
+    def _drop_held(self, job: Job) -> None:
+        for data in (job.held_input, job.held_output):
+            if data is not None:
+                self.held -= len(data)
+        job.held_input = job.held_output = None
 
     def envelope(self, job: Job) -> dict[str, Any]:
-        """The job's ``/status`` answer, its output read from the store."""
-        return stored_envelope(self.store, job)
+        """The job's ``/status`` answer; an output kept on the job is let go with it."""
+        output = job.held_output
+        if output is None:
+            return stored_envelope(self.store, job)
+        job.held_output = None
+        self.held -= len(output)
+        return job.envelope(output)
 
     def output_size(self, job: Job) -> int:
-        """The size of the job's stored output (0 if it has none)."""
-        return self.store.output_size(job.id) if job.status == "COMPLETED" else 0
+        """The size of the job's output (0 if it has none)."""
+        if job.status != "COMPLETED":
+            return 0
+        if job.held_output is not None:
+            return len(job.held_output)
+        return self.store.output_size(job.id)
 
     def input_of(self, job: Job) -> bytes:
-        """The job's input (raw JSON), read from the store."""
-        return self.store.input(job.id)
+        """The job's input (raw JSON) as it is handed to a worker.
+
+        The copy kept on the job is handed over and let go (a job that runs again reads
+        its input from the store).
+        """
+        data = job.held_input
+        if data is None:
+            return self.store.input(job.id)
+        job.held_input = None
+        self.held -= len(data)
+        return data
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -210,6 +307,9 @@ class JobBook:
         record.error = error
         job.progress = None
         self.store.update(record, output=output)
+        self._drop_held(job)  # an input not handed out (the job ended while queued)
+        if status == "COMPLETED" and output is not None:
+            job.held_output = self._hold(output)
         job.notify()
         if status == "CANCELLED":
             log.info("job.cancelled", job_id=job.id, endpoint=record.endpoint)
@@ -298,6 +398,7 @@ class JobBook:
         job.worker = None
         job.progress = None
         job.chunks = []
+        self._drop_held(job)
         self.store.update(record, output=None)
         endpoint.retried += 1
         endpoint.push(job)

@@ -190,6 +190,9 @@ async def _serve_locked(
             max_connections=max_connections_default(),
         )
         async with provider, anyio.create_task_group() as tg:
+            await tg.start(
+                store.run_flusher
+            )  # the store's group commits (closed below)
             await tg.start(gateway.run)
             await http.start()
             record = DaemonRecord(

@@ -13,7 +13,10 @@
 
 Every request needs the API key: ``Authorization: Bearer <key>`` or the bare key (workers);
 anything else (a non-ASCII header included) is a 401, and nothing is read before the key is
-checked. Bodies are bounded (`flash_actors.providers.local.daemon.bodies`); the socket,
+checked. An answer is sent only once every change made before it is committed
+(`JobStore.wait_committed`), so nothing a client, a worker or a webhook is told of is lost
+if the daemon dies: the middleware waits for answers built whole (most of them), a route
+that streams its answer waits itself before it starts. Bodies are bounded (`flash_actors.providers.local.daemon.bodies`); the socket,
 its idle timeout and its connection cap are `flash_actors.providers.local.daemon.httpserver`'s.
 """
 
@@ -86,6 +89,7 @@ def make_app(
     """
     key = api_key.encode()
     owner = owner_token.encode()
+    store = gateway.store
     bodies = Bodies(Budget(large_budget, idle_timeout_s), idle_timeout_s)
 
     @web.middleware
@@ -102,11 +106,14 @@ def make_app(
                 {"error": "Unauthorized: a valid API key is required"}, 401
             )
         try:
-            return await handler(request)
+            response = await handler(request)
         except GatewayError as exc:
             return json_response({"error": exc.message}, exc.status)
         except RecursionError:  # JSON nested too deeply, wherever it was decoded
             return json_response({"error": "the request is nested too deeply"}, 400)
+        if store.pending and not response.prepared:
+            await store.wait_committed()  # what the answer reports is committed first
+        return response
 
     async def flash_status(request: web.Request) -> web.Response:
         return json_response(gateway.status_table())

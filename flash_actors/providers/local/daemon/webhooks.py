@@ -99,6 +99,7 @@ class Webhooks:
             error = "no answer within 10 s"
             try:
                 body = envelope_json(stored_envelope(self.store, job))
+                await self.store.wait_committed()  # the end it reports, first
                 with anyio.move_on_after(10):
                     async with self._http.stream(
                         "POST", url, content=body, headers=headers
