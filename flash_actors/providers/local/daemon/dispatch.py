@@ -32,6 +32,8 @@ from flash_actors.providers.local.pool import LocalBackend
 from flash_actors.serialization import endpoint_key
 
 if TYPE_CHECKING:
+    from anyio.streams.memory import MemoryObjectReceiveStream
+
     from flash_actors.providers.local import LocalProvider
     from flash_actors.providers.local.daemon.catalog import Endpoint
     from flash_actors.providers.local.daemon.jobs import Job, JobBook
@@ -63,17 +65,49 @@ class FlashDispatch:
         with endpoint.scope:
             endpoint.backend = backend = await self._open_pool(endpoint)
             # As many as its workers may hold (running, and handed ahead): the pool
-            # decides which worker runs which, so no job waits behind a busy worker.
-            room = anyio.Semaphore(backend.pool.capacity)
-            async with anyio.create_task_group() as tg:
-                while True:
-                    await room.acquire()
-                    job = endpoint.pop()
-                    while job is None:
-                        await endpoint.wait_available()
+            # decides which worker runs which, so no job waits behind a busy worker. One
+            # runner task per place, each taking jobs from a hand-over stream: a job costs
+            # a hand-over, not a task of its own (a quarter of the daemon's time per job).
+            places = backend.pool.capacity
+            room = anyio.Semaphore(places)
+            send, receive = anyio.create_memory_object_stream["Job"](places)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(places):
+                        tg.start_soon(self._runner, endpoint, backend, receive, room)
+                    while True:
+                        try:
+                            room.acquire_nowait()
+                        except anyio.WouldBlock:
+                            await room.acquire()
                         job = endpoint.pop()
-                    self.book.start(job, None)
-                    tg.start_soon(self._run_job, endpoint, backend, job, room)
+                        while job is None:
+                            await endpoint.wait_available()
+                            job = endpoint.pop()
+                        self.book.start(job, None)
+                        send.send_nowait(
+                            job
+                        )  # room: a runner or a buffer place is free
+            finally:
+                # Handed over but not taken when the endpoint stopped: they run later.
+                for left in _drain(receive):
+                    self.book.requeue(
+                        endpoint, left, reason="its endpoint was stopped", count=False
+                    )
+                send.close()
+                receive.close()
+
+    async def _runner(
+        self,
+        endpoint: Endpoint,
+        backend: LocalBackend,
+        jobs: MemoryObjectReceiveStream[Job],
+        room: anyio.Semaphore,
+    ) -> None:
+        """Run the jobs handed over, one at a time, until cancelled."""
+        while True:
+            job = await jobs.receive()
+            await self._run_job(endpoint, backend, job, room)
 
     async def _open_pool(self, endpoint: Endpoint) -> LocalBackend:
         """The endpoint's worker pool; while it cannot start, its queued jobs fail with why.
@@ -166,6 +200,16 @@ class FlashDispatch:
         finally:
             job.scope = None
             room.release()
+
+
+def _drain(jobs: MemoryObjectReceiveStream[Job]) -> list[Job]:
+    """The jobs still waiting in ``jobs``."""
+    left: list[Job] = []
+    while True:
+        try:
+            left.append(jobs.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+            return left
 
 
 def _finish_deployed(book: JobBook, job: Job, response: FunctionResponse) -> None:

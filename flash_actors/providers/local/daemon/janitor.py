@@ -54,7 +54,17 @@ class Janitor:
         book = self.book
         now = time.time()
         for endpoint in self.endpoints.values():
-            for job in list(endpoint.jobs.values()):
+            # Only jobs that may still expire: the queued ones, and those running on
+            # handler workers (every finished job stays in ``endpoint.jobs`` for its
+            # retention: tens of thousands after a fan-out, too many to walk twice a second).
+            pending = [job for job in endpoint.queue if job.status == "IN_QUEUE"]
+            for held in endpoint.workers.values():
+                pending += [
+                    job
+                    for job_id in held.jobs
+                    if (job := endpoint.jobs.get(job_id)) is not None
+                ]
+            for job in pending:
                 record = job.record
                 if (
                     record.status == "IN_QUEUE"
