@@ -8,13 +8,13 @@ changes of state, in `flash_actors.providers.local.daemon.jobs`.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import msgspec
 
 from flash_actors.errors import FlashRuntimeError
 from flash_actors.providers.local.daemon.errors import GatewayError
@@ -126,7 +126,7 @@ class DataPlane:
             id=job_id or f"{secrets.token_hex(4)}-{secrets.token_hex(8)}",
             endpoint=endpoint.name,
             status="IN_QUEUE",
-            options=json.dumps(clean),
+            options=msgspec.json.encode(clean).decode(),
             created=time.time(),
         )
         return self.book.enqueue(endpoint, record, clean, raw_input)
@@ -142,7 +142,7 @@ class DataPlane:
         with anyio.move_on_after(seconds):
             while not job.chunks and not job.terminal and not self.closing.is_set():
                 await job.changed.wait()
-        chunks, job.chunks = job.chunks, []
+        chunks, job.chunks = job.chunks or [], None
         return chunks
 
     @staticmethod

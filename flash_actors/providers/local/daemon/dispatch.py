@@ -237,8 +237,7 @@ async def _execute(backend: LocalBackend, call: Call, job: Job) -> FunctionRespo
     async def collect() -> None:
         async with receive:
             async for chunk in receive:
-                job.chunks.append(b'{"output":' + wire_encoder.encode(chunk) + b"}")
-                job.notify()
+                job.add_chunk(b'{"output":' + wire_encoder.encode(chunk) + b"}")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(collect)

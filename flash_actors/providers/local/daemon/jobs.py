@@ -89,8 +89,11 @@ class Job:
     held_output: bytes | None = None
     worker: str | None = None
     progress: bytes | None = None
-    chunks: list[bytes] = field(default_factory=list)
-    changed: anyio.Event = field(default_factory=anyio.Event)
+    # A stream's chunks not read yet, and the event of whoever waits on the job: made on
+    # first use. A daemon keeps every job for its retention (tens of thousands after a
+    # fan-out), and each object it holds is one more for every garbage collection to walk.
+    chunks: list[bytes] | None = None
+    _changed: anyio.Event | None = field(default=None, repr=False)
     scope: anyio.CancelScope | None = None
 
     @property
@@ -118,10 +121,25 @@ class Job:
         """How long the job may live in the queue."""
         return int(self.options.get("ttl") or DEFAULT_TTL_MS)
 
+    @property
+    def changed(self) -> anyio.Event:
+        """Set at the job's next change (`notify`): what waiters wait on."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
     def notify(self) -> None:
         """Wake everyone waiting on this job."""
-        self.changed.set()
-        self.changed = anyio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def add_chunk(self, chunk: bytes) -> None:
+        """A stream's chunk, kept until `/stream` reads it (waiters woken)."""
+        if self.chunks is None:
+            self.chunks = []
+        self.chunks.append(chunk)
+        self.notify()
 
     def envelope(self, output: bytes | None = None) -> dict[str, Any]:
         """The ``/status`` answer (PROTOCOL.md section 1), with ``output`` read from the store."""
@@ -397,7 +415,7 @@ class JobBook:
         record.created = time.time()
         job.worker = None
         job.progress = None
-        job.chunks = []
+        job.chunks = None
         self._drop_held(job)
         self.store.update(record, output=None)
         endpoint.retried += 1

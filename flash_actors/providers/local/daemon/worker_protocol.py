@@ -184,8 +184,7 @@ class WorkerProtocol:
             msgspec.json.decode(body)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise GatewayError(400, f"job-stream body is not JSON: {exc}") from exc
-        job.chunks.append(body)
-        job.notify()
+        job.add_chunk(body)
 
     async def stop_signals(self, endpoint: Endpoint, worker_id: str) -> list[str]:
         """The job-stop long poll: ids this worker should stop, once they exist."""
