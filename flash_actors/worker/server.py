@@ -45,6 +45,7 @@ import socket
 import struct
 import sys
 import traceback
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,22 +99,79 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     withdrawn: bool = False
 
 
+class _Answers:
+    """The answers of one ``/execute`` batch, waiting for its handler to write them."""
+
+    __slots__ = ("_waiter", "done")
+
+    def __init__(self) -> None:
+        self.done: list[Done] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, done: Done) -> None:
+        """Queue one answer (never blocks; the handler takes them all at once)."""
+        self.done.append(done)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def take(self) -> list[Done]:
+        """Every answer queued so far, once there is at least one."""
+        if not self.done:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        taken, self.done = self.done, []
+        return taken
+
+
 class _Running:
-    """One job of this worker, from its arrival to its answer."""
+    """One job of this worker, from its arrival to its answer.
 
-    __slots__ = ("blocking", "scope", "started", "task", "withdrawn")
+    A job waits as an entry in the worker's queue; its task and cancel scope are made only
+    when it starts (a waiting job costs no task: it is withdrawn or cancelled by answering
+    it at once).
+    """
 
-    def __init__(self, scope_class: type[anyio.CancelScope]) -> None:
+    __slots__ = (
+        "answered",
+        "answers",
+        "blocking",
+        "job",
+        "scope",
+        "started",
+        "task",
+        "waited",
+        "write",
+    )
+
+    def __init__(
+        self,
+        job: Job,
+        answers: _Answers,
+        write: Callable[[Done], Awaitable[None]],
+    ) -> None:
+        self.job = job
+        self.answers = answers
+        self.write = write
         self.blocking = Blocking()
-        self.scope = scope_class()
+        self.scope: anyio.CancelScope | None = None
         self.started = False
-        self.withdrawn = False
+        self.waited = False  # it arrived while the worker's slots were all taken
+        self.answered = False
         self.task: asyncio.Task[FunctionResponse | None] | None = None
 
     @property
     def stuck(self) -> bool:
         """Running code in a thread: cancellation cannot reach it."""
         return self.blocking.threads > 0
+
+    def answer(self, done: Done) -> None:
+        """Send the job's final answer (once)."""
+        if not self.answered:
+            self.answered = True
+            self.answers.put(done)
 
 
 _CANCELLED = FunctionResponse(success=False, error="cancelled", error_type="cancelled")
@@ -171,13 +229,19 @@ async def read_body(request: web.Request) -> bytes | bytearray:
     return body
 
 
-def _json_line(done: Done) -> bytes:
-    return _json.encode(done) + b"\n"
+def _json_lines(answers: list[Done]) -> bytes:
+    return b"".join(_json.encode(done) + b"\n" for done in answers)
 
 
-def _msgpack_frame(done: Done) -> bytes:
-    payload = _msgpack.encode(done)
-    return _FRAME.pack(len(payload)) + payload
+def _msgpack_frames(answers: list[Done]) -> bytearray:
+    """Length-prefixed msgpack frames, encoded into one buffer (no copy per frame)."""
+    buffer = bytearray()
+    for done in answers:
+        start = len(buffer)
+        buffer += b"\0\0\0\0"
+        _msgpack.encode_into(done, buffer, -1)
+        _FRAME.pack_into(buffer, start, len(buffer) - start - 4)
+    return buffer
 
 
 class WorkerApp:
@@ -208,12 +272,15 @@ class WorkerApp:
         self.extra_routes = list(
             extra_routes
         )  # deployed mode's (flash_actors.deployed)
-        self.running: dict[str, _Running] = {}
-        self._slots: asyncio.Semaphore | None = None  # sized by the first batch
+        self.running: dict[str, _Running] = {}  # by job id: waiting or running
+        self._waiting: deque[_Running] = deque()  # in arrival order
+        self._active = 0  # jobs started and not finished
+        self._slots = 0  # how many may run at once: sized by the first batch
         # asyncio's cancel scope class, looked up once (``anyio.CancelScope()`` asks
         # sniffio for the backend each time)
         self._scope_class: type[anyio.CancelScope] | None = None
         self.worker_id = os.environ.get("FLASH_WORKER_ID") or None
+        self._cancelled = self._stamped(_CANCELLED)
 
     def _authorized(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -262,86 +329,91 @@ class WorkerApp:
             return web.json_response(
                 {"error": "invalid batch: nested too deeply"}, status=400
             )
-        frame = _msgpack_frame if packed else _json_line
+        frames = _msgpack_frames if packed else _json_lines
         content_type = (
             "application/x-flash-frames" if packed else "application/x-ndjson"
         )
         response = web.StreamResponse(headers={"Content-Type": content_type})
-        queue: asyncio.Queue[Done] = asyncio.Queue()
+        answers = _Answers()
         write_lock = asyncio.Lock()
-        entries: list[_Running] = []
 
         async def write(done: Done) -> None:
-            async with (
-                write_lock
-            ):  # chunks and final answers of several jobs interleave
-                await response.write(frame(done))
+            async with write_lock:  # a stream's chunks go between the batch's answers
+                await response.write(frames([done]))
 
         # The jobs are known here before the client sees the answer's headers, so that a
-        # /withdraw or /cancel sent after that finds them. They wait for the headers.
+        # /withdraw or /cancel sent after that finds them. A job started meanwhile (a slot
+        # freed) waits for the headers before it writes a chunk.
         await write_lock.acquire()
-        if self._scope_class is None:
-            self._scope_class = type(anyio.CancelScope())
+        if not self._slots:
+            self._slots = max(1, batch.concurrency)
+        entries: list[_Running] = []
         for job in batch.jobs:
-            entry = _Running(self._scope_class)
+            entry = _Running(job, answers, write)
             entries.append(entry)
             self.running[job.id] = entry
-            task = asyncio.ensure_future(self._run_job(job, entry, batch, queue, write))
-            entry.task = task
-            task.add_done_callback(
-                functools.partial(
-                    self._finished, job_id=job.id, entry=entry, queue=queue
-                )
-            )
+            self._waiting.append(entry)
         try:
             await response.prepare(request)
         except BaseException:
-            for entry in entries:
-                entry.scope.cancel()  # nobody would hear their answers
+            for entry in entries:  # nobody would hear their answers
+                if entry.scope is not None:
+                    entry.scope.cancel()
+                else:
+                    entry.answered = True  # never starts
+                    self._forget(entry)
             raise
         finally:
             write_lock.release()
-        left = len(batch.jobs)
+        self._start_waiting()
+        for entry in entries:
+            entry.waited = not entry.started  # it says when it starts
+        left = len(entries)
         while left:
             # Answers that finished together leave in one write (one TCP segment), so the
             # client frees their slots at once and refills them with a full batch; a job
             # that starts as another ends says so in the same write.
-            frames = [await queue.get()]
-            while not queue.empty():
-                frames.append(queue.get_nowait())
-            left -= sum(1 for done in frames if not done.started)
+            done = await answers.take()
+            left -= sum(1 for answer in done if not answer.started)
             async with write_lock:
-                await response.write(b"".join(frame(done) for done in frames))
+                await response.write(frames(done))
         await response.write_eof()
         return response
 
-    async def _run_job(
-        self,
-        job: Job,
-        entry: _Running,
-        batch: Batch,
-        queue: asyncio.Queue[Done],
-        write: Callable[[Done], Awaitable[None]],
-    ) -> FunctionResponse | None:
-        """Wait for a slot, then run the job; ``None`` when it never started."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(max(1, batch.concurrency))
+    def _start_waiting(self) -> None:
+        """Start waiting jobs, oldest first, while a slot is free."""
+        while self._active < self._slots and self._waiting:
+            entry = self._waiting.popleft()
+            if not entry.answered:  # else withdrawn or cancelled while it waited
+                self._start(entry)
+
+    def _start(self, entry: _Running) -> None:
+        """Give ``entry`` a slot and its own task (a context of its own, for its code)."""
+        self._active += 1
+        entry.started = True
+        job = entry.job
+        if job.ahead or entry.waited:
+            entry.answers.put(Done(id=job.id, started=True))
+        if self._scope_class is None:
+            self._scope_class = type(anyio.CancelScope())
+        entry.scope = self._scope_class()
+        task = asyncio.ensure_future(self._run_job(entry))
+        entry.task = task
+        task.add_done_callback(functools.partial(self._finished, entry=entry))
+
+    async def _run_job(self, entry: _Running) -> FunctionResponse | None:
+        """Run a started job; ``None`` when it was cancelled."""
+        assert entry.scope is not None  # noqa: S101 (set by _start)
         BLOCKING.set(entry.blocking)  # this task's own context
+        job = entry.job
         with entry.scope:
-            waited = self._slots.locked()
-            async with self._slots:
-                if entry.withdrawn or entry.scope.cancel_called:
-                    return None
-                entry.started = True
-                if job.ahead or waited:
-                    queue.put_nowait(Done(id=job.id, started=True))
-                # The executor checks the signature before it unpickles or compiles
-                # anything; a refusal is the task's PayloadSignatureError (see _finished).
-                if job.stream:
-                    return await self.executor.stream(
-                        job.request, self._chunk_writer(job.id, write)
-                    )
-                return await self.executor.execute(job.request)
+            # The executor checks the signature before it unpickles or compiles
+            # anything; a refusal is the task's PayloadSignatureError (see _finished).
+            if job.stream:
+                return await self.executor.stream(
+                    job.request, self._chunk_writer(job.id, entry.write)
+                )
+            return await self.executor.execute(job.request)
         return None  # cancelled
 
     @staticmethod
@@ -357,24 +429,26 @@ class WorkerApp:
         return emit
 
     def _finished(
-        self,
-        task: asyncio.Task[FunctionResponse | None],
-        *,
-        job_id: str,
-        entry: _Running,
-        queue: asyncio.Queue[Done],
+        self, task: asyncio.Task[FunctionResponse | None], *, entry: _Running
     ) -> None:
-        if self.running.get(job_id) is entry:
-            del self.running[job_id]
-        if entry.withdrawn and not entry.started:
-            done = Done(id=job_id, withdrawn=True)
-        elif task.cancelled():
-            done = Done(id=job_id, response=_CANCELLED)
+        """A started job's task is over: answer it, and start the next job in its slot."""
+        self._active -= 1
+        self._forget(entry)
+        job_id = entry.job.id
+        if task.cancelled():
+            done = Done(id=job_id, response=self._cancelled)
         elif (exc := task.exception()) is not None:
             done = Done(id=job_id, refused=f"{type(exc).__name__}: {exc}")
         else:
-            done = Done(id=job_id, response=self._stamped(task.result() or _CANCELLED))
-        queue.put_nowait(done)
+            response = task.result()
+            stamped = self._cancelled if response is None else self._stamped(response)
+            done = Done(id=job_id, response=stamped)
+        entry.answer(done)
+        self._start_waiting()
+
+    def _forget(self, entry: _Running) -> None:
+        if self.running.get(entry.job.id) is entry:
+            del self.running[entry.job.id]
 
     def _stamped(self, response: FunctionResponse) -> FunctionResponse:
         """The response naming this worker (`JobOutput.worker_id` on the caller's side)."""
@@ -402,9 +476,16 @@ class WorkerApp:
         )
 
     async def stop_jobs(self, entries: list[_Running]) -> list[_Running]:
-        """Cancel these jobs and wait a little for them; return those that cannot stop."""
+        """Cancel these jobs and wait a little for them; return those that cannot stop.
+
+        A job still waiting for a slot never starts: it is answered ``cancelled`` at once.
+        """
         for entry in entries:
-            entry.scope.cancel()
+            if entry.scope is not None:
+                entry.scope.cancel()
+            elif not entry.answered:
+                self._forget(entry)
+                entry.answer(Done(id=entry.job.id, response=self._cancelled))
         waiting = {
             entry.task
             for entry in entries
@@ -423,9 +504,9 @@ class WorkerApp:
         withdrawn = []
         for job_id in body.ids:
             entry = self.running.get(job_id)
-            if entry is not None and not entry.started and not entry.withdrawn:
-                entry.withdrawn = True
-                entry.scope.cancel()
+            if entry is not None and not entry.started and not entry.answered:
+                self._forget(entry)
+                entry.answer(Done(id=job_id, withdrawn=True))
                 withdrawn.append(job_id)
         return web.json_response({"withdrawn": withdrawn})
 
