@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import msgspec
@@ -27,12 +27,19 @@ from flash_actors.messages import FunctionRequest
 from flash_actors.serialization import RequestSigner, decode_result
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
 KEY = bytes.fromhex("cd" * 32)
 
 LOG = """
 def log(path, item):
+    with open(path, "a") as f:
+        f.write(f"{item}\\n")
+    return item
+"""
+
+ALOG = """
+async def alog(path, item):
     with open(path, "a") as f:
         f.write(f"{item}\\n")
     return item
@@ -50,6 +57,7 @@ async def gate(gate_path, log_path):
 """
 
 _log = RequestSigner(KEY, FunctionRequest(function_name="log", function_code=LOG))
+_alog = RequestSigner(KEY, FunctionRequest(function_name="alog", function_code=ALOG))
 _gate = RequestSigner(KEY, FunctionRequest(function_name="gate", function_code=GATE))
 _packer = msgspec.msgpack.Encoder()
 
@@ -166,7 +174,7 @@ class Worker:
                 content=body,
                 headers={**self.headers, "Content-Type": "application/msgpack"},
             ) as r,
-            contextlib.aclosing(r.aiter_raw()) as chunks,
+            contextlib.aclosing(cast("AsyncGenerator[bytes]", r.aiter_raw())) as chunks,
         ):
             assert r.status_code == 200
             batch = Batch(chunks)
@@ -306,3 +314,28 @@ async def test_a_forged_job_is_refused_and_the_batch_goes_on(
     assert answers["f"].refused.startswith("PayloadSignatureError: refusing request")
     assert _value(answers["n"]) == "n"
     assert _lines(log) == ["n"]
+
+
+async def test_an_answer_is_not_held_back_by_the_job_started_after_it(
+    client: Worker, tmp_path: Path
+) -> None:
+    # Answers of jobs that end in their first step wait for those of the jobs after them,
+    # to leave in one write; not for one that waits (here, for the gate).
+    log, gate = tmp_path / "log", tmp_path / "gate"
+    jobs = [
+        _job("q1", _alog.sign([str(log), "q1"], {}), ahead=False),
+        _job("q2", _alog.sign([str(log), "q2"], {})),
+        _job("g", _gate.sign([str(gate), str(log)], {})),
+        _job("q3", _alog.sign([str(log), "q3"], {})),
+    ]
+    async with client.execute(jobs) as batch:
+        answers = await batch.until_answered("q1", "q2")
+        gate.touch()
+        answers |= await batch.until_answered("g", "q3")
+    assert [_value(answers[i]) for i in ("q1", "q2", "g", "q3")] == [
+        "q1",
+        "q2",
+        "open",
+        "q3",
+    ]
+    assert _lines(log) == ["q1", "q2", "gate", "q3"]

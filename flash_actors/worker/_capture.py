@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import io
 import sys
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TextIO
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from contextvars import ContextVar, Token
+from typing import Any, TextIO
 
 __all__ = ["capture_stdout", "install"]
 
@@ -56,12 +52,23 @@ def install() -> None:
         sys.stdout = _Proxy(sys.stdout)
 
 
-@contextmanager
-def capture_stdout() -> Iterator[io.StringIO]:
-    """Collect what the current job prints."""
-    buffer = io.StringIO()
-    token = _buffer.set(buffer)
-    try:
-        yield buffer
-    finally:
-        _buffer.reset(token)
+class capture_stdout:  # named as the function it replaced: ``with capture_stdout() as out``
+    """Collect what the current job prints.
+
+    A class rather than a ``contextlib.contextmanager``: no generator per job.
+    """
+
+    __slots__ = ("_token", "buffer")
+
+    def __init__(self) -> None:
+        self.buffer = io.StringIO()
+        self._token: Token[io.StringIO | None] | None = None
+
+    def __enter__(self) -> io.StringIO:
+        self._token = _buffer.set(self.buffer)
+        return self.buffer
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _buffer.reset(self._token)
+            self._token = None
