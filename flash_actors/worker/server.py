@@ -278,6 +278,7 @@ class WorkerApp:
         self._active = 0  # jobs started and not finished
         self._unflushed: set[_Answers] = set()  # batches with answers to write
         self._unflushed_since = 0.0  # when the oldest of those answers came
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._slots = 0  # how many may run at once: sized by the first batch
         # asyncio's cancel scope class, looked up once (``anyio.CancelScope()`` asks
         # sniffio for the backend each time)
@@ -427,7 +428,7 @@ class WorkerApp:
             and started.task is not None
             and time.monotonic() - self._unflushed_since < LINGER_S
         ):
-            asyncio.get_running_loop().call_soon(self._flush_unless_done, started.task)
+            started.task.get_loop().call_soon(self._flush_unless_done, started.task)
         else:
             self._flush()
 
@@ -452,7 +453,7 @@ class WorkerApp:
         if self._scope_class is None:
             self._scope_class = type(anyio.CancelScope())
         entry.scope = self._scope_class()
-        task = asyncio.get_running_loop().create_task(self._run_job(entry))
+        task = self._loop().create_task(self._run_job(entry))
         entry.task = task
         task.add_done_callback(functools.partial(self._finished, entry=entry))
 
@@ -504,6 +505,12 @@ class WorkerApp:
     def _forget(self, entry: _Running) -> None:
         if self.running.get(entry.job.id) is entry:
             del self.running[entry.job.id]
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's loop, looked up once (on Python 3.11 each lookup is a getpid())."""
+        if self._event_loop is None:
+            self._event_loop = asyncio.get_running_loop()
+        return self._event_loop
 
     def _stamped(self, response: FunctionResponse) -> FunctionResponse:
         """The response naming this worker (`JobOutput.worker_id` on the caller's side)."""
