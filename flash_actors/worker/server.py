@@ -5,9 +5,11 @@ Routes:
 - ``POST /execute``: ``{"jobs": [{"id", "request": FunctionRequest, "stream"?, "ahead"?},
   ...], "concurrency"?}`` as msgpack (our client) or JSON. The worker runs at most
   ``concurrency`` jobs at once (default 1: the endpoint's ``max_concurrency``, the same in
-  every batch), in arrival order; the others wait in the worker. The reply streams one
-  answer per job as it finishes (length-prefixed msgpack frames, or JSON lines for a JSON
-  body): ``{"id", "response": FunctionResponse}``,
+  every batch), in arrival order; the others wait in the worker (as entries: a job gets its
+  task when it starts). The reply streams one answer per job as it finishes
+  (length-prefixed msgpack frames, or JSON lines for a JSON body; answers of small jobs
+  that end one after the other share a write, see `LINGER_S`):
+  ``{"id", "response": FunctionResponse}``,
   ``{"id", "chunk": ...}`` for each chunk of a streaming job, ``{"id", "refused": "..."}``
   for a request whose signature does not hold (nothing of it was unpickled), or
   ``{"id", "withdrawn": true}`` for a job taken back before it started. A job sent
