@@ -92,8 +92,8 @@ def _accelerated() -> dict[str, str]:
         _download_env = (raw, json.loads(raw))
     wanted = dict(_download_env[1])
     for module, variable in _FAST_TRANSFERS:
-        if _base.get(variable, os.environ.get(variable)) is not None:
-            continue  # the endpoint's or the user's own setting stands
+        # The module first: when it is missing (the usual case), the environment is not
+        # read at all (a variable that is not set costs a raised KeyError to look up).
         if module not in _transfers_found:
             # Looked up again only when the import path changed (a job's dependencies
             # may bring it): a lookup costs ~0.2 ms, more than the rest of a small call.
@@ -104,6 +104,8 @@ def _accelerated() -> dict[str, str]:
                 _transfers_missing[module] = path
                 continue
             _transfers_found.add(module)
+        if _base.get(variable, os.environ.get(variable)) is not None:
+            continue  # the endpoint's or the user's own setting stands
         wanted[variable] = "1"
     return wanted
 

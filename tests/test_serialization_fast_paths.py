@@ -27,6 +27,18 @@ PLAIN = [
     [True, False, 10**40, -1.5, b"\x00\xff", bytearray(b"ab"), {1, 2}, frozenset({3})],
     "é" * 100,
     bytes(100_000),
+    # the atoms pickled with one pickle.dumps call (a large one is framed alike)
+    0,
+    -7,
+    2**70,
+    1.25,
+    True,
+    None,
+    "x",
+    "é" * 4095,
+    "y" * 4096,
+    b"\x00" * 4095,
+    b"\x01" * 70_000,
 ]
 
 
@@ -120,3 +132,40 @@ def test_request_signatures_are_pinned(
     key = bytes(range(32))
     assert sign_request(request_, key).signature == expected
     decode_request(sign_request(request_, key), key, unpickle=False)
+
+
+class _Unloadable:
+    """Pickles fine; unpickling it raises (``int("not a number")``)."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (int, ("not a number",))
+
+
+def test_an_argument_that_cannot_be_unpickled_is_named() -> None:
+    signer = RequestSigner(
+        KEY,
+        FunctionRequest(
+            function_name="f",
+            function_code="def f(*a, **k): pass",
+            execution_type="class",
+            class_name="C",
+            class_code="class C: pass",
+        ),
+    )
+    cases = [
+        (signer.sign([1, _Unloadable()], {}), "argument 1"),
+        (signer.sign([], {"b": 2, "a": _Unloadable()}), "argument 'a'"),
+        (
+            signer.sign([], {}, constructor_args=[_Unloadable()]),
+            "constructor argument 0",
+        ),
+        (
+            signer.sign([], {}, constructor_kwargs={"z": _Unloadable()}),
+            "constructor argument 'z'",
+        ),
+    ]
+    for request, named in cases:
+        with pytest.raises(
+            SerializationError, match=rf"^cannot deserialize {named}: ValueError: "
+        ):
+            decode_request(request, KEY)

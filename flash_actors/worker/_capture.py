@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import io
 import sys
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, TextIO
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
+from contextvars import ContextVar, Token
+from typing import Any, TextIO
 
 __all__ = ["capture_stdout", "install"]
 
-_buffer: ContextVar[io.StringIO | None] = ContextVar("flash_job_stdout", default=None)
+_buffer: ContextVar[list[str] | None] = ContextVar("flash_job_stdout", default=None)
 
 
 class _Proxy(io.TextIOBase):
@@ -28,9 +24,9 @@ class _Proxy(io.TextIOBase):
         self._real = real
 
     def write(self, text: str) -> int:
-        buffer = _buffer.get()
-        if buffer is not None:
-            buffer.write(text)
+        parts = _buffer.get()
+        if parts is not None:
+            parts.append(text)
         return self._real.write(text)
 
     def flush(self) -> None:
@@ -56,12 +52,28 @@ def install() -> None:
         sys.stdout = _Proxy(sys.stdout)
 
 
-@contextmanager
-def capture_stdout() -> Iterator[io.StringIO]:
-    """Collect what the current job prints."""
-    buffer = io.StringIO()
-    token = _buffer.set(buffer)
-    try:
-        yield buffer
-    finally:
-        _buffer.reset(token)
+class capture_stdout:  # named as the function it replaced: ``with capture_stdout() as out``
+    """Collect what the current job prints; ``getvalue()`` is the text.
+
+    A class rather than a ``contextlib.contextmanager``, and a list of what was written
+    rather than a ``StringIO``: per job, no generator and no buffer object.
+    """
+
+    __slots__ = ("_parts", "_token")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._token: Token[list[str] | None] | None = None
+
+    def __enter__(self) -> capture_stdout:
+        self._token = _buffer.set(self._parts)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _buffer.reset(self._token)
+            self._token = None
+
+    def getvalue(self) -> str:
+        """What was printed so far."""
+        return "".join(self._parts)

@@ -29,6 +29,8 @@ import linecache
 import traceback
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing, nullcontext
+from inspect import CO_COROUTINE
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -373,6 +375,9 @@ async def invoke(
     Coroutine functions are awaited, sync code runs in a worker thread, and generators are
     collected into lists.
     """
+    if type(target) is FunctionType and target.__code__.co_flags & CO_COROUTINE:
+        # a plain ``async def`` (what ``inspect.iscoroutinefunction`` finds at length)
+        return await target(*args, **kwargs)
     if inspect.iscoroutinefunction(target):
         return await target(*args, **kwargs)
     if inspect.isasyncgenfunction(target):

@@ -14,6 +14,7 @@ Unlike ``multiprocessing``'s forkserver, nothing of the client's ``__main__`` is
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -59,6 +60,9 @@ def main() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the client's to handle
     isolation.prepare()  # package metadata read once, for every fork
+    # Imported objects live as long as the workers: kept out of their collections (and
+    # their pages shared with each fork rather than copied when a collection touches them).
+    gc.freeze()
     try:
         _serve_forks(control)
     except (OSError, ValueError):
