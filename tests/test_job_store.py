@@ -152,20 +152,6 @@ def test_a_change_not_committed_is_lost_as_the_job_left_running(tmp_path: Path) 
     reopened.close()
 
 
-def test_insert_many_gives_stored_seqs_in_order(store: JobStore) -> None:
-    store.insert(_record("first"), b"{}")
-    records = [_record(f"j{i}") for i in range(5)]
-    store.insert_many([(r, f'{{"i": {i}}}'.encode()) for i, r in enumerate(records)])
-    store.insert_many([])
-    store.commit()
-    stored = {job.id: job.seq for job in store.jobs()}
-    assert [r.seq for r in records] == [stored[r.id] for r in records]
-    assert [r.seq for r in records] == list(
-        range(stored["first"] + 1, stored["first"] + 6)
-    )
-    assert store.input("j3") == b'{"i": 3}'
-
-
 def test_expired_jobs_are_found_through_the_index(store: JobStore) -> None:
     now = time.time()
     for job_id, status, age in [

@@ -33,7 +33,7 @@ from flash_actors.providers.local.daemon.errors import GatewayError
 from flash_actors.providers.local.daemon.store import TERMINAL, JobRecord, JobStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable
 
     from flash_actors.providers.local.daemon.catalog import Endpoint
 
@@ -219,18 +219,6 @@ class JobBook:
         """Store a new job with its input (``options`` checked), know it and queue it."""
         self.store.insert(record, payload)
         return self._queued(endpoint, record, options, payload)
-
-    def enqueue_many(
-        self,
-        endpoint: Endpoint,
-        new: Sequence[tuple[JobRecord, dict[str, Any], bytes | memoryview]],
-    ) -> list[Job]:
-        """`enqueue` for many jobs (their ids new), stored in one statement, queued in order."""
-        self.store.insert_many([(record, payload) for record, _, payload in new])
-        return [
-            self._queued(endpoint, record, options, payload)
-            for record, options, payload in new
-        ]
 
     def _queued(
         self,

@@ -36,7 +36,7 @@ from flash_actors._logging import get_logger
 from flash_actors._private import private_dir, private_file
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable
     from pathlib import Path
 
     from anyio.abc import TaskStatus
@@ -122,7 +122,7 @@ class JobRecord:
 class JobStore:
     """The SQLite file ``<state_dir>/gateway.sqlite3``. Used from one thread (the loop's).
 
-    Job writes (`insert`, `insert_many`, `update`, `delete`) join the open transaction (see
+    Job writes (`insert`, `update`, `delete`) join the open transaction (see
     the module docstring); `commit` commits it, `wait_committed` waits for it.
     """
 
@@ -374,29 +374,6 @@ class JobStore:
             ),
         )
         job.seq = cursor.lastrowid or 0
-
-    def insert_many(self, jobs: Sequence[tuple[JobRecord, bytes | memoryview]]) -> None:
-        """Store new jobs and their inputs in one statement (pending); sets their ``seq``.
-
-        Their ids must be new: one already stored raises `sqlite3.IntegrityError` after the
-        jobs before it were written.
-        """
-        if not jobs:
-            return
-        db = self._begin()
-        db.executemany(
-            _INSERT,
-            [
-                (r.id, r.endpoint, r.status, p, r.options, r.created, r.retries)
-                for r, p in jobs
-            ],
-        )
-        # AUTOINCREMENT, one writer: the rows got consecutive seqs, ending at the last one
-        first = (
-            int(db.execute("SELECT last_insert_rowid()").fetchone()[0]) - len(jobs) + 1
-        )
-        for seq, (record, _) in enumerate(jobs, start=first):
-            record.seq = seq
 
     def update(self, job: JobRecord, *, output: bytes | _Keep | None = KEEP) -> None:
         """Store a job's new state, and its ``output`` if given (in the pending transaction)."""
