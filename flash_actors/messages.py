@@ -28,11 +28,17 @@ __all__ = [
     "wire_encoder",
 ]
 
+# The messages are not tracked by the garbage collector (``gc=False``): they hold strings,
+# numbers, and lists and dicts of them (a user's JSON values at most), never anything that
+# points back at them, so they cannot be part of a reference cycle. A call in flight holds
+# several; untracked, they cost no garbage collection a look (see msgspec's docs on ``gc``).
 ExecutionType = Literal["function", "class"]
 SerializationFormat = Literal["cloudpickle", "json"]
 
 
-class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+class FunctionRequest(
+    msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False
+):
     """One remote invocation, as Flash sends it in a job's ``input``.
 
     ``args``/``kwargs``/``constructor_*`` are base64 cloudpickle strings, or plain JSON values
@@ -69,7 +75,9 @@ class FunctionRequest(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=T
     `flash_actors.worker.nested`)."""
 
 
-class FunctionResponse(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+class FunctionResponse(
+    msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True, gc=False
+):
     """The answer to a `FunctionRequest`, as Flash returns it in a job's ``output``.
 
     On failure ``success`` is false, ``error`` holds the message and the remote traceback, and
@@ -91,7 +99,7 @@ class FunctionResponse(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=
     worker_id: str | None = None
 
 
-class Call(msgspec.Struct, kw_only=True, frozen=True):
+class Call(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """The message a remote call becomes: what to run, where, and under which policies.
 
     It travels caller -> Router -> Endpoint inside this process; only ``request`` goes on
@@ -111,7 +119,7 @@ class Call(msgspec.Struct, kw_only=True, frozen=True):
     """The function's ``module:qualname``: the Router looks it up in the manifest."""
 
 
-class PayloadCall(msgspec.Struct, kw_only=True, frozen=True):
+class PayloadCall(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """A dictionary job for a handler endpoint (``await endpoint.run({...})``).
 
     It takes the same road as a `Call` (caller -> Router -> Endpoint); ``input`` is the
@@ -127,7 +135,7 @@ Routed = Call | PayloadCall
 """What the Router routes: a remote call or a dictionary job."""
 
 
-class Route(msgspec.Struct, frozen=True, kw_only=True):
+class Route(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A load-balancer route a worker serves: method, path, and its function's signed request."""
 
     method: str

@@ -42,7 +42,7 @@ DEFAULT_TTL_S = 86_400.0
 Delivery = Literal["queue", "load_balancer"]
 
 
-class RetryPolicy(msgspec.Struct, kw_only=True, frozen=True):
+class RetryPolicy(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """How often and how patiently to retry a call whose delivery failed.
 
     Attributes:
@@ -88,7 +88,7 @@ class RetryPolicy(msgspec.Struct, kw_only=True, frozen=True):
         return base * (1.0 - self.jitter * draw)
 
 
-class CallPolicy(msgspec.Struct, kw_only=True, frozen=True):
+class CallPolicy(msgspec.Struct, kw_only=True, frozen=True, gc=False):
     """Everything the Endpoint actor enforces on one call.
 
     Attributes:

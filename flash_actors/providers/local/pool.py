@@ -115,7 +115,7 @@ def default_start_backoff_max_s() -> float:
 _encoder = msgspec.json.Encoder()
 
 
-class _Done(msgspec.Struct, frozen=True):
+class _Done(msgspec.Struct, frozen=True, gc=False):
     id: str
     response: FunctionResponse | None = None
     chunk: FunctionResponse | None = None

@@ -80,11 +80,11 @@ class Backoff(msgspec.Struct, frozen=True, kw_only=True):
     max_s: float = 1.0
 
 
-class _Chunk(msgspec.Struct):
+class _Chunk(msgspec.Struct, gc=False):
     output: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
 
 
-class Envelope(msgspec.Struct):
+class Envelope(msgspec.Struct, gc=False):
     """A data-plane answer: ``/run``, ``/runsync``, ``/status`` and ``/stream`` share it."""
 
     id: str = ""
@@ -105,7 +105,7 @@ class Envelope(msgspec.Struct):
 _envelope = msgspec.json.Decoder(Envelope)
 
 
-class _JobBody(msgspec.Struct, omit_defaults=True):
+class _JobBody(msgspec.Struct, omit_defaults=True, gc=False):
     input: Any
     policy: dict[str, int] = {}
     id: str | None = None
