@@ -233,3 +233,30 @@ async def test_a_kept_output_answers_as_the_stored_one_once(store: JobStore) -> 
     store.delete([last.id])
     book.forget([last.id])  # expired before anyone asked: let go with it
     assert book.held == 0
+
+
+def test_changes_in_one_commit_window_are_written_once_as_they_stand(
+    store: JobStore,
+) -> None:
+    started, retried = _record("started"), _record("retried")
+    store.insert(started, b"{}")
+    store.insert(retried, b"{}")
+    store.commit()
+    # started, then finished with an output, then touched without one: output kept
+    started.status = "IN_PROGRESS"
+    store.update(started)
+    started.status = "COMPLETED"
+    store.update(started, output=b'{"ok": 1}')
+    started.retries = 1
+    store.update(started)
+    # finished with an output, then queued again without it (a retry): output gone
+    retried.status = "FAILED"
+    store.update(retried, output=b'{"no": 1}')
+    retried.status = "IN_QUEUE"
+    store.update(retried, output=None)
+    assert _seen(store.path) == {"started": "IN_QUEUE", "retried": "IN_QUEUE"}
+    assert store.output("started") == b'{"ok": 1}'  # a read sees what is pending
+    store.commit()
+    assert _seen(store.path) == {"started": "COMPLETED", "retried": "IN_QUEUE"}
+    assert store.output("retried") is None
+    assert {j.id: j.retries for j in store.jobs()} == {"started": 1, "retried": 0}

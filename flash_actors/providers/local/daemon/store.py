@@ -79,6 +79,14 @@ KEEP = _Keep()
 
 log = get_logger(__name__)
 
+_UPDATE = (
+    "UPDATE jobs SET status = ?, started = ?, finished = ?, error = ?, retries = ? "
+    "WHERE id = ?"
+)
+_UPDATE_OUTPUT = (
+    "UPDATE jobs SET status = ?, started = ?, finished = ?, error = ?, retries = ?, "
+    "output = ? WHERE id = ?"
+)
 _INSERT = (
     "INSERT INTO jobs (id, endpoint, status, input, options, created, retries) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -131,6 +139,11 @@ class JobStore:
         self._db: sqlite3.Connection | None = None
         self._wake: anyio.Event | None = None  # set by a write while the flusher runs
         self._next: _Commit | None = None  # what answers waiting now wait for
+        # Jobs whose state changed since the last flush, written as they stand then (a job
+        # that starts and ends in one commit window costs one UPDATE, not two), and the
+        # outputs given with those changes.
+        self._updates: dict[str, JobRecord] = {}
+        self._outputs: dict[str, bytes | None] = {}
 
     @property
     def is_open(self) -> bool:
@@ -194,7 +207,27 @@ class JobStore:
     @property
     def pending(self) -> bool:
         """True while written changes wait for their commit."""
-        return self._db is not None and self._db.in_transaction
+        return self._db is not None and (self._db.in_transaction or bool(self._updates))
+
+    def _flush_updates(self) -> None:
+        """Write the changed jobs' state into the open transaction (reads see it then)."""
+        if not self._updates:
+            return
+        updates, outputs = self._updates, self._outputs
+        self._updates, self._outputs = {}, {}
+        plain: list[tuple[object, ...]] = []
+        with_output: list[tuple[object, ...]] = []
+        for job_id, job in updates.items():
+            values = (job.status, job.started, job.finished, job.error, job.retries)
+            if job_id in outputs:
+                with_output.append((*values, outputs[job_id], job_id))
+            else:
+                plain.append((*values, job_id))
+        db = self._begin()
+        if plain:
+            db.executemany(_UPDATE, plain)
+        if with_output:
+            db.executemany(_UPDATE_OUTPUT, with_output)
 
     def _begin(self) -> sqlite3.Connection:
         """The connection, in the open transaction (opened, and the flusher woken, if none)."""
@@ -213,6 +246,7 @@ class JobStore:
         """
         waiting, self._next = self._next, None
         try:
+            self._flush_updates()
             if self.pending:
                 self.db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -318,6 +352,7 @@ class JobStore:
 
     def jobs(self) -> list[JobRecord]:
         """Every stored job's metadata, oldest first (inputs and outputs stay in the file)."""
+        self._flush_updates()
         cursor = self.db.execute(
             "SELECT id, endpoint, status, options, created, started, finished, "
             "error, retries, seq FROM jobs ORDER BY seq"
@@ -340,6 +375,7 @@ class JobStore:
 
     def input(self, job_id: str) -> bytes:
         """A job's input (raw JSON); empty if the job is gone."""
+        self._flush_updates()
         row = self.db.execute(
             "SELECT input FROM jobs WHERE id = ?", (job_id,)
         ).fetchone()
@@ -347,6 +383,7 @@ class JobStore:
 
     def output(self, job_id: str) -> bytes | None:
         """A job's output (raw JSON), if it has one."""
+        self._flush_updates()
         row = self.db.execute(
             "SELECT output FROM jobs WHERE id = ?", (job_id,)
         ).fetchone()
@@ -354,6 +391,7 @@ class JobStore:
 
     def output_size(self, job_id: str) -> int:
         """The size of a job's output in bytes (0 if it has none)."""
+        self._flush_updates()
         row = self.db.execute(
             "SELECT length(output) FROM jobs WHERE id = ?", (job_id,)
         ).fetchone()
@@ -376,27 +414,23 @@ class JobStore:
         job.seq = cursor.lastrowid or 0
 
     def update(self, job: JobRecord, *, output: bytes | _Keep | None = KEEP) -> None:
-        """Store a job's new state, and its ``output`` if given (in the pending transaction)."""
-        values = (job.status, job.started, job.finished, job.error, job.retries)
-        if isinstance(output, _Keep):
-            self._begin().execute(
-                "UPDATE jobs SET status = ?, started = ?, finished = ?, error = ?, "
-                "retries = ? WHERE id = ?",
-                (*values, job.id),
-            )
-        else:
-            self._begin().execute(
-                "UPDATE jobs SET status = ?, started = ?, finished = ?, error = ?, "
-                "retries = ?, output = ? WHERE id = ?",
-                (*values, output, job.id),
-            )
+        """Store a job's new state, and its ``output`` if given (in the pending transaction).
+
+        Written at the next flush (a commit, or a read), as ``job`` stands then.
+        """
+        self._begin()  # the transaction is open and the flusher awake
+        self._updates[job.id] = job
+        if not isinstance(output, _Keep):
+            self._outputs[job.id] = output
 
     def delete(self, ids: Iterable[str]) -> None:
         """Forget jobs (expired results), in the pending transaction."""
+        self._flush_updates()
         self._begin().executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
 
     def expired(self, retention_s: float, now: float | None = None) -> list[str]:
         """Ids of finished jobs older than ``retention_s``."""
+        self._flush_updates()
         cutoff = (time.time() if now is None else now) - retention_s
         placeholders = ",".join("?" * len(TERMINAL))
         return [
