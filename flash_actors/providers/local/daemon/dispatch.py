@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FlashDispatch"]
 
+_NEVER = RetryPolicy.never()
+
 log = get_logger(__name__)
 
 
@@ -59,9 +61,12 @@ class FlashDispatch:
     def __init__(self, provider: LocalProvider, book: JobBook) -> None:
         self.provider = provider
         self.book = book
+        # the backend's class, looked up once (``anyio.CancelScope()`` asks sniffio)
+        self._scope_class: type[anyio.CancelScope] = anyio.CancelScope
 
     async def run(self, endpoint: Endpoint) -> None:
         """Hand queued jobs to the endpoint's worker pool while it has room, until cancelled."""
+        self._scope_class = type(anyio.CancelScope())
         with endpoint.scope:
             endpoint.backend = backend = await self._open_pool(endpoint)
             # As many as its workers may hold (running, and handed ahead): the pool
@@ -152,7 +157,7 @@ class FlashDispatch:
                 function=request.function_name or request.class_name or "?",
                 request=request,
                 policy=CallPolicy(
-                    retry=RetryPolicy.never(),  # a lost worker: requeued below
+                    retry=_NEVER,  # a lost worker: requeued below
                     execution_timeout_s=job.execution_timeout_ms / 1000,
                     # what is left of the TTL: one TTL from submission to start, whether
                     # the job waited here (the janitor) or in the pool
@@ -161,7 +166,7 @@ class FlashDispatch:
                     ),
                 ),
             )
-            with anyio.CancelScope() as scope:
+            with self._scope_class() as scope:
                 job.scope = scope
                 response = await _execute(backend, call, job)
             if scope.cancelled_caught:
