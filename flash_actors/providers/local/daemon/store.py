@@ -11,8 +11,10 @@ Group commit: a commit costs as much as several statements (it writes every page
 changed to the WAL, tens of microseconds), so job writes are not committed one by one. The
 first write opens a transaction that the next writes join; it is committed for the answers
 that wait for it, or by `JobStore.run_flusher` (the daemon's task), one turn of the event
-loop after it was opened: the writes of that turn share the commit. So a SIGKILL loses at most the changes of the last moments (a few milliseconds)
-that nobody has been told of yet: a job submitted but not yet acknowledged is gone (its
+loop after it was opened: the writes of that turn share the commit. Job state changes are
+written only then, as they stand (a job that starts and ends in one turn costs one UPDATE).
+So a SIGKILL loses at most the changes of the last moments (a few milliseconds) that nobody
+has been told of yet: a job submitted but not yet acknowledged is gone (its
 caller saw no answer and sends it again); a job whose start or finish was not committed is
 found IN_QUEUE or IN_PROGRESS at restart and runs again, exactly as a job that was running
 when the daemon died. Settings and endpoint configs (rare, and holding the keys) are
