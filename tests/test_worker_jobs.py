@@ -339,3 +339,32 @@ async def test_an_answer_is_not_held_back_by_the_job_started_after_it(
         "q3",
     ]
     assert _lines(log) == ["q1", "q2", "gate", "q3"]
+
+
+def test_a_batch_whose_jobs_all_start_at_once_sends_headers_with_its_first_answer(
+    worker: tuple[str, str], tmp_path: Path
+) -> None:
+    # One write for the headers and the answer: the client wakes once, not twice. (A batch
+    # with jobs that wait sends its headers at once: the tests above would hang otherwise.)
+    url, token = worker
+    port = int(url.rsplit(":", 1)[1])
+    body = _packer.encode(
+        {
+            "jobs": [_job("q", _log.sign([str(tmp_path / "log"), "q"], {}))],
+            "concurrency": 1,
+        }
+    )
+    head = (
+        f"POST /execute HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/msgpack\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        first = sock.recv(1 << 20)
+    assert first.startswith(b"HTTP/1.1 200 "), first[:100]
+    headers, _, rest = first.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in headers.lower()
+    size_line, _, chunk = rest.partition(b"\r\n")
+    assert int(size_line, 16) > 4, first  # a whole answer frame came with the headers
+    (frame_size,) = struct.unpack_from(">I", chunk)
+    assert _done.decode(chunk[4 : 4 + frame_size]).id == "q"

@@ -107,6 +107,12 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     withdrawn: bool = False
 
 
+class _FirstFrameResponse(web.StreamResponse):
+    """A streamed answer whose headers leave with its first write (aiohttp 3.11+)."""
+
+    _send_headers_immediately = False
+
+
 class _Answers:
     """The answers of one ``/execute`` batch, waiting for its handler to write them.
 
@@ -339,7 +345,14 @@ class WorkerApp:
         content_type = (
             "application/x-flash-frames" if packed else "application/x-ndjson"
         )
-        response = web.StreamResponse(headers={"Content-Type": content_type})
+        # While every job of the batch starts at once, its answer's headers wait for its
+        # first frame (one write, one wake-up of the client instead of two); a batch with
+        # jobs that wait here sends them at once, so the client may take those back.
+        slots = self._slots or max(1, batch.concurrency)
+        starts_now = not self._waiting and len(batch.jobs) <= slots - self._active
+        response = (_FirstFrameResponse if starts_now else web.StreamResponse)(
+            headers={"Content-Type": content_type}
+        )
         answers = _Answers()
         write_lock = asyncio.Lock()
 
