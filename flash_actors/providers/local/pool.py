@@ -1155,7 +1155,7 @@ class WorkerPool:
                         )
                     else:
                         job.finish(done.response, None)
-                    self._wake.set()
+                    self._redispatch()
             reusable = not pending
         except (DeliveryError, msgspec.DecodeError) as exc:
             error = DeliveryError(
@@ -1186,6 +1186,18 @@ class WorkerPool:
                 await conn.aclose()
             if not worker.jobs:
                 worker.idle_since = anyio.current_time()
+            if reusable:
+                self._redispatch()
+            else:
+                self._wake.set()
+
+    def _redispatch(self) -> None:
+        """Wake the dispatcher if a freed slot has anything to take.
+
+        That is a queued job, or one waiting in another worker's batch (taken back for it);
+        else the pass would find nothing to do (a lone call's answer would cost a wake-up).
+        """
+        if self.queue or any(w.running < len(w.jobs) for w in self.workers.values()):
             self._wake.set()
 
     def statistics(self) -> dict[str, Any]:
