@@ -25,9 +25,18 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the stream is asyncio's fast path; trio uses anyio's stream
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        # Workers run uvloop (their nested calls use this stream): its transports are not
+        # asyncio.Transport subclasses.
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, bool]]:
+    """asyncio only: the stream is asyncio's fast path; trio uses anyio's stream."""
+    backend: tuple[str, dict[str, bool]] = request.param
+    return backend
 
 
 @contextlib.asynccontextmanager

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio  # noqa: TID251 (the asyncio fast path; trio uses anyio's stream)
 from collections import deque
+from typing import cast
 
 import anyio
 
@@ -36,8 +37,8 @@ class _Protocol(asyncio.Protocol):
         self.writing_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 (a TCP connection)
-        self.transport = transport
+        # A TCP transport (uvloop's, in a worker, does not subclass asyncio.Transport).
+        self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
