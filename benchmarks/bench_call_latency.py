@@ -4,7 +4,9 @@ Paths: ``local=True`` (in this process, serialization round trip included); the 
 endpoint (Router -> Endpoint actor -> executor -> reply, no worker process); a warm local
 worker over loopback HTTP; a `flash local` daemon through the runtime's client and through
 the RunPod provider (``_daemon_paths``); and, as the reference, a Ray actor method call on this machine
-(``ray`` from the bench extra).
+(``ray`` from the bench extra). Under the warm worker's figure, its floors measured in the
+same run (`_floors`): a bare loopback echo, a hand-written HTTP request to an aiohttp server,
+and aiohttp's own client-to-server round trip.
 
 Targets (issue "Benchmarks"): in-process path p50 under 50 us; warm worker p50 at least 3x
 faster than the Ray actor call.
@@ -24,6 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from _daemon_paths import PATHS, daemon_provider
+from _floors import floors
 from _ray_reference import ray_session
 
 from flash_actors import CpuLiveServerless, remote, runtime
@@ -82,6 +85,9 @@ async def run(n: int, with_ray: bool, with_daemon: bool = True) -> dict[str, Any
         rows["in-process endpoint"] = await _sample(inc, n)
     async with runtime(provider="local"):
         rows["warm local worker"] = await _sample(inc, n)
+    async with floors() as round_trips:
+        for name, round_trip in round_trips.items():
+            rows[name] = await _sample(lambda _: round_trip(), n)
     if with_daemon:
         for path in PATHS:
             async with daemon_provider(path) as provider, runtime(provider=provider):
@@ -104,13 +110,18 @@ def main() -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'path':<24}{'p50':>12}{'p99':>12}")
+    print(f"{'path':<32}{'p50':>12}{'p99':>12}")
     for path, row in rows.items():
         if row is None:
-            print(f"{path:<24}{'(not installed)':>24}")
+            print(f"{path:<32}{'(not installed)':>24}")
             continue
-        print(f"{path:<24}{row['p50_us']:>10.0f}us{row['p99_us']:>10.0f}us")
+        print(f"{path:<32}{row['p50_us']:>10.0f}us{row['p99_us']:>10.0f}us")
     ray_row, worker = rows.get("Ray actor call"), rows["warm local worker"]
+    floor = rows["floor: raw request -> aiohttp"]["p50_us"]
+    print(
+        f"warm worker p50 over its floor (a raw request to aiohttp): "
+        f"+{worker['p50_us'] - floor:.0f} us ({worker['p50_us'] / floor:.2f}x)"
+    )
     if ray_row:
         print(
             f"warm worker p50 vs Ray actor call: {ray_row['p50_us'] / worker['p50_us']:.1f}x faster"
