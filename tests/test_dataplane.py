@@ -22,6 +22,11 @@ from flash_actors.errors import (
     FlashRuntimeError,
 )
 from flash_actors.jobs import JobOutput
+from flash_actors.providers.runpod.backend import (
+    RUNSYNC_WAIT_MS,
+    QueueBackend,
+    keep_trying,
+)
 from flash_actors.providers.runpod.dataplane import (
     FLASH_LOCAL,
     RUNPOD,
@@ -42,8 +47,17 @@ BASE = "https://api.runpod.ai/v2"
 KEY = "rp-key"
 
 
+LOST_ANSWER = DeliveryError("the connection broke while reading the answer")
+"""A fault for `FakeQueue`: the job is created, then the connection breaks before its answer."""
+
+
 class FakeQueue:
-    """RunPod's job API for one endpoint, in memory; ``faults`` answer the next /run calls."""
+    """RunPod's job API for one endpoint, in memory; ``faults`` answer the next submissions.
+
+    A job is found running by its first ``running_polls`` looks (``/runsync``'s wait and
+    each ``/status``), then COMPLETED: ``/runsync`` answers the ended envelope when the job
+    ends within its wait, else a non-terminal status plus ``id`` (PROTOCOL.md section 1).
+    """
 
     def __init__(self, *, running_polls: int = 1) -> None:
         self.jobs: dict[str, dict[str, Any]] = {}
@@ -56,37 +70,44 @@ class FakeQueue:
     def __call__(self, request: RecordedRequest) -> Response:
         assert request.headers["authorization"] == f"Bearer {KEY}"
         path = request.url.removeprefix(BASE).split("?")[0]
-        if path.endswith("/run"):
-            if self.faults:
-                fault = self.faults.pop(0)
-                if isinstance(fault, Exception):
-                    raise fault
+        if path.endswith(("/run", "/runsync")):
+            fault = self.faults.pop(0) if self.faults else None
+            if isinstance(fault, Response):
                 return fault
+            if fault is not None and fault is not LOST_ANSWER:
+                raise fault
             body = request.json()
             job_id = f"job-{next(self._ids)}"
             self.jobs[job_id] = body
             self.polls[job_id] = 0
+            if fault is LOST_ANSWER:
+                raise fault
+            if path.endswith("/runsync"):
+                return self.look(job_id)
             return json_response({"id": job_id, "status": "IN_QUEUE"})
         if "/status/" in path:
-            job_id = path.rsplit("/", 1)[1]
-            self.polls[job_id] += 1
-            if self.polls[job_id] <= self.running_polls:
-                return json_response({"id": job_id, "status": "IN_PROGRESS"})
-            output = {"success": True, "result": encode_value(42)}
-            return json_response(
-                {
-                    "id": job_id,
-                    "status": "COMPLETED",
-                    "output": output,
-                    "delayTime": 1,
-                    "executionTime": 2,
-                }
-            )
+            return self.look(path.rsplit("/", 1)[1])
         if "/cancel/" in path:
             job_id = path.rsplit("/", 1)[1]
             self.cancelled.append(job_id)
             return json_response({"id": job_id, "status": "CANCELLED"})
         return json_response({"error": "not found"}, status=404)
+
+    def look(self, job_id: str) -> Response:
+        """The job's envelope at one more look: running, or COMPLETED with 42."""
+        self.polls[job_id] += 1
+        if self.polls[job_id] <= self.running_polls:
+            return json_response({"id": job_id, "status": "IN_PROGRESS"})
+        output = {"success": True, "result": encode_value(42)}
+        return json_response(
+            {
+                "id": job_id,
+                "status": "COMPLETED",
+                "output": output,
+                "delayTime": 1,
+                "executionTime": 2,
+            }
+        )
 
 
 def runpod_over(fake: FakeQueue) -> tuple[RunPodProvider, RecordingTransport]:
@@ -147,8 +168,7 @@ async def test_a_refused_submission_is_retried_and_makes_one_job(
     fake.faults.append(fault)
     provider, transport = runpod_over(fake)
     await _call_one(provider, fake)
-    runs = [r for r in transport.requests if r.url.endswith("/run")]
-    assert len(runs) == 2
+    assert len(submissions(transport)) == 2
     assert len(fake.jobs) == 1
 
 
@@ -156,9 +176,10 @@ async def test_a_refused_submission_is_retried_and_makes_one_job(
     "fault",
     [
         json_response({"error": "internal"}, status=500),
-        DeliveryError("the connection broke while reading the answer"),
+        DeliveryError("the connection broke while sending"),
+        LOST_ANSWER,
     ],
-    ids=["http-500", "broken-connection"],
+    ids=["http-500", "broken-connection", "broken-during-the-wait"],
 )
 async def test_a_submission_that_may_have_arrived_is_not_sent_again(
     fault: Response | Exception,
@@ -169,7 +190,109 @@ async def test_a_submission_that_may_have_arrived_is_not_sent_again(
     job = await _call_one(provider, fake, expect=None)
     assert isinstance(job.exception, DeliveryUncertainError)
     assert "not sent again" in job.error
-    assert len([r for r in transport.requests if r.url.endswith("/run")]) == 1
+    assert data_plane(transport) == [("POST", f"/runsync?wait={RUNSYNC_WAIT_MS}")]
+    assert len(fake.jobs) == (1 if fault is LOST_ANSWER else 0)
+
+
+async def test_a_job_that_ends_within_the_wait_costs_one_request() -> None:
+    """``/runsync`` hands the ended job back: no ``/status``, no sleep."""
+    fake = FakeQueue(running_polls=0)
+    provider, transport = runpod_over(fake)
+    await _call_one(provider, fake)
+    assert data_plane(transport) == [("POST", f"/runsync?wait={RUNSYNC_WAIT_MS}")]
+    (runsync,) = submissions(transport)
+    assert runsync.timeout_s is not None
+    assert runsync.timeout_s > RUNSYNC_WAIT_MS / 1000  # the answer may take the wait
+    assert set(runsync.json()) <= {"input", "policy"}  # no caller id, no stream flag
+
+
+async def test_a_job_that_outlives_the_wait_is_finished_by_polling_status() -> None:
+    fake = FakeQueue(
+        running_polls=3
+    )  # the runsync's wait and two polls find it running
+    provider, transport = runpod_over(fake)
+    await _call_one(provider, fake)
+    assert data_plane(transport) == [
+        ("POST", f"/runsync?wait={RUNSYNC_WAIT_MS}"),
+        ("GET", "/status/job-1"),
+        ("GET", "/status/job-1"),
+        ("GET", "/status/job-1"),
+    ]
+    assert len(fake.jobs) == 1
+
+
+async def test_a_job_whose_status_cannot_be_read_is_cancelled_not_sent_again() -> None:
+    fake = FakeQueue(running_polls=1)
+
+    def unreachable_status(request: RecordedRequest) -> Response:
+        if "/status/" in request.url:
+            raise DeliveryError("the connection broke")
+        return fake(request)
+
+    dp, transport = plane(fake)
+    transport.handler = unreachable_status
+    backend = QueueBackend(
+        dp, "ep1", persist=lambda key, attempt: keep_trying(0.0, key, attempt)
+    )
+    with pytest.raises(DeliveryUncertainError, match=r"^lost track of job job-1 on "):
+        await backend.run_payload({"x": 1}, {}, "ignored")
+    assert fake.cancelled == ["job-1"]
+    assert len(submissions(transport)) == 1
+
+
+async def test_a_caller_cancelled_during_the_runsync_waits_for_the_id_and_cancels() -> (
+    None
+):
+    """The job's id comes only with the answer: without it the job would run unseen."""
+    fake = FakeQueue(running_polls=10**9)
+    arrived, released = anyio.Event(), anyio.Event()
+
+    async def held(request: RecordedRequest) -> Response:
+        answer = fake(request)
+        if "/runsync" in request.url:
+            arrived.set()
+            await released.wait()
+        return answer
+
+    dp, transport = plane(fake)
+    transport.handler = held
+    backend = QueueBackend(dp, "ep1")
+    caller = anyio.CancelScope()
+
+    async def call() -> None:
+        with caller:
+            await backend.run_payload({"x": 1}, {}, "ignored")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await arrived.wait()
+            caller.cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert fake.cancelled == []  # the answer, and the id, are still coming
+            released.set()
+    assert caller.cancelled_caught
+    assert fake.cancelled == ["job-1"]
+    assert len(submissions(transport)) == 1
+
+
+def submissions(transport: RecordingTransport) -> list[RecordedRequest]:
+    """The requests that create a job (``/run``, ``/runsync``)."""
+    return [
+        r
+        for r in transport.requests
+        if r.url.split("?")[0].endswith(("/run", "/runsync"))
+    ]
+
+
+def data_plane(transport: RecordingTransport) -> list[tuple[str, str]]:
+    """Each data-plane request to the ``_call_one`` endpoint: method, path and query."""
+    prefix = f"{BASE}/ep-dp"
+    return [
+        (r.method, r.url.removeprefix(prefix))
+        for r in transport.requests
+        if r.url.startswith(prefix)
+    ]
 
 
 async def test_a_cancelled_caller_cancels_the_job() -> None:

@@ -24,6 +24,7 @@ from flash_actors.errors import (
     DeliveryError,
     GraphQLMutationError,
     GraphQLQueryError,
+    NotDeliveredError,
 )
 from flash_actors.providers.runpod import credentials
 from flash_actors.providers.runpod.graphql import SAVE_ENDPOINT, ControlPlane
@@ -852,5 +853,34 @@ async def test_https_transport_maps_failures_to_delivery_errors_naming_the_host(
             match=r"^GET 'ftp://example\.com/x': need an absolute http:// or https:// URL$",
         ):
             await transport.request("GET", "ftp://example.com/x")
+    finally:
+        await transport.aclose()
+
+
+async def test_https_transport_no_free_connection_is_not_delivered() -> None:
+    """A request that never got a connection from the pool was not sent: safe to resend."""
+
+    def answer(request: RecordedRequest) -> Response | str:
+        return "hang" if request.url.endswith("/held") else Response(200, b"", {})
+
+    transport = HttpsTransport(max_connections=1)
+    try:
+        async with (
+            http_server(answer) as (base, requests, _),
+            anyio.create_task_group() as tg,
+        ):
+            port = base.rsplit(":", 1)[1]
+            tg.start_soon(transport.request, "POST", f"{base}/held")
+            with anyio.fail_after(10):
+                while not requests:  # the one connection is taken
+                    await anyio.sleep(0.01)
+            with pytest.raises(
+                NotDeliveredError,
+                match=rf"^POST http://127\.0\.0\.1:{port}/next: no free connection in "
+                r"the pool within 0\.2 s$",
+            ):
+                await transport.request("POST", f"{base}/next", timeout_s=0.2)
+            assert len(requests) == 1
+            tg.cancel_scope.cancel()
     finally:
         await transport.aclose()

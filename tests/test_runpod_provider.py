@@ -2,9 +2,10 @@
 
 The daemon runs with its own capabilities switched off (``--runpod-only``: caller job ids,
 long-polled status and the stream flag are ignored, as RunPod ignores them), and the provider
-declares none, so every byte goes as it would go to RunPod: GraphQL ``saveEndpoint``, ``/run``,
-polled ``/status``, ``/cancel``, ``POST /execute`` on the load balancer's own host, and
-``deleteEndpoint`` after scaling to zero. The requests travel over `HttpsTransport` (plain
+declares none, so every byte goes as it would go to RunPod: GraphQL ``saveEndpoint``,
+``/runsync`` (then polled ``/status`` for a job that outlives its wait), ``/cancel``,
+``POST /execute`` on the load balancer's own host, and ``deleteEndpoint`` after scaling to
+zero. The requests travel over `HttpsTransport` (plain
 HTTP on 127.0.0.1); a recording transport in front of it shows that the provider pointed at
 RunPod's real URLs sends exactly the same requests.
 """
@@ -12,6 +13,7 @@ RunPod's real URLs sends exactly the same requests.
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -25,6 +27,7 @@ from flash_actors import (
     remote,
     runtime,
 )
+from flash_actors.providers.runpod.backend import RUNSYNC_WAIT_MS
 from flash_actors.providers.runpod.dataplane import DataPlane
 from flash_actors.providers.runpod.graphql import ControlPlane
 from flash_actors.providers.runpod.provider import RunPodProvider
@@ -38,7 +41,7 @@ from flash_actors.providers.runpod.transport import (
 from tests._daemon import Daemon
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
 
 pytestmark = pytest.mark.slow
 
@@ -151,8 +154,11 @@ async def test_asyncio_gather_of_a_thousand_calls(daemon: Daemon) -> None:
     assert [job.output for job in jobs] == [i * i for i in range(1000)]
 
 
-async def test_the_cloud_urls_get_the_same_requests(daemon: Daemon) -> None:
-    """Pointed at RunPod's URLs, the provider sends what worked against flash local."""
+@asynccontextmanager
+async def at_the_cloud_urls(
+    daemon: Daemon,
+) -> AsyncIterator[tuple[RunPodProvider, RecordingTransport]]:
+    """The provider pointed at RunPod's URLs, its requests recorded and sent to ``daemon``."""
     record = daemon.record
     assert record is not None
     https = HttpsTransport()
@@ -170,7 +176,11 @@ async def test_the_cloud_urls_get_the_same_requests(daemon: Daemon) -> None:
             headers["host"] = f"{endpoint_id}.{local}"
             url = f"{record.url}/{path}"
         return await https.request(
-            request.method, url, body=request.body, headers=headers
+            request.method,
+            url,
+            body=request.body,
+            headers=headers,
+            timeout_s=request.timeout_s,
         )
 
     recording = RecordingTransport(forward)
@@ -181,25 +191,57 @@ async def test_the_cloud_urls_get_the_same_requests(daemon: Daemon) -> None:
         transport=recording,
     )
     try:
+        yield provider, recording
+    finally:
+        await https.aclose()
+
+
+async def test_the_cloud_urls_get_the_same_requests(daemon: Daemon) -> None:
+    """Pointed at RunPod's URLs, the provider sends what worked against flash local."""
+    record = daemon.record
+    assert record is not None
+    async with at_the_cloud_urls(daemon) as (provider, recording):
         async with runtime(provider=provider):
             job = await square(3)
             assert job.output == 9
             assert await shout("x") == {"word": "X"}
-    finally:
-        await https.aclose()
     queue_id = provider.endpoints["rp-queue"]["id"]
     lb_id = provider.endpoints["rp-balancer"]["id"]
-    seen = [(r.method, r.url.split("/status/")[0]) for r in recording.requests]
+    seen = [(r.method, r.url) for r in recording.requests]
     assert ("POST", "https://api.runpod.io/graphql") in seen
-    assert ("POST", f"https://api.runpod.ai/v2/{queue_id}/run") in seen
-    assert ("GET", f"https://api.runpod.ai/v2/{queue_id}") in seen  # its /status polls
+    queue_url = f"https://api.runpod.ai/v2/{queue_id}"
+    # square(3) ends within the runsync's wait: one request, no /status polls
+    assert [(m, u) for m, u in seen if u.startswith(queue_url)] == [
+        ("POST", f"{queue_url}/runsync?wait={RUNSYNC_WAIT_MS}")
+    ]
     assert ("POST", f"https://{lb_id}.api.runpod.ai/execute") in seen
     for request in recording.requests:
         assert request.headers["authorization"] == f"Bearer {record.api_key}"
-        if request.url.endswith("/run"):
+        if "/runsync" in request.url:
             body = request.json()
             assert set(body) <= {"input", "policy"}  # no caller id, no stream flag
             assert "signature" not in body["input"]  # RunPod's workers are not ours
+
+
+async def test_a_job_that_outlives_the_runsync_wait_is_polled_to_its_end(
+    daemon: Daemon,
+) -> None:
+    async with at_the_cloud_urls(daemon) as (provider, recording):
+        async with runtime(provider=provider):
+            job = await sleepy(RUNSYNC_WAIT_MS / 1000 + 0.5)
+            assert job.output == "woke", job.error
+    queue_url = f"https://api.runpod.ai/v2/{provider.endpoints['rp-queue']['id']}"
+    sent = [
+        (r.method, r.url.removeprefix(queue_url))
+        for r in recording.requests
+        if r.url.startswith(queue_url)
+    ]
+    assert sent[0] == ("POST", f"/runsync?wait={RUNSYNC_WAIT_MS}")
+    polls = sent[1:]
+    assert polls  # the runsync answered when its wait ran out, with the job's id
+    assert {(method, path.rsplit("/", 1)[0]) for method, path in polls} == {
+        ("GET", "/status")
+    }
 
 
 async def test_undeploy_lists_and_removes_what_it_created(daemon: Daemon) -> None:

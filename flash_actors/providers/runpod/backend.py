@@ -7,8 +7,9 @@ a job whose worker died; the Endpoint actor retries only deliveries that failed.
 
 Submitting follows the server's `Capabilities`: with caller-chosen job ids a submission (and
 the wait after it) is simply repeated until the server is reached again; without them the job
-is created once, then its status is polled, and losing track of it ends the call with
-`DeliveryUncertainError` after a best-effort cancel, never with a second job.
+is created once with ``/runsync`` (which hands back a job that ends within `RUNSYNC_WAIT_MS`
+at once), then, if it has not ended, its status is polled, and losing track of it ends the
+call with `DeliveryUncertainError` after a best-effort cancel, never with a second job.
 """
 
 from __future__ import annotations
@@ -42,11 +43,34 @@ if TYPE_CHECKING:
     from flash_actors.providers.runpod.dataplane import DataPlane, Envelope
     from flash_actors.providers.runpod.feed import JobFeed
 
-__all__ = ["QueueBackend", "job_output", "keep_trying", "response_of"]
+__all__ = [
+    "QUEUE_CAPACITY",
+    "RUNSYNC_WAIT_MS",
+    "QueueBackend",
+    "job_output",
+    "keep_trying",
+    "response_of",
+]
 
 _T = TypeVar("_T")
 CANCEL_WITHIN_S = 10.0
 FEED_CAPACITY = 16_384
+QUEUE_CAPACITY = 4096
+"""Jobs a `QueueBackend` lets through to its server at once by default."""
+RUNSYNC_WAIT_MS = 3_000
+"""How long a job submitted without a caller-chosen id is waited for in its submission.
+
+Without caller ids a job is submitted with ``/runsync?wait=`` this long (RunPod takes 1 to
+300 s): a job that ends within it costs one request and no sleep; one still queued or running
+then is polled (`Backoff`, ``/status`` is safe to repeat). Longer would hand more jobs back in
+one request, but the submission is the one request that cannot be repeated, and for its whole
+wait the job's id is unknown: a connection that breaks then ends the call with
+`DeliveryUncertainError` (the job may run, never twice), and a caller cancelled then waits
+out the answer to cancel the job by id. A few seconds covers a warm worker's typical call;
+for a longer job, polling (sleeps of 1 s at most) adds little to what it takes anyway.
+RunPod keeps a runsync job's result 60 s after it ends (a ``/run`` job's 30 min): polls come
+within 1 s of that, and `keep_trying` gives up on an unreachable server after 30 s.
+"""
 
 
 async def keep_trying(
@@ -99,7 +123,7 @@ class QueueBackend:
         persist: Callable[[str, Callable[[], Awaitable[Any]]], Awaitable[Any]]
         | None = None,
         job_policy: Callable[[dict[str, int]], dict[str, int]] | None = None,
-        capacity: int = 4096,
+        capacity: int = QUEUE_CAPACITY,
         feed: JobFeed | None = None,
     ) -> None:
         self.plane = plane
@@ -131,8 +155,16 @@ class QueueBackend:
 
             result: Envelope = await self._persist(f"job {job_id}", attempt)
             return result
-        envelope = await plane.run(endpoint, payload, policy=policy)
+        # The job's id comes only with the answer: a caller cancelled meanwhile waits for it
+        # (at most the wait, bounded by the transport's timeout) so that its job can be
+        # cancelled by id rather than left running unseen.
+        with anyio.CancelScope(shield=True):
+            envelope = await plane.run(
+                endpoint, payload, policy=policy, sync_wait_ms=RUNSYNC_WAIT_MS
+            )
         known.append(envelope.id)
+        if envelope.terminal:
+            return envelope
         try:
             waited: Envelope = await self._persist(
                 f"job {envelope.id}", lambda: plane.wait(endpoint, envelope)

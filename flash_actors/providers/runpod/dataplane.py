@@ -6,7 +6,8 @@ transport is swappable (`flash_actors.providers.runpod.transport`), and what onl
 offers is a declared `Capabilities`, never an assumption:
 
 - ``long_poll``: ``/status/{id}?wait=ms`` holds the answer until the job changes; without it
-  status is polled with backoff (`Backoff`).
+  status is polled with backoff (`Backoff`). ``/runsync?wait=ms`` (RunPod's own, 1..300 s)
+  holds the answer until the job ends, on every server.
 - ``job_ids``: ``/run`` takes the caller's ``id``, so sending a submission again attaches to
   the job already there. Without it a submission is sent again only when it provably never
   arrived (`NotDeliveredError`); a connection that broke after the request was sent raises
@@ -55,6 +56,9 @@ __all__ = [
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 LONG_WAIT_MS = 300_000
+SYNC_GRACE_S = 30.0
+"""How much longer than its ``?wait=`` a ``/runsync`` request may go unanswered before the
+transport gives up on it (the server answers when the wait runs out, but not to the ms)."""
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,17 +177,18 @@ class DataPlane:
         body: bytes | None = None,
         *,
         submit: bool = False,
+        timeout_s: float | None = None,
     ) -> bytes:
         """One request to ``{base}/{endpoint_id}{path}``: the answer's body when 200.
 
         With ``submit`` (a ``/run`` or ``/runsync`` without a caller-chosen id), a failure
         after the request may have arrived raises `DeliveryUncertainError` instead of a
-        retryable `DeliveryError`.
+        retryable `DeliveryError`. ``timeout_s`` is the transport's (`Transport.request`).
         """
         url = f"{self.base_url}/{endpoint_id}{path}"
         try:
             response = await self.transport.request(
-                method, url, body=body, headers=self.headers
+                method, url, body=body, headers=self.headers, timeout_s=timeout_s
             )
         except NotDeliveredError:
             raise
@@ -278,14 +283,23 @@ class DataPlane:
         with_id: bool,
         sync_wait_ms: int | None = None,
     ) -> Envelope:
-        """`run` with the job already encoded (`job_body`); ``with_id``: it carries its id."""
-        path = "/run" if sync_wait_ms is None else f"/runsync?wait={sync_wait_ms}"
+        """`run` with the job already encoded (`job_body`); ``with_id``: it carries its id.
+
+        A ``/runsync`` may go unanswered for its whole wait: the transport waits that long
+        and `SYNC_GRACE_S` more before it gives up on the answer.
+        """
+        if sync_wait_ms is None:
+            path, timeout_s = "/run", None
+        else:
+            path = f"/runsync?wait={sync_wait_ms}"
+            timeout_s = sync_wait_ms / 1000 + SYNC_GRACE_S
         data = await self.call(
             "POST",
             endpoint_id,
             path,
             body,
             submit=not (with_id and self.capabilities.job_ids),
+            timeout_s=timeout_s,
         )
         return _envelope.decode(data)
 

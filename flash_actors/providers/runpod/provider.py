@@ -8,7 +8,10 @@ runpod-flash 1.21 sends it (`flash_actors.providers.runpod.provisioning`): an en
 name with the same config is reused, one whose config changed is updated.
 
 Calls are Flash ``FunctionRequest`` jobs through the shared data-plane client with RunPod's
-documented API only (`RUNPOD` capabilities: no caller-chosen ids, status polled with backoff);
+documented API only (`RUNPOD` capabilities: no caller-chosen ids, no long-poll): each job is
+submitted with ``/runsync`` and handed back in that answer when it ends within
+`flash_actors.providers.runpod.backend.RUNSYNC_WAIT_MS`, else its status is polled with
+backoff; `RUNPOD_CAPACITY` calls per endpoint are in flight at once;
 load-balancer endpoints are called over HTTP at ``/execute`` on the endpoint's own host
 (``https://{id}.api.runpod.ai``). RunPod's stock Flash workers do not check signatures, so
 requests go unsigned and results are trusted as Flash trusts them: over TLS, from the
@@ -25,7 +28,7 @@ import msgspec
 from flash_actors.errors import ConfigurationError, FlashRuntimeError
 from flash_actors.messages import FunctionResponse, response_decoder, wire_encoder
 from flash_actors.providers.runpod import credentials
-from flash_actors.providers.runpod.backend import QueueBackend
+from flash_actors.providers.runpod.backend import QUEUE_CAPACITY, QueueBackend
 from flash_actors.providers.runpod.dataplane import RUNPOD, Capabilities, DataPlane
 from flash_actors.providers.runpod.graphql import ControlPlane
 from flash_actors.providers.runpod.provisioning import ensure_endpoint
@@ -41,9 +44,19 @@ if TYPE_CHECKING:
     from flash_actors.providers.runpod.transport import Transport
     from flash_actors.resources import ServerlessResource
 
-__all__ = ["RunPodBackend", "RunPodProvider", "lb_target"]
+__all__ = ["RUNPOD_CAPACITY", "RunPodBackend", "RunPodProvider", "lb_target"]
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+RUNPOD_CAPACITY = 256
+"""Calls in flight at once per endpoint on a server without caller-chosen job ids (RunPod).
+
+Each such call has one request open at a time (its ``/runsync``, then a ``/status`` poll),
+so this bounds the endpoint's concurrent requests: under RunPod's documented 400 concurrent
+``/runsync`` or ``/status`` requests per endpoint, and no more than `HttpsTransport`'s
+connections, so that requests do not queue inside httpx's pool, which scans all its waiters
+at every change (thousands of waiters cost more CPU than the calls themselves). The Endpoint
+actor queues the calls beyond it, cheaply.
+"""
 
 
 def lb_target(endpoint_base_url: str, endpoint_id: str) -> tuple[str, dict[str, str]]:
@@ -66,7 +79,8 @@ def lb_target(endpoint_base_url: str, endpoint_id: str) -> tuple[str, dict[str, 
 class RunPodBackend(QueueBackend):
     """One RunPod endpoint: queue jobs through the data plane, load-balancer calls over HTTP.
 
-    ``persist`` and ``job_policy`` are `QueueBackend`'s.
+    ``persist`` and ``job_policy`` are `QueueBackend`'s; without caller-chosen job ids
+    (RunPod), `RUNPOD_CAPACITY` calls are let through at once.
     """
 
     def __init__(
@@ -80,7 +94,13 @@ class RunPodBackend(QueueBackend):
         | None = None,
         job_policy: Callable[[dict[str, int]], dict[str, int]] | None = None,
     ) -> None:
-        super().__init__(plane, endpoint_id, persist=persist, job_policy=job_policy)
+        super().__init__(
+            plane,
+            endpoint_id,
+            persist=persist,
+            job_policy=job_policy,
+            capacity=QUEUE_CAPACITY if plane.capabilities.job_ids else RUNPOD_CAPACITY,
+        )
         self.lb_url = lb_url
         self._lb_headers = {
             **plane.headers,

@@ -152,6 +152,9 @@ def _reason(exc: httpx.HTTPError, timeout_s: float | None) -> str:
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.ConnectTimeout):
         return f"no connection within {timeout_s or DEFAULT_CONNECT_TIMEOUT_S:g} s"
+    if isinstance(exc, httpx.PoolTimeout):
+        within = f" within {timeout_s:g} s" if timeout_s else ""
+        return f"no free connection in the pool{within}"
     if isinstance(exc, httpx.TimeoutException):
         return f"no answer within {timeout_s:g} s" if timeout_s else "timed out"
     if isinstance(exc, httpx.ConnectError):
@@ -302,8 +305,9 @@ class HttpsTransport:
             answer = await self._http().request(
                 method, target, content=body, headers=headers, timeout=timeout
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            # no connection, so nothing was sent: safe to send again
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # no connection (none opened, or none free in the pool), so nothing was sent:
+            # safe to send again
             msg = f"{method} {_origin(target)}{target.path}: {_reason(exc, timeout_s)}"
             raise NotDeliveredError(msg) from exc
         except httpx.HTTPError as exc:
