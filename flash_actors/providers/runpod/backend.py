@@ -57,7 +57,7 @@ CANCEL_WITHIN_S = 10.0
 FEED_CAPACITY = 16_384
 QUEUE_CAPACITY = 4096
 """Jobs a `QueueBackend` lets through to its server at once by default."""
-RUNSYNC_WAIT_MS = 3_000
+RUNSYNC_WAIT_MS = 1_000
 """How long a job submitted without a caller-chosen id is waited for in its submission.
 
 Without caller ids a job is submitted with ``/runsync?wait=`` this long (RunPod takes 1 to
@@ -66,8 +66,9 @@ then is polled (`Backoff`, ``/status`` is safe to repeat). Longer would hand mor
 one request, but the submission is the one request that cannot be repeated, and for its whole
 wait the job's id is unknown: a connection that breaks then ends the call with
 `DeliveryUncertainError` (the job may run, never twice), and a caller cancelled then waits
-out the answer to cancel the job by id. A few seconds covers a warm worker's typical call;
-for a longer job, polling (sleeps of 1 s at most) adds little to what it takes anyway.
+out the answer to cancel the job by id: RunPod's shortest wait, 1 s, bounds both. It covers a
+warm worker's typical call; for a longer job, polling (sleeps of 1 s at most) adds little to
+what it takes anyway.
 RunPod keeps a runsync job's result 60 s after it ends (a ``/run`` job's 30 min): polls come
 within 1 s of that, and `keep_trying` gives up on an unreachable server after 30 s.
 """
