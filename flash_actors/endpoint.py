@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -80,6 +80,74 @@ def response_value(
     if message is None:
         message = error.strip().splitlines()[-1] if error.strip() else error
     raise RemoteExecutionError.from_remote(message, response.error_type or "", error)
+
+
+def _job_output(
+    call: Call,
+    job_id: str,
+    queued: float,
+    started: float | None,
+    outcome: FunctionResponse | FlashRuntimeError,
+    key: bytes | None = None,
+) -> JobOutput:
+    """The `JobOutput` of a queue job: ``outcome`` is its response, or why it has none.
+
+    ``started``: when it left the queue (monotonic), ``None`` if it never did (expired).
+    """
+    ended = time.monotonic()
+    ended_at = datetime.now(UTC)
+    if started is None:
+        assert isinstance(outcome, FlashRuntimeError)  # noqa: S101
+        return JobOutput(
+            id=job_id,
+            status=JobStatus.TIMED_OUT,
+            error=str(outcome),
+            ended_at=ended_at,
+            delay_time_ms=int((ended - queued) * 1000),
+            exception=outcome,
+        )
+    started_at = ended_at - timedelta(seconds=ended - started)
+    delay_ms = int((started - queued) * 1000)
+    execution_ms = int((ended - started) * 1000)
+    if isinstance(outcome, FlashRuntimeError):
+        return JobOutput(
+            id=job_id,
+            status=JobStatus.TIMED_OUT
+            if isinstance(outcome, ExecutionTimeoutError)
+            else JobStatus.FAILED,
+            error=str(outcome),
+            started_at=started_at,
+            ended_at=ended_at,
+            delay_time_ms=delay_ms,
+            execution_time_ms=execution_ms,
+            exception=outcome,
+        )
+    try:
+        value = response_value(outcome, key, call)
+    except FlashRuntimeError as exc:
+        return JobOutput(
+            id=job_id,
+            status=JobStatus.FAILED,
+            error=outcome.error or str(exc),
+            started_at=started_at,
+            ended_at=ended_at,
+            delay_time_ms=delay_ms,
+            execution_time_ms=execution_ms,
+            stdout=outcome.stdout or "",
+            worker_id=outcome.worker_id,
+            exception=exc,
+        )
+    return JobOutput(
+        id=job_id,
+        status=JobStatus.COMPLETED,
+        output=value,
+        started_at=started_at,
+        ended_at=ended_at,
+        delay_time_ms=delay_ms,
+        execution_time_ms=execution_ms,
+        stdout=outcome.stdout or "",
+        worker_id=outcome.worker_id,
+    )
 
 
 class EndpointActor(Actor[Routed]):
@@ -171,82 +239,40 @@ class EndpointActor(Actor[Routed]):
         return response_value(response, self.key, call)
 
     async def _run_job(self, call: Call) -> JobOutput:
-        """A queue job: wait for capacity within the TTL, run with retries, wrap in JobOutput."""
+        """A queue job: wait for capacity within the TTL, run with retries, wrap in JobOutput.
+
+        Lean on purpose, as its frame waits with every call in flight: the waits and the
+        answer's wrapping are helpers, and the start's wall-clock time is worked out at the
+        end from the monotonic clock.
+        """
         assert self._slots is not None  # noqa: S101 (set in on_start)
         job_id = new_job_id()
         queued = time.monotonic()
-        ttl = call.policy.ttl_s if self._ttl else None
         try:
             self._slots.acquire_nowait()
-            expired = False
         except anyio.WouldBlock:
-            with anyio.move_on_after(ttl) as waiting:
-                await self._slots.acquire()
-            expired = waiting.cancelled_caught
-        if expired:
-            error = expired_error(call, job_id)
-            return JobOutput(
-                id=job_id,
-                status=JobStatus.TIMED_OUT,
-                error=str(error),
-                ended_at=datetime.now(UTC),
-                delay_time_ms=int((time.monotonic() - queued) * 1000),
-                exception=error,
-            )
-        started_at = datetime.now(UTC)
+            if not await self._slot_within_ttl(call):
+                return _job_output(
+                    call, job_id, queued, None, expired_error(call, job_id)
+                )
         started = time.monotonic()
-        delay_ms = int((started - queued) * 1000)
         try:
             try:  # the first attempt here: one frame less per call in flight
                 response = await self._execute(call, job_id)
             except DeliveryError as exc:
                 response = await self._retry(call, job_id, exc)
         except FlashRuntimeError as exc:
-            status = (
-                JobStatus.TIMED_OUT
-                if isinstance(exc, ExecutionTimeoutError)
-                else JobStatus.FAILED
-            )
-            return JobOutput(
-                id=job_id,
-                status=status,
-                error=str(exc),
-                started_at=started_at,
-                ended_at=datetime.now(UTC),
-                delay_time_ms=delay_ms,
-                execution_time_ms=int((time.monotonic() - started) * 1000),
-                exception=exc,
-            )
+            return _job_output(call, job_id, queued, started, exc)
         finally:
             self._slots.release()
-        ended_at = datetime.now(UTC)
-        execution_ms = int((time.monotonic() - started) * 1000)
-        try:
-            value = response_value(response, self.key, call)
-        except FlashRuntimeError as exc:
-            return JobOutput(
-                id=job_id,
-                status=JobStatus.FAILED,
-                error=response.error or str(exc),
-                started_at=started_at,
-                ended_at=ended_at,
-                delay_time_ms=delay_ms,
-                execution_time_ms=execution_ms,
-                stdout=response.stdout or "",
-                worker_id=response.worker_id,
-                exception=exc,
-            )
-        return JobOutput(
-            id=job_id,
-            status=JobStatus.COMPLETED,
-            output=value,
-            started_at=started_at,
-            ended_at=ended_at,
-            delay_time_ms=delay_ms,
-            execution_time_ms=execution_ms,
-            stdout=response.stdout or "",
-            worker_id=response.worker_id,
-        )
+        return _job_output(call, job_id, queued, started, response, self.key)
+
+    async def _slot_within_ttl(self, call: Call) -> bool:
+        """Wait for a free slot, within the call's TTL (if this endpoint applies it)."""
+        assert self._slots is not None  # noqa: S101 (set in on_start)
+        with anyio.move_on_after(call.policy.ttl_s if self._ttl else None) as waiting:
+            await self._slots.acquire()
+        return not waiting.cancelled_caught
 
     async def _run_payload(self, job: PayloadCall) -> JobOutput:
         """A dictionary job for a handler endpoint: retried deliveries, a `JobOutput` back."""

@@ -725,22 +725,12 @@ class WorkerPool:
             DeliveryError: the worker died or could not be reached, or the endpoint's workers
                 cannot start (retryable; see the module docstring).
         """
-        if self._closed:
-            msg = f"endpoint {self.resource.name!r} is stopped"
-            if self.failure is not None:
-                msg += f" after a failure ({self.failure}); it starts again shortly"
-            raise DeliveryError(msg)
-        blocked = self._start_blocked()
-        if blocked is not None:
-            raise blocked
-        if self.gpus is not None:
-            self.gpus.check()  # no local GPU can serve the endpoint: say so
-        request = call.request
-        if request.dependencies or request.system_dependencies:
-            await self._provision(request)
-        job = _Job(job_id, request, chunks, self._wake_class)
-        policy = call.policy
-        job.timeout = policy.execution_timeout_s
+        # Its frame waits with every call in flight: few locals (see `_check_open`).
+        self._check_open()
+        if call.request.dependencies or call.request.system_dependencies:
+            await self._provision(call.request)
+        job = _Job(job_id, call.request, chunks, self._wake_class)
+        job.timeout = call.policy.execution_timeout_s
         self.queue.append(job)
         if len(self.queue) == 1:
             self._dispatch()  # a free slot takes it now, without the dispatcher's pass
@@ -750,8 +740,11 @@ class WorkerPool:
         self._waiting += 1
         try:
             if job.state in ("IN_QUEUE", "SENT"):
-                ttl = policy.ttl_s
-                job.deadline = math.inf if ttl is None else self._clock() + ttl
+                job.deadline = (
+                    math.inf
+                    if call.policy.ttl_s is None
+                    else self._clock() + call.policy.ttl_s
+                )
             # One wait: `_start_job` moves the deadline from the TTL to the execution
             # timeout, and `_watch_deadlines` wakes the caller once it has passed. A
             # deadline moved after it fired is waited for again.
@@ -779,14 +772,7 @@ class WorkerPool:
         except BaseException:
             job.waiting = False
             ticket[0] = job.ticket = None
-            queued, sent = job.state == "IN_QUEUE", not job.finished
-            # Finished first: a job its worker gives back meanwhile (withdrawn, or the
-            # worker recycled) is not requeued, so a cancelled job never starts elsewhere.
-            job.finish(None, None)
-            if queued:
-                self._dequeue(job)
-            elif sent:
-                await self._stop_job(job)
+            await self._abandon(job)
             raise
         finally:
             self._waiting -= 1
@@ -795,6 +781,34 @@ class WorkerPool:
             raise job.error
         assert job.response is not None  # noqa: S101
         return job.response
+
+    def _check_open(self) -> None:
+        """Refuse a job while the endpoint is stopped or cannot start its workers.
+
+        Raises:
+            DeliveryError: why (retryable; see the module docstring).
+        """
+        if self._closed:
+            msg = f"endpoint {self.resource.name!r} is stopped"
+            if self.failure is not None:
+                msg += f" after a failure ({self.failure}); it starts again shortly"
+            raise DeliveryError(msg)
+        blocked = self._start_blocked()
+        if blocked is not None:
+            raise blocked
+        if self.gpus is not None:
+            self.gpus.check()  # no local GPU can serve the endpoint: say so
+
+    async def _abandon(self, job: _Job) -> None:
+        """The caller of ``job`` is gone (cancelled): drop it from the queue, or stop it."""
+        queued, sent = job.state == "IN_QUEUE", not job.finished
+        # Finished first: a job its worker gives back meanwhile (withdrawn, or the worker
+        # recycled) is not requeued, so a cancelled job never starts elsewhere.
+        job.finish(None, None)
+        if queued:
+            self._dequeue(job)
+        elif sent:
+            await self._stop_job(job)
 
     def _watch_deadline(self, ticket: list[_Job | None], deadline: float) -> None:
         """Have `_watch_deadlines` cancel the wait of ``ticket``'s job at ``deadline``."""
