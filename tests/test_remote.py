@@ -258,6 +258,31 @@ async def test_local_call_still_fails_for_values_that_cannot_travel() -> None:
         await local_echo(threading.Lock())
 
 
+@remote(QUEUE)
+async def echo_value(value: Any) -> Any:
+    return value
+
+
+async def test_a_call_that_cannot_be_sent_fails_when_awaited_on_every_path() -> None:
+    # The first call goes through the Router; later ones are signed when the function is
+    # called (the endpoint takes them inline): either way nothing raises before the await,
+    # and a failed call does not stop the next.
+    async with runtime():
+        for _ in range(2):
+            call = echo_value(threading.Lock())  # no error here
+            with pytest.raises(
+                SerializationError, match=r"cannot serialize argument 'value' \(lock\)"
+            ):
+                await call
+            assert (await echo_value([1, 2])).output == [1, 2]
+        values = [{"n": 1}]
+        call = echo_value(values)
+        values.append(
+            {"n": 2}
+        )  # after the call was made: the call has the list as it was
+        assert (await call).output == [{"n": 1}]
+
+
 async def test_payload_limit_checked_before_sending() -> None:
     small = CpuLiveServerless(name="calls-small", payloadLimitBytes=1000)
 
