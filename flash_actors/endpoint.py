@@ -122,31 +122,23 @@ def _job_output(
             execution_time_ms=execution_ms,
             exception=outcome,
         )
+    status, value, error, exception = JobStatus.COMPLETED, None, "", None
     try:
         value = response_value(outcome, key, call)
     except FlashRuntimeError as exc:
-        return JobOutput(
-            id=job_id,
-            status=JobStatus.FAILED,
-            error=outcome.error or str(exc),
-            started_at=started_at,
-            ended_at=ended_at,
-            delay_time_ms=delay_ms,
-            execution_time_ms=execution_ms,
-            stdout=outcome.stdout or "",
-            worker_id=outcome.worker_id,
-            exception=exc,
-        )
+        status, error, exception = JobStatus.FAILED, outcome.error or str(exc), exc
     return JobOutput(
         id=job_id,
-        status=JobStatus.COMPLETED,
+        status=status,
         output=value,
+        error=error,
         started_at=started_at,
         ended_at=ended_at,
         delay_time_ms=delay_ms,
         execution_time_ms=execution_ms,
         stdout=outcome.stdout or "",
         worker_id=outcome.worker_id,
+        exception=exception,
     )
 
 
