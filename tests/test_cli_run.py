@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -264,6 +265,24 @@ def test_reload_restarts_on_change_and_stops_the_old_workers(tmp_path: Path) -> 
         assert wait_gone([pid for pid in before if pid not in server.remember()]) == []
         again = httpx.post(f"{base}/foo/runsync", json={"input": {"a": 2}}, timeout=30)
         assert again.json()["output"] == {"sum": 12}
+
+
+def test_a_killed_flash_run_leaves_no_server_or_worker_running(tmp_path: Path) -> None:
+    # SIGKILL gives the command no chance to stop anything: the server process uvicorn's
+    # reloader started stops by itself when the reloader is gone, and its workers with it.
+    port = free_port()
+    folder = _project(tmp_path, **{"main.py": MAIN, "foo.py": QUEUE})
+    with DevServer(folder, "--port", str(port)) as server:
+        server.wait_up(port)
+        done = httpx.post(
+            f"http://127.0.0.1:{port}/foo/runsync", json={"input": {"a": 1}}, timeout=30
+        )
+        assert done.json()["output"] == {"sum": 11}
+        below = server.remember()
+        assert below, "the server process and its workers"
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        assert wait_gone(below, seconds=30) == [], server.output()
 
 
 class _Recorder:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import signal
 import sys
 import typing
 import uuid
@@ -33,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 import flash_actors
+from flash_actors._lifeline import die_with_parent
 from flash_actors._logging import get_logger
 from flash_actors.build.scanner import scan_project
 from flash_actors.devserver.docs import install_docs
@@ -375,6 +377,16 @@ async def _ping() -> dict[str, str]:
 
 
 def create_app() -> FastAPI:
-    """The app of the folder in `PROJECT_ENV` (uvicorn's factory for ``flash run --reload``)."""
+    """The app of the folder in `PROJECT_ENV` (uvicorn's factory for ``flash run --reload``).
+
+    It runs in the server process uvicorn's reloader starts: that process stops (as on
+    SIGTERM: its runtime stops its workers) when the reloader dies, even by SIGKILL, instead
+    of serving on unsupervised.
+    """
+    supervisor = os.getppid()
+    if not die_with_parent(
+        supervisor, lambda: os.kill(os.getpid(), signal.SIGTERM)
+    ):  # the reloader is gone already
+        raise SystemExit(1)
     project = Path(os.environ.get(PROJECT_ENV) or ".")
     return build_app(project, auto_provision=os.environ.get(AUTO_PROVISION_ENV) == "1")
