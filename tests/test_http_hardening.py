@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import secrets
 import shutil
 import socket
 import subprocess
@@ -44,6 +43,7 @@ from tests._daemon import (
     wait_gone,
     workers_of,
 )
+from tests._worker import worker_process
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -292,37 +292,9 @@ def test_daemon_answers_non_ascii_keys_401_and_deep_json_400(daemon: Daemon) -> 
 @pytest.fixture
 def worker() -> Iterator[tuple[int, str]]:
     """A worker process (``python -m flash_actors.worker``) on an inherited socket."""
-    token = secrets.token_hex(8)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    port = listener.getsockname()[1]
-    env = {**os.environ, "FLASH_ENDPOINT_KEY": "ab" * 32, "FLASH_WORKER_TOKEN": token}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flash_actors.worker", "--fd", str(listener.fileno())],
-        pass_fds=[listener.fileno()],
-        env=env,
-    )
-    listener.close()
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ping").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the worker did not start"
-            time.sleep(0.05)
+    with worker_process({"FLASH_ENDPOINT_KEY": "ab" * 32}) as (port, token, process):
         yield port, token
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        assert wait_gone([process.pid]) == []
+    assert wait_gone([process.pid]) == []
 
 
 def test_worker_answers_non_ascii_tokens_401_and_deep_json_400(

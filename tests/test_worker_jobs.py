@@ -9,13 +9,8 @@ slot until the test creates its gate file.
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
 import socket
 import struct
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -25,6 +20,7 @@ import pytest
 
 from flash_actors.messages import FunctionRequest
 from flash_actors.serialization import RequestSigner, decode_result
+from tests._worker import worker_process
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -78,41 +74,9 @@ _done = msgspec.msgpack.Decoder(Done)
 @pytest.fixture
 def worker() -> Iterator[tuple[str, str]]:
     """A worker process on an inherited socket: its URL and bearer token."""
-    token = secrets.token_hex(8)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    env = {
-        **os.environ,
-        "FLASH_ENDPOINT_KEY": KEY.hex(),
-        "FLASH_WORKER_TOKEN": token,
-        "FLASH_WORKER_ID": "w-test",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "flash_actors.worker", "--fd", str(listener.fileno())],
-        pass_fds=[listener.fileno()],
-        env=env,
-    )
-    listener.close()
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/ping").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the worker did not start"
-            time.sleep(0.05)
-        yield url, token
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    env = {"FLASH_ENDPOINT_KEY": KEY.hex(), "FLASH_WORKER_ID": "w-test"}
+    with worker_process(env) as (port, token, _):
+        yield f"http://127.0.0.1:{port}", token
 
 
 def _job(job_id: str, request: FunctionRequest, *, ahead: bool = True) -> Any:

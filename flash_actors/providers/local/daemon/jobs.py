@@ -218,15 +218,6 @@ class JobBook:
     ) -> Job:
         """Store a new job with its input (``options`` checked), know it and queue it."""
         self.store.insert(record, payload)
-        return self._queued(endpoint, record, options, payload)
-
-    def _queued(
-        self,
-        endpoint: Endpoint,
-        record: JobRecord,
-        options: dict[str, Any],
-        payload: bytes | memoryview,
-    ) -> Job:
         job = Job(record, options, held_input=self._hold(payload))
         self.add(endpoint, job)
         endpoint.push(job)
