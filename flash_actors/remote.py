@@ -3,9 +3,9 @@
 ``@remote(resource_config=...)`` checks its arguments at decoration time, warns about names the
 function takes from module scope (they will not exist on the worker), registers the resource
 config, and returns a `RemoteFunction` (or a `RemoteClass`). A call builds a `Call` message
-(signed base64 cloudpickle arguments plus the resource's policies; the arguments are pickled
-when the function is called, once the endpoint has taken a first call) and, awaited, asks
-the runtime's Router or the endpoint for the answer: a `JobOutput` for queue resources, the value itself for
+(signed base64 cloudpickle arguments plus the resource's policies; from a function's second
+call on, the arguments are pickled when it is called) and, awaited, asks the runtime's Router
+or the endpoint for the answer: a `JobOutput` for queue resources, the value itself for
 load-balancer resources and for ``local=True``.
 
 A ``@remote`` function that uses other ``@remote`` functions (``await inner(x)``) is sent
@@ -349,23 +349,19 @@ class _Caller:
         flight). Whatever that raises is raised when the call is awaited, as on the other
         path (`_remote`).
         """
-        route = self._route
         if (
-            route is not None
+            self._route is not None
             and chain is None
             and not extra
             and self._deployed is None
-            and route.endpoint.inline_ready
+            and self._route.endpoint.inline_ready
         ):
             try:
                 runtime = current_runtime()
             except (RuntimeError, sniffio.AsyncLibraryNotFoundError):
                 runtime = None  # not in an event loop: `_remote` says so when awaited
-            if (
-                runtime is not None
-                and route.generation == runtime.registry.generation
-                and route.runtime() is runtime
-            ):
+            route = None if runtime is None else self._live_route(runtime)
+            if route is not None and runtime is not None:
                 try:
                     request = self.signer(runtime.signing_key(self._endpoint)).sign(
                         args, kwargs, arg_names=arg_names
@@ -374,6 +370,18 @@ class _Caller:
                 except Exception as exc:  # noqa: BLE001 (raised when awaited)
                     return _raising(exc)
         return self._remote(args, kwargs, arg_names, chain=chain, **extra)
+
+    def _live_route(self, runtime: FlashRuntime) -> _Route | None:
+        """The endpoint this function's last call reached, if still valid in ``runtime``."""
+        route = self._route
+        if (
+            route is not None
+            and route.generation == runtime.registry.generation
+            and route.runtime() is runtime
+            and not route.endpoint.is_stopped
+        ):
+            return route
+        return None
 
     async def _remote(
         self,
@@ -399,13 +407,8 @@ class _Caller:
         generation = runtime.registry.generation
         reply: Reply | None = None
         try:
-            route = self._route
-            if (
-                route is not None
-                and route.generation == generation
-                and route.runtime() is runtime
-                and not route.endpoint.is_stopped
-            ):
+            route = self._live_route(runtime)
+            if route is not None:
                 if route.endpoint.inline_ready:  # handled in this task (Actor.inline)
                     return await route.endpoint.call(call)
                 reply = route.endpoint.new_reply()
