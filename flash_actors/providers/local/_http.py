@@ -2,9 +2,9 @@
 
 It speaks only what our aiohttp workers answer (``Content-Length`` or chunked bodies,
 keep-alive) and works on asyncio and trio alike (on asyncio over `LoopbackStream`, which
-spares anyio's per-call loop passes and system calls; on trio over anyio's stream). The measured alternatives: httpx's pool
-collapses beyond ~16 concurrent requests on one client and costs ~1.9 ms per request here,
-and aiohttp's client is asyncio-only (PERF.md). One `Connection` carries one request at a
+spares anyio's per-call loop passes and system calls; on trio over anyio's stream). The
+measured alternatives: httpx's pool collapses beyond ~16 concurrent requests on one client
+and costs ~1.9 ms per request here, and aiohttp's client is asyncio-only (PERF.md). One `Connection` carries one request at a
 time; the pool keeps one per worker and in-flight request.
 """
 

@@ -9,8 +9,9 @@ worker the jobs it can start now; only when every worker is busy and no more can
 does it hand workers a few more to start next (up to ``batch_size`` each, in the same HTTP
 request as the jobs that worker starts now, and at least half a batch at a time to a worker
 that still has jobs waiting there; the worker streams each result back as it finishes: that
-is where fan-out throughput comes from). A worker that frees up while jobs wait in another's batch takes them
-back (``/withdraw``), so no job waits on a busy worker while another is idle.
+is where fan-out throughput comes from). A worker that frees up while jobs wait in another's
+batch takes them back (``/withdraw``), so no job waits on a busy worker while another is
+idle.
 
 The pool keeps ``workersMin`` workers warm, starts more up to ``workersMax`` while jobs wait,
 stops workers idle longer than ``idleTimeout``, and replaces workers that die. A worker killed
