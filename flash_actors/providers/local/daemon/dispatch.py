@@ -90,9 +90,8 @@ class FlashDispatch:
                             await endpoint.wait_available()
                             job = endpoint.pop()
                         self.book.start(job, None)
-                        send.send_nowait(
-                            job
-                        )  # room: a runner or a buffer place is free
+                        # room was taken: a runner or a buffer place is free
+                        send.send_nowait(job)
             finally:
                 # Handed over but not taken when the endpoint stopped: they run later.
                 for left in _drain(receive):
